@@ -1,0 +1,125 @@
+// Package swtpmtest starts swtpm processes for tests: a TPM 2.0 emulator on
+// a free loopback port pair (command port P, control port P+1), stopped when
+// the test ends.
+package swtpmtest
+
+import (
+	"bytes"
+	"fmt"
+	"net"
+	"os/exec"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/mqtls/mqtls/internal/testtool"
+)
+
+// SWTPM is a running swtpm.
+type SWTPM struct {
+	Addr     string // command port, 127.0.0.1:P; control port is P+1
+	StateDir string // TPM state; survives Restart
+	port     int
+	cmd      *exec.Cmd
+	exited   chan struct{}
+	log      *bytes.Buffer
+}
+
+// Start starts a fresh swtpm whose state lives in a temporary directory.
+func Start(t testing.TB) *SWTPM {
+	t.Helper()
+	s := &SWTPM{StateDir: t.TempDir()}
+	testtool.Require(t, "swtpm")
+	var err error
+	for range 5 {
+		if s.port, err = freePortPair(); err != nil {
+			continue
+		}
+		if err = s.start(); err == nil {
+			break
+		}
+	}
+	if err != nil {
+		t.Fatalf("start swtpm: %v", err)
+	}
+	t.Cleanup(s.Stop)
+	return s
+}
+
+// TCTI returns the tpm2-tss TCTI string for tpm2-tools and openssl's tpm2
+// provider.
+func (s *SWTPM) TCTI() string {
+	return fmt.Sprintf("swtpm:host=127.0.0.1,port=%d", s.port)
+}
+
+// Restart stops swtpm and starts it again on the same ports and state.
+func (s *SWTPM) Restart(t testing.TB) {
+	t.Helper()
+	s.Stop()
+	if err := s.start(); err != nil {
+		t.Fatalf("restart swtpm: %v", err)
+	}
+}
+
+// Stop terminates swtpm and waits for it to exit.
+func (s *SWTPM) Stop() {
+	if s.cmd == nil {
+		return
+	}
+	_ = s.cmd.Process.Kill() // swtpm writes its state to files as it goes
+	<-s.exited
+	s.cmd = nil
+}
+
+func (s *SWTPM) start() error {
+	s.Addr = net.JoinHostPort("127.0.0.1", strconv.Itoa(s.port))
+	s.log = new(bytes.Buffer)
+	s.cmd = exec.Command("swtpm", "socket", "--tpm2",
+		"--tpmstate", "dir="+s.StateDir,
+		"--server", fmt.Sprintf("type=tcp,port=%d,bindaddr=127.0.0.1", s.port),
+		"--ctrl", fmt.Sprintf("type=tcp,port=%d,bindaddr=127.0.0.1", s.port+1),
+		"--flags", "not-need-init,startup-clear")
+	s.cmd.Stdout, s.cmd.Stderr = s.log, s.log
+	if err := s.cmd.Start(); err != nil {
+		return err
+	}
+	exited := make(chan struct{})
+	s.exited = exited
+	go func() { _ = s.cmd.Wait(); close(exited) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		select {
+		case <-exited:
+			s.cmd = nil
+			return fmt.Errorf("swtpm exited: %s", s.log)
+		default:
+		}
+		c, err := net.DialTimeout("tcp", s.Addr, time.Second)
+		if err == nil {
+			c.Close()
+			return nil
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	_ = s.cmd.Process.Kill()
+	<-exited
+	s.cmd = nil
+	return fmt.Errorf("swtpm did not listen on %s within 10s: %s", s.Addr, s.log)
+}
+
+func freePortPair() (int, error) {
+	for range 20 {
+		l1, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return 0, err
+		}
+		p := l1.Addr().(*net.TCPAddr).Port
+		l2, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(p+1)))
+		l1.Close()
+		if err == nil {
+			l2.Close()
+			return p, nil
+		}
+	}
+	return 0, fmt.Errorf("no free loopback port pair")
+}

@@ -1,0 +1,302 @@
+package tpm
+
+import (
+	"context"
+	"crypto"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
+	"github.com/google/go-tpm/tpm2/transport/linuxtpm"
+
+	"github.com/mqtls/mqtls/internal/atomicfile"
+	"github.com/mqtls/mqtls/keystore"
+)
+
+// KeyFileExt is the file name extension of a TPM key blob.
+const KeyFileExt = ".tpmkey"
+
+// Errors, each wrapping the TPM response code where there is one.
+var (
+	ErrNoDevice = errors.New("tpm: no TPM device")
+	ErrAuth     = errors.New("tpm: authorization failed")
+	ErrLockout  = errors.New("tpm: TPM is in dictionary-attack lockout")
+	ErrClosed   = errors.New("tpm: store closed")
+)
+
+// Store is a [keystore.Store] on a TPM 2.0. Create it with [New], [Open] or
+// [OpenSWTPM]; Close flushes the SRK and closes the transport.
+type Store struct {
+	dir  string
+	root *os.Root
+
+	mu      sync.Mutex // guards every use of tpm and closed
+	tpm     transport.TPM
+	closed  bool
+	srk     tpm2.TPMHandle
+	srkName tpm2.TPM2BName
+}
+
+var _ keystore.Store = (*Store)(nil)
+
+type options struct {
+	ownerAuth []byte
+}
+
+// Option configures a Store.
+type Option func(*options)
+
+// WithOwnerAuth sets the owner hierarchy's authorization value, needed to
+// create the SRK when the TPM's owner password is set.
+func WithOwnerAuth(auth []byte) Option {
+	return func(o *options) { o.ownerAuth = slices.Clone(auth) }
+}
+
+// Open opens the TPM device at path (e.g. /dev/tpmrm0) and keeps key blobs
+// in dir. A missing device yields [ErrNoDevice].
+func Open(ctx context.Context, path, dir string, opts ...Option) (*Store, error) {
+	t, err := linuxtpm.Open(path)
+	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, linuxtpm.ErrFileIsNotDevice) {
+		return nil, fmt.Errorf("%w at %s (is the tpm_tis/tpm_crb driver loaded? use swtpm:HOST:PORT or tpmsim:DIR for a software TPM): %w", ErrNoDevice, path, err)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("tpm: open %s: %w", path, err)
+	}
+	return New(ctx, t, dir, opts...)
+}
+
+// OpenSWTPM connects to a swtpm process whose TPM command port is addr
+// (HOST:PORT); its control port must be PORT+1. swtpm must be started with
+// --flags startup-clear: Store never sends platform commands to it.
+func OpenSWTPM(ctx context.Context, addr, dir string, opts ...Option) (*Store, error) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("tpm: swtpm address %q: %w", addr, err)
+	}
+	p, err := strconv.Atoi(port)
+	if err != nil || p < 1 || p > 65534 {
+		return nil, fmt.Errorf("tpm: swtpm address %q: bad port", addr)
+	}
+	t, err := dialSWTPM(ctx, addr, net.JoinHostPort(host, strconv.Itoa(p+1)))
+	if err != nil {
+		return nil, fmt.Errorf("%w: swtpm at %s: %w", ErrNoDevice, addr, err)
+	}
+	return New(ctx, t, dir, opts...)
+}
+
+// New returns a Store that sends TPM commands over t and keeps key blobs in
+// dir (created with mode 0700). The Store owns t: Close closes it if it is
+// an [io.Closer]. New creates the SRK, which may take a while on hardware.
+func New(ctx context.Context, t transport.TPM, dir string, opts ...Option) (*Store, error) {
+	var o options
+	for _, opt := range opts {
+		opt(&o)
+	}
+	closeT := func() {
+		if c, ok := t.(io.Closer); ok {
+			_ = c.Close() // the setup error is the one to report
+		}
+	}
+	root, err := openDir(dir)
+	if err != nil {
+		closeT()
+		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		closeT()
+		root.Close()
+		return nil, err
+	}
+	rsp, err := tpm2.CreatePrimary{
+		PrimaryHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(o.ownerAuth)},
+		InPublic:      tpm2.New2B(srkTemplate),
+	}.Execute(t)
+	if err != nil {
+		closeT()
+		root.Close()
+		return nil, tpmErr("create storage root key", err)
+	}
+	return &Store{dir: dir, root: root, tpm: t, srk: rsp.ObjectHandle, srkName: rsp.Name}, nil
+}
+
+func openDir(dir string) (*os.Root, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("tpm: create key directory: %w", err)
+	}
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return nil, fmt.Errorf("tpm: %w", err)
+	}
+	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
+		return nil, fmt.Errorf("%w: key directory %s has mode %04o, group and others must have no access: run chmod 700 %s",
+			keystore.ErrInsecurePermissions, dir, perm, dir)
+	}
+	root, err := os.OpenRoot(dir)
+	if err != nil {
+		return nil, fmt.Errorf("tpm: %w", err)
+	}
+	return root, nil
+}
+
+// Close flushes the SRK and closes the transport. Signers of a closed Store
+// return [ErrClosed].
+func (s *Store) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil
+	}
+	s.closed = true
+	_, err := tpm2.FlushContext{FlushHandle: s.srk}.Execute(s.tpm)
+	if err != nil {
+		err = tpmErr("flush storage root key", err)
+	}
+	if c, ok := s.tpm.(io.Closer); ok {
+		err = errors.Join(err, c.Close())
+	}
+	return errors.Join(err, s.root.Close())
+}
+
+// Dir returns the key directory.
+func (s *Store) Dir() string { return s.dir }
+
+// Path returns the file that holds (or would hold) key name.
+func (s *Store) Path(name string) string { return filepath.Join(s.dir, name+KeyFileExt) }
+
+// Generate implements [keystore.Store]: the TPM creates the key and the
+// wrapped blob is written to DIR/NAME.tpmkey.
+func (s *Store) Generate(ctx context.Context, name string, alg keystore.KeyAlg) (crypto.Signer, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if err := keystore.CheckName(name); err != nil {
+		return nil, err
+	}
+	alg, err := alg.Resolve()
+	if err != nil {
+		return nil, err
+	}
+	file := name + KeyFileExt
+	if _, err := s.root.Lstat(file); err == nil {
+		return nil, fmt.Errorf("%w: %s", keystore.ErrExists, s.Path(name))
+	}
+	tmpl := keyTemplate(alg)
+	var k *key
+	err = s.do(func(t transport.TPM) error {
+		if _, err := (tpm2.TestParms{Parameters: tpm2.TPMTPublicParms{Type: tmpl.Type, Parameters: tmpl.Parameters}}).Execute(t); err != nil {
+			return fmt.Errorf("%w: %s: the TPM does not support it (%w)", keystore.ErrUnsupported, alg, err)
+		}
+		rsp, err := tpm2.Create{
+			ParentHandle: tpm2.AuthHandle{Handle: s.srk, Name: s.srkName, Auth: tpm2.PasswordAuth(nil)},
+			InPublic:     tpm2.New2B(tmpl),
+		}.Execute(t)
+		if err != nil {
+			return tpmErr("create "+string(alg)+" key", err)
+		}
+		k, err = newKey(rsp.OutPublic, rsp.OutPrivate)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	err = atomicfile.WriteExclusive(s.root, file, k.encode(), 0o600)
+	if errors.Is(err, fs.ErrExist) {
+		return nil, fmt.Errorf("%w: %s", keystore.ErrExists, s.Path(name))
+	}
+	if err != nil {
+		return nil, fmt.Errorf("tpm: %w", err)
+	}
+	return &signer{store: s, key: k}, nil
+}
+
+// Signer implements [keystore.Store]. The key blob is checked (it must
+// parse and name the owner hierarchy as parent) but not loaded until the
+// first signature.
+func (s *Store) Signer(ctx context.Context, name string) (crypto.Signer, error) {
+	if err := keystore.CheckName(name); err != nil {
+		return nil, err
+	}
+	path := s.Path(name)
+	data, err := s.root.ReadFile(name + KeyFileExt)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("%w: %s", keystore.ErrNotFound, path)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("tpm: %w", err)
+	}
+	k, err := decodeKey(data)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return &signer{store: s, key: k}, nil
+}
+
+// List implements [keystore.Store].
+func (s *Store) List(ctx context.Context) ([]string, error) {
+	d, err := s.root.Open(".")
+	if err != nil {
+		return nil, fmt.Errorf("tpm: %w", err)
+	}
+	defer d.Close()
+	entries, err := d.ReadDir(-1)
+	if err != nil {
+		return nil, fmt.Errorf("tpm: list %s: %w", s.dir, err)
+	}
+	var names []string
+	for _, e := range entries {
+		name, ok := strings.CutSuffix(e.Name(), KeyFileExt)
+		if ok && e.Type().IsRegular() && keystore.CheckName(name) == nil {
+			names = append(names, name)
+		}
+	}
+	slices.Sort(names)
+	return names, nil
+}
+
+// Delete implements [keystore.Store]. The TPM holds nothing for the key, so
+// removing the blob destroys it.
+func (s *Store) Delete(ctx context.Context, name string) error {
+	if err := keystore.CheckName(name); err != nil {
+		return err
+	}
+	err := s.root.Remove(name + KeyFileExt)
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("%w: %s", keystore.ErrNotFound, s.Path(name))
+	}
+	if err != nil {
+		return fmt.Errorf("tpm: delete: %w", err)
+	}
+	return nil
+}
+
+// do runs f with exclusive use of the TPM.
+func (s *Store) do(f func(t transport.TPM) error) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return ErrClosed
+	}
+	return f(s.tpm)
+}
+
+// tpmErr wraps a TPM error with op and, for the response codes a user can
+// act on, a sentinel and the fix.
+func tpmErr(op string, err error) error {
+	switch {
+	case errors.Is(err, tpm2.TPMRCLockout):
+		return fmt.Errorf("%w during %s: wait for the lockout recovery time or reset it with the lockout authorization (tpm2_dictionarylockout --clear-lockout): %w", ErrLockout, op, err)
+	case errors.Is(err, tpm2.TPMRCBadAuth), errors.Is(err, tpm2.TPMRCAuthFail):
+		return fmt.Errorf("%w during %s: wrong authorization value (owner password set? pass it with WithOwnerAuth): %w", ErrAuth, op, err)
+	}
+	return fmt.Errorf("tpm: %s: %w", op, err)
+}

@@ -1,0 +1,44 @@
+// Package testtool finds the external programs tests run against (swtpm,
+// openssl, mosquitto, ...). Under CI=true a missing program fails the test;
+// elsewhere the test is skipped with a message that names the package to
+// install.
+package testtool
+
+import (
+	"os"
+	"os/exec"
+	"testing"
+)
+
+// packages maps a program to the Debian package that provides it.
+var packages = map[string]string{
+	"swtpm":              "swtpm",
+	"swtpm_setup":        "swtpm-tools",
+	"tpm2_load":          "tpm2-tools",
+	"tpm2_sign":          "tpm2-tools",
+	"tpm2_createprimary": "tpm2-tools",
+	"openssl":            "openssl",
+	"curl":               "curl",
+	"mosquitto":          "mosquitto",
+	"mosquitto_pub":      "mosquitto-clients",
+	"mosquitto_sub":      "mosquitto-clients",
+}
+
+// Require returns the path of program, or stops the test: Fatal under
+// CI=true, Skip otherwise.
+func Require(t testing.TB, program string) string {
+	t.Helper()
+	path, err := exec.LookPath(program)
+	if err == nil {
+		return path
+	}
+	pkg := packages[program]
+	if pkg == "" {
+		pkg = program
+	}
+	if os.Getenv("CI") == "true" {
+		t.Fatalf("%s not found (CI=true: missing tools are failures): apt-get install %s", program, pkg)
+	}
+	t.Skipf("SKIP: %s not found: apt-get install %s (or run the README's test command, which installs it)", program, pkg)
+	return ""
+}
