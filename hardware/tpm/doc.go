@@ -4,7 +4,7 @@
 //
 // A key NAME lives in DIR/NAME.tpmkey, a "TSS2 PRIVATE KEY" PEM file whose
 // parent is the owner hierarchy (0x40000001) with the SRK built from the TCG
-// "H-2" ECC P-256 template: the format that openssl's tpm2 provider and
+// H-2 ECC P-256 template as openssl's tpm2 provider builds it: the format that openssl's tpm2 provider and
 // tpm2-tools load, so a key made here can be used by them too and the other
 // way round.
 //

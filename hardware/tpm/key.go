@@ -16,10 +16,12 @@ import (
 	"github.com/mqtls/mqtls/keystore"
 )
 
-// srkTemplate is the TCG "H-2" ECC NIST P-256 storage key template (TCG TPM
-// v2.0 Provisioning Guidance, section 7.5.1, and TCG TSS 2.0 JSON/ASN.1 key
-// files): the one openssl's tpm2 provider and tpm2-tools recreate for a
-// key whose parent is the owner hierarchy. go-tpm's ECCSRKTemplate differs.
+// srkTemplate is the storage root key that openssl's tpm2 provider,
+// tpm2-tss-engine and tpm2-tools rebuild for a key file whose parent is the
+// owner hierarchy: the TCG H-2 ECC P-256 storage template (AES-128-CFB, noDA,
+// restricted decrypt) with an empty unique field. go-tpm's ECCSRKTemplate
+// fills unique with 32 zero bytes per coordinate, which yields another SRK,
+// and those tools then fail to load our keys (TPM_RC_INTEGRITY).
 var srkTemplate = tpm2.TPMTPublic{
 	Type:    tpm2.TPMAlgECC,
 	NameAlg: tpm2.TPMAlgSHA256,
@@ -42,10 +44,7 @@ var srkTemplate = tpm2.TPMTPublic{
 		CurveID: tpm2.TPMECCNistP256,
 		KDF:     tpm2.TPMTKDFScheme{Scheme: tpm2.TPMAlgNull},
 	}),
-	Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{
-		X: tpm2.TPM2BECCParameter{Buffer: make([]byte, 32)},
-		Y: tpm2.TPM2BECCParameter{Buffer: make([]byte, 32)},
-	}),
+	Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{}),
 }
 
 // keyTemplate returns the template of an unrestricted signing key. The
@@ -122,8 +121,8 @@ const ownerHierarchy = 0x40000001
 
 const pemType = "TSS2 PRIVATE KEY"
 
-// tssKey is the ASN.1 TPMKey structure (policy and secret omitted: this
-// package neither writes nor accepts them).
+// tssKey is the ASN.1 TPMKey structure as this package writes it (policy
+// and secret omitted: this package neither writes nor accepts them).
 type tssKey struct {
 	Type      asn1.ObjectIdentifier
 	EmptyAuth bool `asn1:"explicit,tag:0,optional"`
@@ -151,10 +150,9 @@ func decodeKey(data []byte) (*key, error) {
 	if block == nil || block.Type != pemType {
 		return nil, fmt.Errorf("%w: no PEM block of type %s", keystore.ErrCorrupt, pemType)
 	}
-	var tk tssKey
-	rest, err := asn1.Unmarshal(block.Bytes, &tk)
-	if err != nil || len(rest) != 0 {
-		return nil, fmt.Errorf("%w: TSS2 key structure: %v", keystore.ErrCorrupt, err)
+	tk, err := parseTSSKey(block.Bytes)
+	if err != nil {
+		return nil, err
 	}
 	if !tk.Type.Equal(oidLoadableKey) {
 		return nil, fmt.Errorf("%w: key type %v is not a loadable key", keystore.ErrUnsupported, tk.Type)
@@ -197,25 +195,31 @@ func (s *signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byt
 	var sig *tpm2.TPMTSignature
 	err = s.store.do(func(t transport.TPM) (err error) {
 		st := s.store
-		loaded, err := tpm2.Load{
-			ParentHandle: tpm2.AuthHandle{Handle: st.srk, Name: st.srkName, Auth: tpm2.PasswordAuth(nil)},
-			InPrivate:    s.key.private,
-			InPublic:     s.key.public,
-		}.Execute(t)
+		loaded, err := run(func() (*tpm2.LoadResponse, error) {
+			return tpm2.Load{
+				ParentHandle: tpm2.AuthHandle{Handle: st.srk, Name: st.srkName, Auth: tpm2.PasswordAuth(nil)},
+				InPrivate:    s.key.private,
+				InPublic:     s.key.public,
+			}.Execute(t)
+		})
 		if err != nil {
 			return tpmErr("load key", err)
 		}
 		defer func() {
-			if _, ferr := (tpm2.FlushContext{FlushHandle: loaded.ObjectHandle}).Execute(t); ferr != nil && err == nil {
+			if _, ferr := run(func() (*tpm2.FlushContextResponse, error) {
+				return tpm2.FlushContext{FlushHandle: loaded.ObjectHandle}.Execute(t)
+			}); ferr != nil && err == nil {
 				err = tpmErr("flush key", ferr)
 			}
 		}()
-		rsp, err := tpm2.Sign{
-			KeyHandle:  tpm2.AuthHandle{Handle: loaded.ObjectHandle, Name: loaded.Name, Auth: tpm2.PasswordAuth(nil)},
-			Digest:     tpm2.TPM2BDigest{Buffer: digest},
-			InScheme:   scheme,
-			Validation: tpm2.TPMTTKHashCheck{Tag: tpm2.TPMSTHashCheck, Hierarchy: tpm2.TPMRHNull},
-		}.Execute(t)
+		rsp, err := run(func() (*tpm2.SignResponse, error) {
+			return tpm2.Sign{
+				KeyHandle:  tpm2.AuthHandle{Handle: loaded.ObjectHandle, Name: loaded.Name, Auth: tpm2.PasswordAuth(nil)},
+				Digest:     tpm2.TPM2BDigest{Buffer: digest},
+				InScheme:   scheme,
+				Validation: tpm2.TPMTTKHashCheck{Tag: tpm2.TPMSTHashCheck, Hierarchy: tpm2.TPMRHNull},
+			}.Execute(t)
+		})
 		if err != nil {
 			return tpmErr("sign", err)
 		}
@@ -286,4 +290,56 @@ func (s *signer) scheme(digest []byte, opts crypto.SignerOpts) (tpm2.TPMTSigSche
 		Scheme:  alg,
 		Details: tpm2.NewTPMUSigScheme(alg, &tpm2.TPMSSchemeHash{HashAlg: hashAlg}),
 	}, nil
+}
+
+// parseTSSKey reads a TPMKey structure field by field: openssl's tpm2
+// provider encodes emptyAuth TRUE as 0x01 (BER, not DER), which
+// encoding/asn1 refuses for a bool, and the optional tagged fields must be
+// told apart from the parent INTEGER.
+func parseTSSKey(der []byte) (tssKey, error) {
+	var tk tssKey
+	bad := func(what string, err error) (tssKey, error) {
+		return tssKey{}, fmt.Errorf("%w: TSS2 key structure: %s: %v", keystore.ErrCorrupt, what, err)
+	}
+	var seq asn1.RawValue
+	if rest, err := asn1.Unmarshal(der, &seq); err != nil || len(rest) != 0 || seq.Tag != asn1.TagSequence {
+		return bad("not a SEQUENCE", err)
+	}
+	rest, err := asn1.Unmarshal(seq.Bytes, &tk.Type)
+	if err != nil {
+		return bad("type", err)
+	}
+	for {
+		var f asn1.RawValue
+		if _, err := asn1.Unmarshal(rest, &f); err != nil {
+			return bad("field", err)
+		}
+		if f.Class != asn1.ClassContextSpecific {
+			break
+		}
+		rest, _ = asn1.Unmarshal(rest, &f)
+		switch f.Tag {
+		case 0:
+			var b asn1.RawValue
+			if _, err := asn1.Unmarshal(f.Bytes, &b); err != nil || b.Tag != asn1.TagBoolean || len(b.Bytes) != 1 {
+				return bad("emptyAuth", err)
+			}
+			tk.EmptyAuth = b.Bytes[0] != 0
+		default:
+			return tssKey{}, fmt.Errorf("%w: key has a policy or an imported secret ([%d]); only plain emptyAuth keys are supported", keystore.ErrUnsupported, f.Tag)
+		}
+	}
+	if rest, err = asn1.Unmarshal(rest, &tk.Parent); err != nil {
+		return bad("parent", err)
+	}
+	if rest, err = asn1.Unmarshal(rest, &tk.Pubkey); err != nil {
+		return bad("pubkey", err)
+	}
+	if rest, err = asn1.Unmarshal(rest, &tk.Privkey); err != nil {
+		return bad("privkey", err)
+	}
+	if len(rest) != 0 {
+		return bad("trailing data", nil)
+	}
+	return tk, nil
 }

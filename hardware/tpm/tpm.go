@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
@@ -117,10 +118,12 @@ func New(ctx context.Context, t transport.TPM, dir string, opts ...Option) (*Sto
 		root.Close()
 		return nil, err
 	}
-	rsp, err := tpm2.CreatePrimary{
-		PrimaryHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(o.ownerAuth)},
-		InPublic:      tpm2.New2B(srkTemplate),
-	}.Execute(t)
+	rsp, err := run(func() (*tpm2.CreatePrimaryResponse, error) {
+		return tpm2.CreatePrimary{
+			PrimaryHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(o.ownerAuth)},
+			InPublic:      tpm2.New2B(srkTemplate),
+		}.Execute(t)
+	})
 	if err != nil {
 		closeT()
 		root.Close()
@@ -193,13 +196,17 @@ func (s *Store) Generate(ctx context.Context, name string, alg keystore.KeyAlg) 
 	tmpl := keyTemplate(alg)
 	var k *key
 	err = s.do(func(t transport.TPM) error {
-		if _, err := (tpm2.TestParms{Parameters: tpm2.TPMTPublicParms{Type: tmpl.Type, Parameters: tmpl.Parameters}}).Execute(t); err != nil {
+		if _, err := run(func() (*tpm2.TestParmsResponse, error) {
+			return tpm2.TestParms{Parameters: tpm2.TPMTPublicParms{Type: tmpl.Type, Parameters: tmpl.Parameters}}.Execute(t)
+		}); err != nil {
 			return fmt.Errorf("%w: %s: the TPM does not support it (%w)", keystore.ErrUnsupported, alg, err)
 		}
-		rsp, err := tpm2.Create{
-			ParentHandle: tpm2.AuthHandle{Handle: s.srk, Name: s.srkName, Auth: tpm2.PasswordAuth(nil)},
-			InPublic:     tpm2.New2B(tmpl),
-		}.Execute(t)
+		rsp, err := run(func() (*tpm2.CreateResponse, error) {
+			return tpm2.Create{
+				ParentHandle: tpm2.AuthHandle{Handle: s.srk, Name: s.srkName, Auth: tpm2.PasswordAuth(nil)},
+				InPublic:     tpm2.New2B(tmpl),
+			}.Execute(t)
+		})
 		if err != nil {
 			return tpmErr("create "+string(alg)+" key", err)
 		}
@@ -287,6 +294,28 @@ func (s *Store) do(f func(t transport.TPM) error) error {
 		return ErrClosed
 	}
 	return f(s.tpm)
+}
+
+// retry runs a TPM command again while the TPM answers with a warning
+// that asks for it (TPM_RC_RETRY, TPM_RC_YIELDED, TPM_RC_TESTING: busy with
+// NV writes or self tests), at most 10 times over about a second.
+func retry(f func() error) error {
+	delay := 5 * time.Millisecond
+	for i := 0; ; i++ {
+		err := f()
+		if i == 9 || !(errors.Is(err, tpm2.TPMRCRetry) || errors.Is(err, tpm2.TPMRCYielded) || errors.Is(err, tpm2.TPMRCTesting)) {
+			return err
+		}
+		time.Sleep(delay)
+		delay = min(2*delay, 250*time.Millisecond)
+	}
+}
+
+// run is retry for a command with a response.
+func run[R any](f func() (*R, error)) (*R, error) {
+	var r *R
+	err := retry(func() (err error) { r, err = f(); return err })
+	return r, err
 }
 
 // tpmErr wraps a TPM error with op and, for the response codes a user can
