@@ -379,3 +379,26 @@ func equalPub(a, b crypto.PublicKey) bool {
 	k, ok := a.(interface{ Equal(crypto.PublicKey) bool })
 	return ok && k.Equal(b)
 }
+
+// BenchmarkSign measures one signature of a SHA-256 (P-256, RSA) or SHA-384
+// (P-384) digest with s, the way a TLS handshake asks for it.
+func BenchmarkSign(b *testing.B, s crypto.Signer) {
+	var opts crypto.SignerOpts = crypto.SHA256
+	d := sha256.Sum256([]byte("bench"))
+	digest := d[:]
+	switch pub := s.Public().(type) {
+	case *ecdsa.PublicKey:
+		if pub.Curve.Params().BitSize == 384 {
+			d := sha512.Sum384([]byte("bench"))
+			digest, opts = d[:], crypto.SHA384
+		}
+	case *rsa.PublicKey:
+		opts = &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash, Hash: crypto.SHA256}
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := s.Sign(rand.Reader, digest, opts); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
