@@ -186,3 +186,35 @@ func (s *FileStore) Delete(ctx context.Context, name string) error {
 	}
 	return nil
 }
+
+// Rename implements [Renamer] with an atomic rename of the key file.
+func (s *FileStore) Rename(ctx context.Context, oldName, newName string) error {
+	return RenameFile(s.root, s.dir, oldName, newName, KeyFileExt)
+}
+
+// RenameFile renames the key file oldName+ext to newName+ext inside root
+// (the directory dir), replacing the target atomically: the [Renamer] of
+// every backend that keeps one file per key.
+func RenameFile(root *os.Root, dir, oldName, newName, ext string) error {
+	if err := CheckName(oldName); err != nil {
+		return err
+	}
+	if err := CheckName(newName); err != nil {
+		return err
+	}
+	err := root.Rename(oldName+ext, newName+ext)
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("%w: %s", ErrNotFound, filepath.Join(dir, oldName+ext))
+	}
+	if err != nil {
+		return fmt.Errorf("keystore: rename: %w", err)
+	}
+	if d, err := root.Open("."); err == nil {
+		err = d.Sync()
+		d.Close()
+		if err != nil {
+			return fmt.Errorf("keystore: rename: %w", err)
+		}
+	}
+	return nil
+}

@@ -145,3 +145,10 @@ func CheckName(name string) error {
 
 // ErrCorrupt reports a key file that exists but cannot be parsed.
 var ErrCorrupt = errors.New("keystore: corrupt key file")
+
+// Renamer is implemented by stores that can rename a key, replacing any
+// key of the new name atomically. Identity renewal with a new key uses it
+// to swap the new key into place.
+type Renamer interface {
+	Rename(ctx context.Context, oldName, newName string) error
+}

@@ -93,3 +93,22 @@ func (m *MemoryStore) Delete(ctx context.Context, name string) error {
 	delete(m.keys, name)
 	return nil
 }
+
+// Rename implements [Renamer].
+func (m *MemoryStore) Rename(ctx context.Context, oldName, newName string) error {
+	if err := CheckName(oldName); err != nil {
+		return err
+	}
+	if err := CheckName(newName); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	k, ok := m.keys[oldName]
+	if !ok {
+		return fmt.Errorf("%w: %q", ErrNotFound, oldName)
+	}
+	delete(m.keys, oldName)
+	m.keys[newName] = k
+	return nil
+}

@@ -329,3 +329,9 @@ func tpmErr(op string, err error) error {
 	}
 	return fmt.Errorf("tpm: %s: %w", op, err)
 }
+
+// Rename implements [keystore.Renamer]: the blob file is renamed
+// atomically, replacing any key of the new name.
+func (s *Store) Rename(ctx context.Context, oldName, newName string) error {
+	return keystore.RenameFile(s.root, s.dir, oldName, newName, KeyFileExt)
+}

@@ -224,6 +224,40 @@ func Run(t *testing.T, newStore func(t *testing.T) keystore.Store, cfg Config) {
 		}
 	})
 
+	t.Run("Rename", func(t *testing.T) {
+		s := newStore(t)
+		r, ok := s.(keystore.Renamer)
+		if !ok {
+			t.Skip("SKIP: backend does not implement keystore.Renamer")
+		}
+		a, err := s.Generate(t.Context(), "a", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Generate(t.Context(), "b", ""); err != nil {
+			t.Fatal(err)
+		}
+		if err := r.Rename(t.Context(), "a", "b"); err != nil {
+			t.Fatal(err)
+		}
+		b, err := s.Signer(t.Context(), "b")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !equalPub(b.Public(), a.Public()) {
+			t.Fatal("Rename did not replace the target with the source key")
+		}
+		if _, err := s.Signer(t.Context(), "a"); !errors.Is(err, keystore.ErrNotFound) {
+			t.Fatalf("Signer(renamed away) = %v, want ErrNotFound", err)
+		}
+		if err := r.Rename(t.Context(), "a", "c"); !errors.Is(err, keystore.ErrNotFound) {
+			t.Fatalf("Rename(missing) = %v, want ErrNotFound", err)
+		}
+		if err := r.Rename(t.Context(), "b", "../x"); !errors.Is(err, keystore.ErrInvalidName) {
+			t.Fatalf("Rename to a bad name = %v, want ErrInvalidName", err)
+		}
+	})
+
 	if cfg.Reopen != nil {
 		t.Run("Persist", func(t *testing.T) {
 			s := newStore(t)

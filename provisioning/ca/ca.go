@@ -1,0 +1,491 @@
+// Package ca is the fleet's PKI: it creates (or adopts) a root CA and an
+// issuing CA, issues the broker's server certificate, and signs device
+// certificates under a fixed issuance policy.
+//
+// # Layout
+//
+//	DIR/ca/root.crt     root CA certificate (the trust anchor devices pin)
+//	DIR/ca/root.key     root CA key (keep offline in production)
+//	DIR/ca/issuing.crt  issuing CA certificate (pathlen 0)
+//	DIR/ca/issuing.key  issuing CA key
+//	DIR/tls/server.crt  broker server certificate + issuing CA
+//	DIR/tls/server.key  broker server key
+//
+// # Security
+//
+// Keys are PKCS#8 PEM files of mode 0600 in directories of mode 0700,
+// written atomically and never overwritten. Device certificates take only
+// the public key and the device ID from a request: everything else (no SANs,
+// no CA flag, no extra key usages) is the policy's.
+package ca
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/mqtls/mqtls/internal/atomicfile"
+	"github.com/mqtls/mqtls/keystore"
+)
+
+// Files inside the data directory.
+const (
+	RootCertFile    = "ca/root.crt"
+	RootKeyFile     = "ca/root.key"
+	IssuingCertFile = "ca/issuing.crt"
+	IssuingKeyFile  = "ca/issuing.key"
+	ServerCertFile  = "tls/server.crt"
+	ServerKeyFile   = "tls/server.key"
+)
+
+// Lifetimes.
+const (
+	RootValidity    = 20 * 365 * 24 * time.Hour
+	IssuingValidity = 5 * 365 * 24 * time.Hour
+	ServerValidity  = 397 * 24 * time.Hour
+	// DefaultDeviceValidity is a device certificate's default lifetime.
+	DefaultDeviceValidity = 30 * 24 * time.Hour
+	// backdate absorbs clock skew between CA and devices.
+	backdate = 5 * time.Minute
+)
+
+var (
+	// ErrExists reports an init over an existing CA.
+	ErrExists = errors.New("ca: a CA already exists")
+	// ErrPolicy reports a request the issuance policy refuses.
+	ErrPolicy = errors.New("ca: refused by issuance policy")
+)
+
+// DefaultHosts are the server certificate's names when none are given.
+var DefaultHosts = []string{"localhost", "127.0.0.1", "::1"}
+
+// InitConfig says what Init creates or adopts. The zero value creates a
+// new root and issuing CA and a server certificate for DefaultHosts.
+type InitConfig struct {
+	// Hosts are the broker's DNS names and IP addresses (server cert SANs).
+	Hosts []string
+	// RootCert and RootKey (PEM files) adopt an existing root: Init then
+	// creates the issuing CA under it. RootKey may be empty when an issuing
+	// CA is adopted too.
+	RootCert, RootKey string
+	// IssuingCert and IssuingKey (PEM files) adopt an existing issuing CA;
+	// RootCert is then required.
+	IssuingCert, IssuingKey string
+}
+
+// CA is a loaded PKI, ready to issue. It is safe for concurrent use.
+type CA struct {
+	Root    *x509.Certificate
+	Issuing *x509.Certificate
+	key     crypto.Signer
+	dir     string
+}
+
+// Init creates the PKI in dir. It refuses (ErrExists) when dir already
+// holds a CA with a server certificate; when only the server certificate
+// is missing (an interrupted init), it issues that.
+func Init(dir string, cfg InitConfig) error {
+	hosts := cfg.Hosts
+	if len(hosts) == 0 {
+		hosts = DefaultHosts
+	}
+	if _, err := os.Stat(filepath.Join(dir, IssuingCertFile)); err == nil {
+		if _, err := os.Stat(filepath.Join(dir, ServerCertFile)); err == nil {
+			return fmt.Errorf("%w in %s (refusing to overwrite it)", ErrExists, dir)
+		}
+		c, err := Load(dir)
+		if err != nil {
+			return err
+		}
+		return c.writeServer(hosts)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("ca: %w", err)
+	}
+	// Build ca/ in a temporary directory and rename it into place, so an
+	// interrupted init leaves no half CA.
+	tmp, err := os.MkdirTemp(dir, ".init-")
+	if err != nil {
+		return fmt.Errorf("ca: %w", err)
+	}
+	defer os.RemoveAll(tmp)
+	if err := os.Chmod(tmp, 0o700); err != nil {
+		return fmt.Errorf("ca: %w", err)
+	}
+	c, err := buildCA(tmp, cfg)
+	if err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, "ca")); err != nil {
+		return fmt.Errorf("ca: %w (does %s exist?)", err, filepath.Join(dir, "ca"))
+	}
+	c.dir = dir
+	return c.writeServer(hosts)
+}
+
+// buildCA creates or adopts root and issuing CA into caDir (the future
+// DIR/ca).
+func buildCA(caDir string, cfg InitConfig) (*CA, error) {
+	now := time.Now()
+	var root *x509.Certificate
+	var rootKey crypto.Signer
+	var err error
+	switch {
+	case cfg.RootCert != "":
+		if root, err = readCert(cfg.RootCert); err != nil {
+			return nil, err
+		}
+		if !root.IsCA || root.CheckSignatureFrom(root) != nil {
+			return nil, fmt.Errorf("ca: %s is not a self-signed CA certificate", cfg.RootCert)
+		}
+		if cfg.RootKey != "" {
+			if rootKey, err = readKey(cfg.RootKey, root.PublicKey); err != nil {
+				return nil, err
+			}
+		}
+	case cfg.IssuingCert != "" || cfg.RootKey != "":
+		return nil, errors.New("ca: adopting a CA needs --root-cert")
+	default:
+		if rootKey, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader); err != nil {
+			return nil, fmt.Errorf("ca: %w", err)
+		}
+		if root, err = create(&x509.Certificate{
+			Subject:               pkix.Name{CommonName: "mqtls root CA", Organization: []string{"mqtls"}},
+			NotBefore:             now.Add(-backdate),
+			NotAfter:              now.Add(RootValidity),
+			IsCA:                  true,
+			BasicConstraintsValid: true,
+			KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+		}, nil, rootKey.Public(), rootKey); err != nil {
+			return nil, err
+		}
+	}
+	var iss *x509.Certificate
+	var issKey crypto.Signer
+	if cfg.IssuingCert != "" {
+		if iss, err = readCert(cfg.IssuingCert); err != nil {
+			return nil, err
+		}
+		if !iss.IsCA || iss.CheckSignatureFrom(root) != nil {
+			return nil, fmt.Errorf("ca: %s is not a CA certificate signed by %s", cfg.IssuingCert, cfg.RootCert)
+		}
+		if issKey, err = readKey(cfg.IssuingKey, iss.PublicKey); err != nil {
+			return nil, err
+		}
+	} else {
+		if rootKey == nil {
+			return nil, errors.New("ca: creating the issuing CA needs the root key (--root-key)")
+		}
+		if issKey, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader); err != nil {
+			return nil, fmt.Errorf("ca: %w", err)
+		}
+		if iss, err = create(&x509.Certificate{
+			Subject:               pkix.Name{CommonName: "mqtls issuing CA", Organization: []string{"mqtls"}},
+			NotBefore:             now.Add(-backdate),
+			NotAfter:              minTime(now.Add(IssuingValidity), root.NotAfter),
+			IsCA:                  true,
+			BasicConstraintsValid: true,
+			MaxPathLenZero:        true,
+			KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+		}, root, issKey.Public(), rootKey); err != nil {
+			return nil, err
+		}
+	}
+	r, err := os.OpenRoot(caDir)
+	if err != nil {
+		return nil, fmt.Errorf("ca: %w", err)
+	}
+	defer r.Close()
+	files := map[string][]byte{"root.crt": pemCert(root), "issuing.crt": pemCert(iss)}
+	if rootKey != nil {
+		files["root.key"], err = pemKey(rootKey)
+		if err != nil {
+			return nil, err
+		}
+	}
+	if files["issuing.key"], err = pemKey(issKey); err != nil {
+		return nil, err
+	}
+	for name, data := range files {
+		perm := os.FileMode(0o644)
+		if filepath.Ext(name) == ".key" {
+			perm = 0o600
+		}
+		if err := atomicfile.WriteExclusive(r, name, data, perm); err != nil {
+			return nil, fmt.Errorf("ca: %w", err)
+		}
+	}
+	return &CA{Root: root, Issuing: iss, key: issKey}, nil
+}
+
+// writeServer issues the broker's server certificate into DIR/tls.
+func (c *CA) writeServer(hosts []string) error {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return fmt.Errorf("ca: %w", err)
+	}
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		Subject:               pkix.Name{CommonName: hosts[0]},
+		NotBefore:             now.Add(-backdate),
+		NotAfter:              minTime(now.Add(ServerValidity), c.Issuing.NotAfter),
+		KeyUsage:              x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+	}
+	for _, h := range hosts {
+		if ip := net.ParseIP(h); ip != nil {
+			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+		} else {
+			tmpl.DNSNames = append(tmpl.DNSNames, h)
+		}
+	}
+	cert, err := create(tmpl, c.Issuing, key.Public(), c.key)
+	if err != nil {
+		return err
+	}
+	tlsDir := filepath.Join(c.dir, "tls")
+	if err := os.MkdirAll(tlsDir, 0o700); err != nil {
+		return fmt.Errorf("ca: %w", err)
+	}
+	r, err := os.OpenRoot(tlsDir)
+	if err != nil {
+		return fmt.Errorf("ca: %w", err)
+	}
+	defer r.Close()
+	keyPEM, err := pemKey(key)
+	if err != nil {
+		return err
+	}
+	// Key first: a crash leaves a key without a certificate, which the
+	// next init replaces, never a certificate without its key.
+	if err := atomicfile.Write(r, "server.key", keyPEM, 0o600); err != nil {
+		return fmt.Errorf("ca: %w", err)
+	}
+	chain := append(pemCert(cert), pemCert(c.Issuing)...)
+	if err := atomicfile.WriteExclusive(r, "server.crt", chain, 0o644); err != nil {
+		return fmt.Errorf("ca: %w", err)
+	}
+	return nil
+}
+
+// Load reads the PKI from dir. The root key is not needed (nor read).
+func Load(dir string) (*CA, error) {
+	root, err := readCert(filepath.Join(dir, RootCertFile))
+	if err != nil {
+		return nil, err
+	}
+	iss, err := readCert(filepath.Join(dir, IssuingCertFile))
+	if err != nil {
+		return nil, err
+	}
+	if err := iss.CheckSignatureFrom(root); err != nil {
+		return nil, fmt.Errorf("ca: %s is not signed by %s: %w", IssuingCertFile, RootCertFile, err)
+	}
+	ks, err := keystore.NewFile(filepath.Join(dir, "ca"))
+	if err != nil {
+		return nil, fmt.Errorf("ca: %w", err)
+	}
+	defer ks.Close()
+	key, err := ks.Signer(context.Background(), "issuing")
+	if err != nil {
+		return nil, fmt.Errorf("ca: issuing key: %w", err)
+	}
+	if !publicKeyEqual(key.Public(), iss.PublicKey) {
+		return nil, fmt.Errorf("ca: %s does not match %s", IssuingKeyFile, IssuingCertFile)
+	}
+	return &CA{Root: root, Issuing: iss, key: key, dir: dir}, nil
+}
+
+// ServerCertificate loads the broker's TLS certificate (chain + key).
+func (c *CA) ServerCertificate() (tls.Certificate, error) {
+	ks, err := keystore.NewFile(filepath.Join(c.dir, "tls"))
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("ca: %w", err)
+	}
+	defer ks.Close()
+	key, err := ks.Signer(context.Background(), "server")
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("ca: server key: %w", err)
+	}
+	data, err := os.ReadFile(filepath.Join(c.dir, ServerCertFile))
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("ca: %w", err)
+	}
+	var chain [][]byte
+	for block, rest := pem.Decode(data); block != nil; block, rest = pem.Decode(rest) {
+		if block.Type == "CERTIFICATE" {
+			chain = append(chain, block.Bytes)
+		}
+	}
+	return keystore.TLSCertificate(chain, key)
+}
+
+// Pool returns a pool holding the root only.
+func (c *CA) Pool() *x509.CertPool {
+	p := x509.NewCertPool()
+	p.AddCert(c.Root)
+	return p
+}
+
+// CheckKey applies the policy on device keys: ECDSA P-256 or P-384, RSA
+// 2048 to 8192 bits. The error wraps ErrPolicy and names the key.
+func CheckKey(pub crypto.PublicKey) error {
+	switch k := pub.(type) {
+	case *ecdsa.PublicKey:
+		if k.Curve == elliptic.P256() || k.Curve == elliptic.P384() {
+			return nil
+		}
+		return fmt.Errorf("%w: ECDSA curve %s not allowed (P-256 or P-384)", ErrPolicy, k.Curve.Params().Name)
+	case *rsa.PublicKey:
+		if n := k.N.BitLen(); n < 2048 {
+			return fmt.Errorf("%w: key too weak: RSA-%d (minimum RSA-2048)", ErrPolicy, n)
+		} else if n > 8192 {
+			return fmt.Errorf("%w: RSA-%d too large (maximum RSA-8192)", ErrPolicy, n)
+		}
+		return nil
+	}
+	return fmt.Errorf("%w: key type %T not allowed (ECDSA P-256/P-384 or RSA >= 2048)", ErrPolicy, pub)
+}
+
+// IssueDevice signs a device certificate for pub: CN deviceID, OU groups,
+// EKU clientAuth, KU digitalSignature, CA:FALSE, 128-bit random serial,
+// validity from now (capped at the issuing CA's). Nothing else from the
+// request is used. The caller checks the device ID and the request's
+// signature.
+func (c *CA) IssueDevice(pub crypto.PublicKey, deviceID string, groups []string, validity time.Duration) (*x509.Certificate, error) {
+	if err := CheckKey(pub); err != nil {
+		return nil, err
+	}
+	if validity <= 0 {
+		validity = DefaultDeviceValidity
+	}
+	now := time.Now()
+	return create(&x509.Certificate{
+		Subject:               pkix.Name{CommonName: deviceID, OrganizationalUnit: groups},
+		NotBefore:             now.Add(-backdate),
+		NotAfter:              minTime(now.Add(validity), c.Issuing.NotAfter),
+		KeyUsage:              x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+		BasicConstraintsValid: true,
+	}, c.Issuing, pub, c.key)
+}
+
+// create signs tmpl, filling the serial and the subject key ID.
+func create(tmpl, parent *x509.Certificate, pub crypto.PublicKey, signer crypto.Signer) (*x509.Certificate, error) {
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 128))
+	if err != nil {
+		return nil, fmt.Errorf("ca: serial: %w", err)
+	}
+	tmpl.SerialNumber = serial.Add(serial, big.NewInt(1)) // never 0
+	spki, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		return nil, fmt.Errorf("ca: %w", err)
+	}
+	ski := sha256.Sum256(spki) // RFC 7093 method 1
+	tmpl.SubjectKeyId = ski[:20]
+	if parent == nil {
+		parent = tmpl
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, pub, signer)
+	if err != nil {
+		return nil, fmt.Errorf("ca: sign certificate: %w", err)
+	}
+	return x509.ParseCertificate(der)
+}
+
+// SPKIFingerprint is the hex SHA-256 of a certificate's public key info:
+// what logs and the registry show instead of the certificate.
+func SPKIFingerprint(c *x509.Certificate) string {
+	sum := sha256.Sum256(c.RawSubjectPublicKeyInfo)
+	return fmt.Sprintf("%x", sum)
+}
+
+func readCert(path string) (*x509.Certificate, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("ca: %w", err)
+	}
+	block, _ := pem.Decode(data)
+	if block == nil || block.Type != "CERTIFICATE" {
+		return nil, fmt.Errorf("ca: %s: no PEM CERTIFICATE", path)
+	}
+	c, err := x509.ParseCertificate(block.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("ca: %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// readKey reads a PEM private key (PKCS#8, SEC1 or PKCS#1) that must match
+// pub.
+func readKey(path string, pub crypto.PublicKey) (crypto.Signer, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("ca: %w", err)
+	}
+	defer clear(data)
+	block, _ := pem.Decode(data)
+	if block == nil {
+		return nil, fmt.Errorf("ca: %s: no PEM block", path)
+	}
+	var key any
+	switch block.Type {
+	case "PRIVATE KEY":
+		key, err = x509.ParsePKCS8PrivateKey(block.Bytes)
+	case "EC PRIVATE KEY":
+		key, err = x509.ParseECPrivateKey(block.Bytes)
+	case "RSA PRIVATE KEY":
+		key, err = x509.ParsePKCS1PrivateKey(block.Bytes)
+	default:
+		err = fmt.Errorf("unsupported PEM type %q", block.Type)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("ca: %s: %w", path, err)
+	}
+	signer, ok := key.(crypto.Signer)
+	if !ok || !publicKeyEqual(signer.Public(), pub) {
+		return nil, fmt.Errorf("ca: %s does not hold the certificate's key", path)
+	}
+	return signer, nil
+}
+
+func pemCert(c *x509.Certificate) []byte {
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})
+}
+
+func pemKey(k crypto.Signer) ([]byte, error) {
+	der, err := x509.MarshalPKCS8PrivateKey(k)
+	if err != nil {
+		return nil, fmt.Errorf("ca: %w", err)
+	}
+	defer clear(der)
+	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), nil
+}
+
+func publicKeyEqual(a, b crypto.PublicKey) bool {
+	k, ok := a.(interface{ Equal(crypto.PublicKey) bool })
+	return ok && k.Equal(b)
+}
+
+func minTime(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return a
+	}
+	return b
+}
