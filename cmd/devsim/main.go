@@ -1,13 +1,16 @@
-// Command devsim is the device side of mqtls: it enrolls device identities,
-// publishes and subscribes with them, and simulates fleets.
+// Command devsim is the device side of mqtls: it enrolls device identities
+// and renews them (and, later, publishes, subscribes and simulates fleets).
 package main
 
 import (
 	"context"
+	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/mqtls/mqtls/keystore"
@@ -23,10 +26,23 @@ func main() {
 const usage = `usage: devsim <command> [flags]
 
 commands:
+  enroll  create a device identity: key in a keystore, certificate over EST
+  renew   renew an identity's certificate over EST (optionally with a new key)
   demo    broker, CA, registry and devices in one process (not built yet)
 
 Keystore URIs (--keystore): ` + keystore.URIForms + `
+Run "devsim <command> -h" for its flags.
 `
+
+type command func(ctx context.Context, args []string, stdout, stderr io.Writer) error
+
+var commands = map[string]command{
+	"enroll": cmdEnroll,
+	"renew":  cmdRenew,
+	"demo": func(context.Context, []string, io.Writer, io.Writer) error {
+		return errors.New("not built yet: it arrives with the broker and the device SDK (see README, Status)")
+	},
+}
 
 // run is main without the process: it returns the exit code.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
@@ -34,11 +50,46 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprint(stdout, usage)
 		return 0
 	}
-	switch args[0] {
-	case "demo":
-		fmt.Fprintln(stderr, "devsim demo: not built yet: it arrives with the broker, provisioning and device SDK (see README, Status)")
+	cmd, ok := commands[args[0]]
+	if !ok {
+		fmt.Fprintf(stderr, "devsim: unknown command %q\n%s", args[0], usage)
 		return 2
 	}
-	fmt.Fprintf(stderr, "devsim: unknown command %q\n%s", args[0], usage)
-	return 2
+	err := cmd(ctx, args[1:], stdout, stderr)
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, flag.ErrHelp):
+		return 0
+	case errors.Is(err, errUsage):
+		fmt.Fprintf(stderr, "devsim %s: %v\n", args[0], err)
+		return 2
+	}
+	fmt.Fprintf(stderr, "devsim %s: %v\n", args[0], err)
+	return 1
+}
+
+var errUsage = errors.New("usage")
+
+func usageErr(format string, a ...any) error {
+	return fmt.Errorf("%w: %s", errUsage, fmt.Sprintf(format, a...))
+}
+
+func newFlags(name string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet("devsim "+name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	return fs
+}
+
+func parse(fs *flag.FlagSet, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if fs.NArg() > 0 {
+		return usageErr("unexpected arguments: %s", strings.Join(fs.Args(), " "))
+	}
+	return nil
 }

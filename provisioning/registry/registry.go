@@ -203,42 +203,58 @@ func (r *Registry) Events(ctx context.Context, afterID int64, limit int) ([]Even
 // expires after ttl; group (may be empty) becomes the OU of the device's
 // certificates. Only the token's SHA-256 is stored.
 func (r *Registry) CreateToken(ctx context.Context, deviceID, group string, ttl time.Duration) (string, error) {
-	if err := provisioning.CheckDeviceID(deviceID); err != nil {
+	toks, err := r.CreateTokens(ctx, []string{deviceID}, group, ttl)
+	if err != nil {
 		return "", err
+	}
+	return toks[0], nil
+}
+
+// CreateTokens is CreateToken for many devices in one transaction: all
+// tokens are minted, or none.
+func (r *Registry) CreateTokens(ctx context.Context, deviceIDs []string, group string, ttl time.Duration) ([]string, error) {
+	for _, id := range deviceIDs {
+		if err := provisioning.CheckDeviceID(id); err != nil {
+			return nil, err
+		}
 	}
 	if group != "" {
 		if err := provisioning.CheckDeviceID(group); err != nil {
-			return "", fmt.Errorf("registry: group: %w", err)
+			return nil, fmt.Errorf("registry: group: %w", err)
 		}
 	}
 	if ttl <= 0 {
-		return "", fmt.Errorf("registry: token lifetime %v must be positive", ttl)
+		return nil, fmt.Errorf("registry: token lifetime %v must be positive", ttl)
 	}
-	var raw [32]byte
-	_, _ = rand.Read(raw[:]) // crypto/rand.Read never fails
-	token := base64.RawURLEncoding.EncodeToString(raw[:])
-	hash := sha256.Sum256([]byte(token))
 	now := r.now()
+	expires := now.Add(ttl)
 	tx, err := r.db.BeginTx(ctx, nil)
 	if err != nil {
-		return "", fmt.Errorf("registry: %w", err)
+		return nil, fmt.Errorf("registry: %w", err)
 	}
 	defer tx.Rollback()
-	if _, err := tx.ExecContext(ctx, `INSERT INTO devices (id, grp, created_at) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING`,
-		deviceID, group, now.UnixMilli()); err != nil {
-		return "", fmt.Errorf("registry: %w", err)
-	}
-	if _, err := tx.ExecContext(ctx, `INSERT INTO tokens (hash, device_id, grp, created_at, expires_at) VALUES (?, ?, ?, ?, ?)`,
-		hash[:], deviceID, group, now.UnixMilli(), now.Add(ttl).UnixMilli()); err != nil {
-		return "", fmt.Errorf("registry: %w", err)
-	}
-	if err := audit(ctx, tx, now, Event{Event: "token", DeviceID: deviceID, Reason: "expires " + now.Add(ttl).UTC().Format(time.RFC3339)}); err != nil {
-		return "", err
+	tokens := make([]string, len(deviceIDs))
+	for i, id := range deviceIDs {
+		var raw [32]byte
+		_, _ = rand.Read(raw[:]) // crypto/rand.Read never fails
+		tokens[i] = base64.RawURLEncoding.EncodeToString(raw[:])
+		hash := sha256.Sum256([]byte(tokens[i]))
+		if _, err := tx.ExecContext(ctx, `INSERT INTO devices (id, grp, created_at) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING`,
+			id, group, now.UnixMilli()); err != nil {
+			return nil, fmt.Errorf("registry: %w", err)
+		}
+		if _, err := tx.ExecContext(ctx, `INSERT INTO tokens (hash, device_id, grp, created_at, expires_at) VALUES (?, ?, ?, ?, ?)`,
+			hash[:], id, group, now.UnixMilli(), expires.UnixMilli()); err != nil {
+			return nil, fmt.Errorf("registry: %w", err)
+		}
+		if err := audit(ctx, tx, now, Event{Event: "token", DeviceID: id, Reason: "expires " + expires.UTC().Format(time.RFC3339)}); err != nil {
+			return nil, err
+		}
 	}
 	if err := tx.Commit(); err != nil {
-		return "", fmt.Errorf("registry: %w", err)
+		return nil, fmt.Errorf("registry: %w", err)
 	}
-	return token, nil
+	return tokens, nil
 }
 
 // Grant is a checked, still unused token.

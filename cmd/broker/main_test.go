@@ -1,0 +1,152 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mqtls/mqtls/provisioning"
+	"github.com/mqtls/mqtls/provisioning/ca"
+	"github.com/mqtls/mqtls/provisioning/registry"
+)
+
+func broker(t *testing.T, args ...string) (string, string, int) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	code := run(t.Context(), args, &out, &errb)
+	return out.String(), errb.String(), code
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func TestBrokerCLI(t *testing.T) {
+	data := filepath.Join(t.TempDir(), "data")
+	if out, errs, code := broker(t, "init", "--data", data, "--host", "localhost", "--host", "127.0.0.1"); code != 0 {
+		t.Fatalf("init: %d %s %s", code, out, errs)
+	}
+	for _, f := range []string{ca.RootCertFile, ca.RootKeyFile, ca.IssuingCertFile, ca.IssuingKeyFile, ca.ServerCertFile, ca.ServerKeyFile, RegistryFile} {
+		fi, err := os.Stat(filepath.Join(data, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.HasSuffix(f, ".key") || f == RegistryFile {
+			if fi.Mode().Perm() != 0o600 {
+				t.Errorf("%s mode %04o, want 0600", f, fi.Mode().Perm())
+			}
+		}
+	}
+	if _, errs, code := broker(t, "init", "--data", data); code != 1 || !strings.Contains(errs, "already exists") {
+		t.Fatalf("second init: %d %q, want a refusal", code, errs)
+	}
+
+	tok, _, code := broker(t, "token", "--data", data, "--device", "dev-1", "--group", "sensors")
+	if code != 0 || !regexp.MustCompile(`^[A-Za-z0-9_-]{43}\n$`).MatchString(tok) {
+		t.Fatalf("token: %d %q", code, tok)
+	}
+	lines, _, code := broker(t, "token", "--data", data, "--count", "3", "--prefix", "sim", "--ttl", "1h")
+	if code != 0 || !regexp.MustCompile(`^(sim-00000[123] [A-Za-z0-9_-]{43}\n){3}$`).MatchString(lines) {
+		t.Fatalf("token --count: %d %q", code, lines)
+	}
+	for _, bad := range []string{"a+b", "a/b", "$x", "#"} {
+		if _, errs, code := broker(t, "token", "--data", data, "--device", bad); code != 1 || !strings.Contains(errs, "invalid device ID") {
+			t.Errorf("token --device %q: %d %q", bad, code, errs)
+		}
+	}
+
+	// serve EST and enroll through it
+	addr := freeAddr(t)
+	ctx, cancel := context.WithCancel(t.Context())
+	served := make(chan int, 1)
+	var serveErr bytes.Buffer
+	go func() {
+		served <- run(ctx, []string{"serve", "--data", data, "--est-addr", addr}, &bytes.Buffer{}, &serveErr)
+	}()
+	c, err := ca.Load(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	client, _ := provisioning.NewClient("https://"+addr, c.Root)
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	var chain []*x509.Certificate
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		certs, err := client.Enroll(t.Context(), key, "dev-1", strings.TrimSpace(tok))
+		if err == nil {
+			chain = certs
+			break
+		}
+		var ne *net.OpError
+		if !errors.As(err, &ne) || time.Now().After(deadline) {
+			t.Fatalf("enroll against broker serve: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if chain[0].Subject.OrganizationalUnit[0] != "sensors" {
+		t.Fatalf("group not applied: %v", chain[0].Subject)
+	}
+
+	out, _, code := broker(t, "devices", "--data", data, "--json")
+	var devs []registry.Device
+	if code != 0 || json.Unmarshal([]byte(out), &devs) != nil || len(devs) != 4 {
+		t.Fatalf("devices --json: %d %s", code, out)
+	}
+	if devs[0].ID != "dev-1" || devs[0].Status != "enrolled" || devs[0].Certificates != 1 || devs[0].Group != "sensors" {
+		t.Fatalf("devices[0] = %+v", devs[0])
+	}
+	table, _, _ := broker(t, "devices", "--data", data)
+	if !regexp.MustCompile(`(?m)^dev-1\s+sensors\s+enrolled\s+1\s+20`).MatchString(table) {
+		t.Fatalf("devices table:\n%s", table)
+	}
+
+	out, _, code = broker(t, "revoke", "--data", data, "--device", "dev-1", "--reason", "stolen")
+	if code != 0 || !strings.Contains(out, "revoked 1 certificate(s) of dev-1") {
+		t.Fatalf("revoke: %d %q", code, out)
+	}
+	if _, errs, code := broker(t, "revoke", "--data", data, "--device", "nobody"); code != 1 || !strings.Contains(errs, "not found") {
+		t.Fatalf("revoke unknown: %d %q", code, errs)
+	}
+
+	cancel()
+	select {
+	case code := <-served:
+		if code != 0 {
+			t.Fatalf("serve exited %d: %s", code, serveErr.String())
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("serve did not stop on cancel")
+	}
+	if !strings.Contains(serveErr.String(), "EST listening") || !strings.Contains(serveErr.String(), "enrolled") {
+		t.Fatalf("serve log:\n%s", serveErr.String())
+	}
+	if strings.Contains(serveErr.String(), strings.TrimSpace(tok)) {
+		t.Fatal("serve log contains the token")
+	}
+}
+
+func TestBrokerUsage(t *testing.T) {
+	for _, args := range [][]string{{"nope"}, {"token"}, {"token", "--data", "x"}, {"init", "--bogus"}} {
+		if _, _, code := broker(t, args...); code != 2 {
+			t.Errorf("broker %v exit %d, want 2", args, code)
+		}
+	}
+}

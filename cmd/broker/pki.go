@@ -1,0 +1,187 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"path/filepath"
+	"text/tabwriter"
+	"time"
+
+	"github.com/mqtls/mqtls/provisioning/ca"
+	"github.com/mqtls/mqtls/provisioning/registry"
+)
+
+// RegistryFile is the registry's name inside the data directory.
+const RegistryFile = "registry.db"
+
+func dataFlag(fs *flag.FlagSet) *string {
+	return fs.String("data", "", "data directory (CA, server certificate, registry)")
+}
+
+func needData(dir string) error {
+	if dir == "" {
+		return usageErr("--data DIR is required")
+	}
+	return nil
+}
+
+func openRegistry(dir string) (*registry.Registry, error) {
+	return registry.Open(filepath.Join(dir, RegistryFile))
+}
+
+func cmdInit(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("init", stderr)
+	data := dataFlag(fs)
+	var hosts listFlag
+	fs.Var(&hosts, "host", "broker DNS name or IP for the server certificate (repeatable; default localhost, 127.0.0.1, ::1)")
+	var cfg ca.InitConfig
+	fs.StringVar(&cfg.RootCert, "root-cert", "", "adopt this root CA certificate (PEM) instead of creating one")
+	fs.StringVar(&cfg.RootKey, "root-key", "", "key of --root-cert (needed to create the issuing CA)")
+	fs.StringVar(&cfg.IssuingCert, "issuing-cert", "", "adopt this issuing CA certificate (PEM), signed by --root-cert")
+	fs.StringVar(&cfg.IssuingKey, "issuing-key", "", "key of --issuing-cert")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if err := needData(*data); err != nil {
+		return err
+	}
+	cfg.Hosts = hosts
+	if err := ca.Init(*data, cfg); err != nil {
+		return err
+	}
+	reg, err := openRegistry(*data)
+	if err != nil {
+		return err
+	}
+	if err := reg.Close(); err != nil {
+		return err
+	}
+	c, err := ca.Load(*data)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "created PKI and registry in %s\n  root CA:    %s (SPKI sha256 %s)\n  issuing CA: %s\n  server:     %s\n  registry:   %s\n",
+		*data, filepath.Join(*data, ca.RootCertFile), ca.SPKIFingerprint(c.Root), filepath.Join(*data, ca.IssuingCertFile),
+		filepath.Join(*data, ca.ServerCertFile), filepath.Join(*data, RegistryFile))
+	return nil
+}
+
+func cmdToken(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("token", stderr)
+	data := dataFlag(fs)
+	id := fs.String("device", "", "device ID (1-64 of [A-Za-z0-9._-]): print its token")
+	count := fs.Int("count", 0, "mint N device IDs PREFIX-000001... and print ID TOKEN lines")
+	prefix := fs.String("prefix", "dev", "device ID prefix for --count")
+	ttl := fs.Duration("ttl", 24*time.Hour, "token lifetime")
+	group := fs.String("group", "", "policy group: the devices' certificates carry OU=GROUP")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if err := needData(*data); err != nil {
+		return err
+	}
+	if (*id == "") == (*count == 0) {
+		return usageErr("give either --device ID or --count N")
+	}
+	if *count < 0 || *count > 1_000_000 {
+		return usageErr("--count must be 1..1000000")
+	}
+	ids := []string{*id}
+	if *count > 0 {
+		width := max(6, len(fmt.Sprint(*count)))
+		ids = make([]string, *count)
+		for i := range ids {
+			ids[i] = fmt.Sprintf("%s-%0*d", *prefix, width, i+1)
+		}
+	}
+	reg, err := openRegistry(*data)
+	if err != nil {
+		return err
+	}
+	defer reg.Close()
+	tokens, err := reg.CreateTokens(ctx, ids, *group, *ttl)
+	if err != nil {
+		return err
+	}
+	if *count == 0 {
+		fmt.Fprintln(stdout, tokens[0])
+		return nil
+	}
+	for i, t := range tokens {
+		fmt.Fprintf(stdout, "%s %s\n", ids[i], t)
+	}
+	return nil
+}
+
+func cmdRevoke(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("revoke", stderr)
+	data := dataFlag(fs)
+	id := fs.String("device", "", "device ID")
+	reason := fs.String("reason", "unspecified", "revocation reason (recorded and shown to the device)")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if err := needData(*data); err != nil {
+		return err
+	}
+	if *id == "" {
+		return usageErr("--device ID is required")
+	}
+	reg, err := openRegistry(*data)
+	if err != nil {
+		return err
+	}
+	defer reg.Close()
+	n, err := reg.Revoke(ctx, *id, *reason)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "revoked %d certificate(s) of %s\n", n, *id)
+	return nil
+}
+
+func cmdDevices(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("devices", stderr)
+	data := dataFlag(fs)
+	asJSON := fs.Bool("json", false, "print JSON")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if err := needData(*data); err != nil {
+		return err
+	}
+	reg, err := openRegistry(*data)
+	if err != nil {
+		return err
+	}
+	defer reg.Close()
+	devs, err := reg.Devices(ctx)
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		if devs == nil {
+			devs = []registry.Device{}
+		}
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(devs)
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "DEVICE\tGROUP\tSTATUS\tCERTS\tVALID UNTIL")
+	for _, d := range devs {
+		until := "-"
+		if !d.ValidUntil.IsZero() {
+			until = d.ValidUntil.UTC().Format(time.RFC3339)
+		}
+		group := d.Group
+		if group == "" {
+			group = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\n", d.ID, group, d.Status, d.Certificates, until)
+	}
+	return tw.Flush()
+}
