@@ -5,6 +5,8 @@ package esttest
 import (
 	"crypto/tls"
 	"errors"
+	"io"
+	"log"
 	"net"
 	"net/http"
 	"path/filepath"
@@ -58,7 +60,8 @@ func Start(t testing.TB, tweak func(*server.Config)) *Env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	hs := &http.Server{Handler: srv.Handler(), TLSConfig: tlsCfg, ReadHeaderTimeout: 10 * time.Second}
+	hs := &http.Server{Handler: srv.Handler(), TLSConfig: tlsCfg, ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog: log.New(io.Discard, "", 0)} // handshake failures are what negative tests cause
 	done := make(chan error, 1)
 	go func() { done <- hs.Serve(tls.NewListener(ln, tlsCfg)) }()
 	t.Cleanup(func() {
