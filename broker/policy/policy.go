@@ -1,0 +1,246 @@
+// Package policy maps a verified client identity (certificate CN, OUs,
+// SANs) to the MQTT topics it may publish to and subscribe to. It is pure
+// Go with no broker dependency.
+//
+// A [Policy] is a list of rules; a rule applies to identities its match
+// selects (CN glob, OU, SAN glob) and grants publish and subscribe topic
+// filters, or denies filters; deny wins. Topic templates take {cn} and {ou}.
+// Without a policy file, [Default] applies: CN X may publish and subscribe
+// devices/X/# and nothing else.
+//
+// [Policy.Compile] turns a policy and an identity into [Perms] once, at
+// CONNECT; each check is then a scan of that client's few filters, cheap
+// and independent of the fleet's size.
+//
+// A SUBSCRIBE filter is granted only if every topic it can match is allowed:
+// it must be contained in one granted subscribe filter (devices/a/# admits
+// devices/a/+/x, never devices/+/x, # or +/#) and overlap no deny filter.
+package policy
+
+import (
+	"fmt"
+	"path"
+	"slices"
+	"strings"
+)
+
+// Access is what a client wants to do with a topic.
+type Access int
+
+// Access kinds.
+const (
+	Publish Access = iota
+	Subscribe
+)
+
+func (a Access) String() string {
+	if a == Publish {
+		return "publish"
+	}
+	return "subscribe"
+}
+
+// Identity is what the broker verified about a client.
+type Identity struct {
+	CN   string   // device ID
+	OUs  []string // policy groups
+	SANs []string // DNS names, URIs, e-mail addresses, IP addresses
+}
+
+// Match selects identities. Empty fields match anything; all set fields
+// must match.
+type Match struct {
+	CN  string `yaml:"cn"`  // glob (path.Match syntax), e.g. "lab-*"
+	OU  string `yaml:"ou"`  // one of the identity's OUs, exactly
+	SAN string `yaml:"san"` // glob matched against each SAN
+}
+
+// Rule grants or denies topic filters to the identities it matches.
+type Rule struct {
+	Name      string   `yaml:"name"`
+	Match     Match    `yaml:"match"`
+	Publish   []string `yaml:"publish"`
+	Subscribe []string `yaml:"subscribe"`
+	Deny      []string `yaml:"deny"` // both publish and subscribe
+}
+
+// Policy is an ordered list of rules.
+type Policy struct {
+	Rules []Rule
+}
+
+// Default is the policy without a file: each device owns devices/{cn}/#.
+func Default() *Policy {
+	return &Policy{Rules: []Rule{{
+		Name:      "own-namespace",
+		Match:     Match{CN: "*"},
+		Publish:   []string{"devices/{cn}/#"},
+		Subscribe: []string{"devices/{cn}/#"},
+	}}}
+}
+
+func (m Match) matches(id Identity) bool {
+	if m.CN != "" {
+		if ok, _ := path.Match(m.CN, id.CN); !ok {
+			return false
+		}
+	}
+	if m.OU != "" && !slices.Contains(id.OUs, m.OU) {
+		return false
+	}
+	if m.SAN != "" && !slices.ContainsFunc(id.SANs, func(s string) bool { ok, _ := path.Match(m.SAN, s); return ok }) {
+		return false
+	}
+	return true
+}
+
+// safeValue reports whether v may be substituted into a topic template: no
+// wildcard, separator, '$' or NUL can reach a filter through it.
+func safeValue(v string) bool {
+	if v == "" || len(v) > 64 {
+		return false
+	}
+	for i := 0; i < len(v); i++ {
+		c := v[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
+
+// expand substitutes {cn} and {ou} (once per OU) into templates. A
+// template whose values are unsafe or missing yields nothing.
+func expand(templates []string, id Identity) [][]string {
+	var out [][]string
+	for _, t := range templates {
+		if strings.Contains(t, "{cn}") {
+			if !safeValue(id.CN) {
+				continue
+			}
+			t = strings.ReplaceAll(t, "{cn}", id.CN)
+		}
+		if !strings.Contains(t, "{ou}") {
+			out = append(out, strings.Split(t, "/"))
+			continue
+		}
+		for _, ou := range id.OUs {
+			if safeValue(ou) {
+				out = append(out, strings.Split(strings.ReplaceAll(t, "{ou}", ou), "/"))
+			}
+		}
+	}
+	return out
+}
+
+// Perms is one client's compiled permissions. It is immutable and safe for
+// concurrent use.
+type Perms struct {
+	pub, sub, deny [][]string // filters split into levels
+	rules          []string   // names of the rules that matched
+}
+
+// Compile returns the permissions of id under p.
+func (p *Policy) Compile(id Identity) *Perms {
+	perms := &Perms{}
+	for _, r := range p.Rules {
+		if !r.Match.matches(id) {
+			continue
+		}
+		perms.rules = append(perms.rules, r.Name)
+		perms.pub = append(perms.pub, expand(r.Publish, id)...)
+		perms.sub = append(perms.sub, expand(r.Subscribe, id)...)
+		perms.deny = append(perms.deny, expand(r.Deny, id)...)
+	}
+	return perms
+}
+
+// Rules returns the names of the rules that matched, in order.
+func (p *Perms) Rules() []string { return slices.Clone(p.rules) }
+
+// Allow reports whether a concrete topic may be published (Publish) or
+// received (Subscribe: a delivery, or a Will).
+func (p *Perms) Allow(topic string, a Access) bool {
+	if !ValidTopic(topic) {
+		return false
+	}
+	t := strings.Split(topic, "/")
+	for _, d := range p.deny {
+		if match(d, t) {
+			return false
+		}
+	}
+	grants := p.pub
+	if a == Subscribe {
+		grants = p.sub
+	}
+	for _, g := range grants {
+		if match(g, t) {
+			return true
+		}
+	}
+	return false
+}
+
+// AllowFilter reports whether a SUBSCRIBE filter may be granted: every
+// topic it can match must be allowed, so it must lie inside one granted
+// filter and overlap no denied one.
+func (p *Perms) AllowFilter(filter string) bool {
+	if checkFilter(filter) != nil {
+		return false
+	}
+	f := strings.Split(filter, "/")
+	for _, d := range p.deny {
+		if overlaps(d, f) {
+			return false
+		}
+	}
+	for _, g := range p.sub {
+		if contains(g, f) {
+			return true
+		}
+	}
+	return false
+}
+
+// Validate checks every rule: names, globs and topic templates.
+func (p *Policy) Validate() error {
+	for i, r := range p.Rules {
+		if err := r.validate(); err != nil {
+			return fmt.Errorf("policy: rule %d (%s): %w", i+1, r.Name, err)
+		}
+	}
+	return nil
+}
+
+func (r Rule) validate() error {
+	for _, g := range []string{r.Match.CN, r.Match.SAN} {
+		if _, err := path.Match(g, ""); err != nil {
+			return fmt.Errorf("bad glob %q: %w", g, err)
+		}
+	}
+	for _, list := range [][]string{r.Publish, r.Subscribe, r.Deny} {
+		for _, t := range list {
+			if err := checkTemplate(t); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func checkTemplate(t string) error {
+	probe := strings.NewReplacer("{cn}", "x", "{ou}", "x").Replace(t)
+	if strings.ContainsAny(probe, "{}") {
+		return fmt.Errorf("topic template %q: unknown placeholder (known: {cn}, {ou})", t)
+	}
+	if checkFilter(probe) != nil {
+		return fmt.Errorf("topic template %q: not a valid MQTT topic filter ('#' only as the last level, '+' and '#' alone in their level)", t)
+	}
+	for _, l := range strings.Split(t, "/") {
+		if strings.Contains(l, "{") && l != "{cn}" && l != "{ou}" {
+			return fmt.Errorf("topic template %q: a placeholder must fill a whole level", t)
+		}
+	}
+	return nil
+}
