@@ -1,0 +1,288 @@
+package broker
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/mqtls/mqtls/broker/policy"
+	"github.com/mqtls/mqtls/provisioning/registry"
+)
+
+// Config configures a Broker. Zero values take the defaults noted.
+type Config struct {
+	// Addr is the MQTT over TLS listen address (default 127.0.0.1:8883).
+	Addr string
+	// Listener, if set, is used instead of listening on Addr (tests).
+	Listener net.Listener
+	// Certificate is the server's chain and key (required).
+	Certificate tls.Certificate
+	// Root is the trust anchor for client certificates (required). Clients
+	// send their intermediate.
+	Root *x509.Certificate
+	// MinTLSVersion is tls.VersionTLS12 by default: constrained devices
+	// may lack TLS 1.3.
+	MinTLSVersion uint16
+	// Policy maps identities to topics (default policy.Default()).
+	Policy *policy.Policy
+	// Registry, if set, is polled for revocations every RevocationPoll
+	// (default 500ms).
+	Registry       *registry.Registry
+	RevocationPoll time.Duration
+	// CRLFile, if set, is a CRL (PEM or DER) reloaded when it changes; it
+	// must be signed by Root or by one of Issuers.
+	CRLFile string
+	Issuers []*x509.Certificate
+	// HandshakeTimeout bounds TLS handshake + CONNECT (default 10s).
+	HandshakeTimeout time.Duration
+	// MaxPacketSize in bytes (default 256 KiB).
+	MaxPacketSize uint32
+	// Keepalive bounds in seconds (defaults 10 and 1200); a client asking
+	// for 0 or more than the maximum gets the maximum.
+	MinKeepalive, MaxKeepalive uint16
+	// MaxWritesPending is each client's outbound queue (default 64).
+	MaxWritesPending int32
+	// MaxSessionExpiry bounds how long a disconnected persistent session is
+	// kept (default 24h).
+	MaxSessionExpiry time.Duration
+	// StallTimeout: a subscriber whose queue stays full this long is
+	// disconnected (default 30s).
+	StallTimeout time.Duration
+	// Logger for operations and audit lines (default: discard).
+	Logger *slog.Logger
+	// Metrics, if set, receives the broker's Prometheus collectors.
+	Metrics prometheus.Registerer
+}
+
+// Broker is a running MQTT broker. Create it with New, then Start.
+type Broker struct {
+	cfg     Config
+	log     *slog.Logger
+	mochi   *mqtt.Server
+	tls     *tls.Config
+	ln      *listener
+	metrics *metrics
+
+	mu       sync.RWMutex
+	policy   *policy.Policy
+	sessions map[*mqtt.Client]*session
+	bySerial map[string]map[*mqtt.Client]*session
+
+	revoked *revocations
+	stop    chan struct{}
+	wg      sync.WaitGroup
+}
+
+// New validates cfg and builds the broker (not yet listening).
+func New(cfg Config) (*Broker, error) {
+	if cfg.Root == nil || len(cfg.Certificate.Certificate) == 0 {
+		return nil, errors.New("broker: Config.Root and Config.Certificate are required")
+	}
+	if cfg.Addr == "" {
+		cfg.Addr = "127.0.0.1:8883"
+	}
+	if cfg.MinTLSVersion == 0 {
+		cfg.MinTLSVersion = tls.VersionTLS12
+	}
+	if cfg.Policy == nil {
+		cfg.Policy = policy.Default()
+	}
+	if err := cfg.Policy.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.RevocationPoll == 0 {
+		cfg.RevocationPoll = 500 * time.Millisecond
+	}
+	if cfg.HandshakeTimeout == 0 {
+		cfg.HandshakeTimeout = 10 * time.Second
+	}
+	if cfg.MaxPacketSize == 0 {
+		cfg.MaxPacketSize = 256 << 10
+	}
+	if cfg.MinKeepalive == 0 {
+		cfg.MinKeepalive = 10
+	}
+	if cfg.MaxKeepalive == 0 {
+		cfg.MaxKeepalive = 1200
+	}
+	if cfg.MinKeepalive > cfg.MaxKeepalive {
+		return nil, fmt.Errorf("broker: keepalive bounds %d > %d", cfg.MinKeepalive, cfg.MaxKeepalive)
+	}
+	if cfg.MaxWritesPending == 0 {
+		cfg.MaxWritesPending = 64
+	}
+	if cfg.MaxWritesPending < 8 {
+		return nil, fmt.Errorf("broker: MaxWritesPending %d is below 8", cfg.MaxWritesPending)
+	}
+	if cfg.MaxSessionExpiry == 0 {
+		cfg.MaxSessionExpiry = 24 * time.Hour
+	}
+	if cfg.StallTimeout == 0 {
+		cfg.StallTimeout = 30 * time.Second
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if err := checkOutboundAccess(); err != nil {
+		return nil, err
+	}
+	b := &Broker{
+		cfg:      cfg,
+		log:      log,
+		policy:   cfg.Policy,
+		sessions: make(map[*mqtt.Client]*session),
+		bySerial: make(map[string]map[*mqtt.Client]*session),
+		stop:     make(chan struct{}),
+		metrics:  newMetrics(),
+	}
+	if cfg.Metrics != nil {
+		if err := b.metrics.register(cfg.Metrics); err != nil {
+			return nil, err
+		}
+	}
+	b.revoked = newRevocations(b, cfg.Registry, cfg.CRLFile, append([]*x509.Certificate{cfg.Root}, cfg.Issuers...))
+	pool := x509.NewCertPool()
+	pool.AddCert(cfg.Root)
+	b.tls = &tls.Config{
+		Certificates: []tls.Certificate{cfg.Certificate},
+		ClientAuth:   tls.RequireAndVerifyClientCert,
+		ClientCAs:    pool,
+		MinVersion:   cfg.MinTLSVersion,
+		// Session resumption stays on (Go's default tickets): devices with
+		// slow TPMs depend on it. Identity and revocation checks run at
+		// every CONNECT, resumed or not.
+	}
+
+	caps := mqtt.NewDefaultServerCapabilities()
+	caps.MaximumClientWritesPending = cfg.MaxWritesPending
+	caps.MaximumPacketSize = cfg.MaxPacketSize
+	caps.MaximumSessionExpiryInterval = uint32(cfg.MaxSessionExpiry / time.Second)
+	caps.Compatibilities.NoInheritedPropertiesOnAck = true
+	caps.MaximumInflight = 1024
+	caps.ReceiveMaximum = 256
+	mlog := slog.New(slog.NewTextHandler(io.Discard, nil))
+	if cfg.Logger != nil {
+		mlog = cfg.Logger.With("component", "mochi")
+	}
+	b.mochi = mqtt.New(&mqtt.Options{
+		Capabilities:           caps,
+		Logger:                 mlog,
+		SysTopicResendInterval: 10,
+	})
+	if err := b.mochi.AddHook(&authHook{b: b}, nil); err != nil {
+		return nil, fmt.Errorf("broker: %w", err)
+	}
+	if err := b.mochi.AddHook(&flowHook{b: b}, nil); err != nil {
+		return nil, fmt.Errorf("broker: %w", err)
+	}
+	return b, nil
+}
+
+// Start listens and serves until Close.
+func (b *Broker) Start() error {
+	if err := b.revoked.load(); err != nil {
+		return err
+	}
+	ln := b.cfg.Listener
+	if ln == nil {
+		var err error
+		if ln, err = net.Listen("tcp", b.cfg.Addr); err != nil {
+			return fmt.Errorf("broker: listen %s: %w", b.cfg.Addr, err)
+		}
+	}
+	b.ln = newListener("mqtts", ln, b)
+	if err := b.mochi.AddListener(b.ln); err != nil {
+		return fmt.Errorf("broker: %w", err)
+	}
+	if err := b.mochi.Serve(); err != nil {
+		return fmt.Errorf("broker: %w", err)
+	}
+	b.wg.Add(1)
+	go func() { defer b.wg.Done(); b.revoked.watch(b.stop, b.cfg.RevocationPoll) }()
+	b.log.Info("MQTT listening", "addr", ln.Addr().String(), "min_tls", tls.VersionName(b.cfg.MinTLSVersion))
+	return nil
+}
+
+// Addr returns the listening address (after Start).
+func (b *Broker) Addr() net.Addr { return b.ln.Addr() }
+
+// Close stops accepting, disconnects every client and stops background
+// work.
+func (b *Broker) Close() error {
+	close(b.stop)
+	err := b.mochi.Close()
+	b.wg.Wait()
+	return err
+}
+
+// SetPolicy replaces the policy. Connected clients are re-evaluated at
+// once: their permissions are recompiled, subscriptions the new policy no
+// longer allows are removed (the client is not told; it stops receiving
+// on them), and a client whose Will is no longer allowed loses its Will.
+func (b *Broker) SetPolicy(p *policy.Policy) error {
+	if err := p.Validate(); err != nil {
+		return err
+	}
+	b.mu.Lock()
+	b.policy = p
+	var affected []*session
+	for _, s := range b.sessions {
+		s.setPerms(p.Compile(s.id))
+		affected = append(affected, s)
+	}
+	b.mu.Unlock()
+	for _, s := range affected {
+		b.prune(s)
+	}
+	b.log.Info("policy applied", "rules", len(p.Rules), "clients", len(affected))
+	return nil
+}
+
+// prune drops what a session's current permissions no longer allow.
+func (b *Broker) prune(s *session) {
+	perms := s.perms()
+	for filter := range s.cl.State.Subscriptions.GetAll() {
+		if !perms.AllowFilter(filter) {
+			b.mochi.Topics.Unsubscribe(filter, s.cl.ID)
+			s.cl.State.Subscriptions.Delete(filter)
+			b.audit("subscription removed", s, "policy no longer allows "+filter)
+		}
+	}
+	if w := s.cl.Properties.Will; w.Flag > 0 && !perms.Allow(w.TopicName, policy.Publish) {
+		s.cl.Properties.Will = mqtt.Will{}
+		b.audit("will removed", s, "policy no longer allows Will topic "+w.TopicName)
+	}
+}
+
+// Sessions returns the number of authenticated live sessions.
+func (b *Broker) Sessions() int {
+	b.mu.RLock()
+	defer b.mu.RUnlock()
+	return len(b.sessions)
+}
+
+// disconnect ends a session for reason (revoked, expired).
+func (b *Broker) disconnect(s *session, reason string) {
+	b.audit("session closed", s, reason)
+	b.metrics.kicked.WithLabelValues(reasonLabel(reason)).Inc()
+	cl := s.cl
+	if cl.Properties.ProtocolVersion == 5 {
+		_ = b.mochi.DisconnectClient(cl, packets.ErrNotAuthorized) // closes too
+	}
+	cl.Stop(errors.New(reason))
+}
+
+func (b *Broker) audit(event string, s *session, reason string) {
+	b.log.Info("audit", "event", event, "cn", s.id.CN, "serial", s.serial, "remote", s.remote, "reason", reason)
+}

@@ -1,0 +1,218 @@
+package broker
+
+import (
+	"fmt"
+	"reflect"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unsafe"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/mqtls/mqtls/broker/policy"
+)
+
+// Mochi keeps a client's outbound queue length in the unexported
+// ClientState.outboundQty (updated atomically). The backpressure below
+// needs it; the offset is found by name once and checked at New, so a
+// Mochi upgrade that renames it fails loudly instead of misreading memory.
+var outboundQtyOffset = func() uintptr {
+	f, ok := reflect.TypeFor[mqtt.ClientState]().FieldByName("outboundQty")
+	if !ok || f.Type.Kind() != reflect.Int32 {
+		return ^uintptr(0)
+	}
+	return f.Offset
+}()
+
+func checkOutboundAccess() error {
+	if outboundQtyOffset == ^uintptr(0) {
+		return fmt.Errorf("broker: this Mochi version has no ClientState.outboundQty int32; flow control needs it (pinned: v2.7.9)")
+	}
+	return nil
+}
+
+func outboundLen(cl *mqtt.Client) int32 {
+	return atomic.LoadInt32((*int32)(unsafe.Add(unsafe.Pointer(&cl.State), outboundQtyOffset)))
+}
+
+// flowState is a session's share of the flow control: slots reserved in
+// its queue by publishers (as subscriber), and the reservations it holds
+// (as publisher, one publish at a time).
+type flowState struct {
+	reserved atomic.Int32
+	mu       sync.Mutex
+	holding  []*session // subscribers this client's current publish reserved
+	retained []string   // parent topics to deliver after the next SUBACK
+}
+
+// flowHook implements publisher backpressure, the retained-parent fix and
+// message metrics. It takes no part in authorization.
+type flowHook struct {
+	mqtt.HookBase
+	b *Broker
+}
+
+func (h *flowHook) ID() string { return "mqtls-flow" }
+
+func (h *flowHook) Provides(b byte) bool {
+	return b == mqtt.OnPublish || b == mqtt.OnPublished || b == mqtt.OnPublishDropped ||
+		b == mqtt.OnSubscribe || b == mqtt.OnPacketSent
+}
+
+// OnPublish runs in the publisher's read loop before Mochi routes the
+// message. For QoS >= 1 it reserves a queue slot at every subscriber that
+// will get the message at QoS >= 1, waiting while one is full.
+func (h *flowHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	b := h.b
+	b.metrics.msgIn.Inc()
+	pub := b.session(cl)
+	if pub == nil || pk.FixedHeader.Qos == 0 {
+		return pk, nil
+	}
+	b.flowRelease(pub) // a previous publish that failed before routing
+	limit := b.cfg.MaxWritesPending - 1
+	subs := b.mochi.Topics.Subscribers(pk.TopicName)
+	for id, sub := range subs.Subscriptions {
+		if sub.Qos == 0 {
+			continue
+		}
+		subCl, ok := b.mochi.Clients.Get(id)
+		if !ok {
+			continue
+		}
+		s := b.session(subCl)
+		if s == nil || subCl.Closed() {
+			continue // offline: Mochi keeps QoS>0 in the session's inflight store
+		}
+		if !b.reserve(s, limit) {
+			b.disconnect(s, fmt.Sprintf("subscriber stalled: outbound queue full for %s", b.cfg.StallTimeout))
+			continue
+		}
+		pub.flow.mu.Lock()
+		pub.flow.holding = append(pub.flow.holding, s)
+		pub.flow.mu.Unlock()
+	}
+	return pk, nil
+}
+
+// reserve waits until s has a free outbound slot and takes it. It gives up
+// after the stall timeout or when s disconnects.
+func (b *Broker) reserve(s *session, limit int32) bool {
+	deadline := time.Now().Add(b.cfg.StallTimeout)
+	wait := 50 * time.Microsecond
+	waited := false
+	for {
+		r := s.flow.reserved.Add(1)
+		if outboundLen(s.cl)+r <= limit && int(r)+s.cl.State.Inflight.Len() < int(b.mochi.Options.Capabilities.MaximumInflight) {
+			if waited {
+				b.metrics.backpressure.Inc()
+			}
+			return true
+		}
+		s.flow.reserved.Add(-1)
+		if s.cl.Closed() {
+			return true // nothing to protect: Mochi stores it in the inflight store
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		waited = true
+		time.Sleep(wait)
+		wait = min(2*wait, 5*time.Millisecond)
+	}
+}
+
+// OnPublished runs after Mochi queued the message to every subscriber: the
+// reservations have become real queue entries.
+func (h *flowHook) OnPublished(cl *mqtt.Client, pk packets.Packet) {
+	if s := h.b.session(cl); s != nil {
+		h.b.flowRelease(s)
+	}
+}
+
+func (b *Broker) flowRelease(pub *session) {
+	pub.flow.mu.Lock()
+	held := pub.flow.holding
+	pub.flow.holding = nil
+	pub.flow.mu.Unlock()
+	for _, s := range held {
+		s.flow.reserved.Add(-1)
+	}
+}
+
+func (h *flowHook) OnPublishDropped(cl *mqtt.Client, pk packets.Packet) {
+	h.b.metrics.dropped.WithLabelValues(fmt.Sprint(pk.FixedHeader.Qos)).Inc()
+	h.b.log.Warn("delivery dropped: outbound queue full", "client_id", cl.ID, "topic", pk.TopicName, "qos", pk.FixedHeader.Qos)
+}
+
+// OnSubscribe notes, for each "X/#" filter, the retained message on X
+// itself: Mochi v2.7.9 does not deliver it although '#' includes the parent
+// level (MQTT 4.7.1.2). It is sent right after the SUBACK.
+func (h *flowHook) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	s := h.b.session(cl)
+	if s == nil {
+		return pk
+	}
+	var parents []string
+	for _, sub := range pk.Filters {
+		parent, ok := strings.CutSuffix(sub.Filter, "/#")
+		if !ok || parent == "" || strings.ContainsAny(parent, "+#") || mqtt.IsSharedFilter(sub.Filter) || sub.RetainHandling == 2 {
+			continue
+		}
+		if _, existed := cl.State.Subscriptions.Get(sub.Filter); existed && sub.RetainHandling == 1 {
+			continue
+		}
+		parents = append(parents, parent+"\x00"+string(rune('0'+sub.Qos)))
+	}
+	s.flow.mu.Lock()
+	s.flow.retained = parents
+	s.flow.mu.Unlock()
+	return pk
+}
+
+func (h *flowHook) OnPacketSent(cl *mqtt.Client, pk packets.Packet, _ []byte) {
+	switch pk.FixedHeader.Type {
+	case packets.Publish:
+		h.b.metrics.msgOut.Inc()
+	case packets.Suback:
+		h.b.sendRetainedParents(cl, pk)
+	}
+}
+
+func (b *Broker) sendRetainedParents(cl *mqtt.Client, ack packets.Packet) {
+	s := b.session(cl)
+	if s == nil {
+		return
+	}
+	s.flow.mu.Lock()
+	parents := s.flow.retained
+	s.flow.retained = nil
+	s.flow.mu.Unlock()
+	for _, p := range parents {
+		topic, q, _ := strings.Cut(p, "\x00")
+		if _, granted := cl.State.Subscriptions.Get(topic + "/#"); !granted || !s.perms().Allow(topic, policy.Subscribe) {
+			continue
+		}
+		msg, ok := b.mochi.Topics.Retained.Get(topic)
+		if !ok {
+			continue
+		}
+		out := msg.Copy(false)
+		out.FixedHeader.Retain = true
+		if qos := q[0] - '0'; out.FixedHeader.Qos > qos {
+			out.FixedHeader.Qos = qos
+		}
+		if out.FixedHeader.Qos > 0 {
+			id, err := cl.NextPacketID()
+			if err != nil {
+				continue
+			}
+			out.PacketID = uint16(id)
+			cl.State.Inflight.Set(out)
+		}
+		_ = cl.WritePacket(out) // a failed write ends the connection anyway
+	}
+}

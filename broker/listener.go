@@ -1,0 +1,122 @@
+package broker
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/mochi-mqtt/server/v2/listeners"
+)
+
+// listener is the broker's Mochi listener: it completes the TLS handshake
+// itself, under a deadline that also covers the CONNECT packet, and keeps
+// accepting after transient errors such as EMFILE (Mochi's TCP listener
+// stops serving on the first Accept error).
+type listener struct {
+	id   string
+	ln   net.Listener
+	b    *Broker
+	mu   sync.Mutex
+	done bool
+	wg   sync.WaitGroup
+}
+
+var _ listeners.Listener = (*listener)(nil)
+
+func newListener(id string, ln net.Listener, b *Broker) *listener {
+	return &listener{id: id, ln: ln, b: b}
+}
+
+func (l *listener) Init(*slog.Logger) error { return nil }
+func (l *listener) ID() string              { return l.id }
+func (l *listener) Address() string         { return l.ln.Addr().String() }
+func (l *listener) Protocol() string        { return "mqtts" }
+func (l *listener) Addr() net.Addr          { return l.ln.Addr() }
+
+func (l *listener) closed() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.done
+}
+
+// Serve accepts until Close. Accept errors are logged, counted and retried
+// with a backoff of up to one second.
+func (l *listener) Serve(establish listeners.EstablishFn) {
+	backoff := 5 * time.Millisecond
+	for {
+		conn, err := l.ln.Accept()
+		if err != nil {
+			if l.closed() || errors.Is(err, net.ErrClosed) {
+				return
+			}
+			l.b.metrics.acceptErrors.Inc()
+			l.b.log.Error("accept failed; retrying", "err", err, "retry_in", backoff)
+			time.Sleep(backoff)
+			backoff = min(2*backoff, time.Second)
+			continue
+		}
+		backoff = 5 * time.Millisecond
+		l.wg.Add(1)
+		go func() {
+			defer l.wg.Done()
+			l.handle(conn, establish)
+		}()
+	}
+}
+
+func (l *listener) handle(conn net.Conn, establish listeners.EstablishFn) {
+	b := l.b
+	deadline := time.Now().Add(b.cfg.HandshakeTimeout)
+	// The deadline stays set through the CONNECT read; Mochi replaces it
+	// with the keepalive deadline once the client is admitted.
+	if err := conn.SetDeadline(deadline); err != nil {
+		conn.Close()
+		return
+	}
+	tc := tls.Server(conn, b.tls)
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+	start := time.Now()
+	err := tc.HandshakeContext(ctx)
+	cancel()
+	if err != nil {
+		b.handshakeFailed(tc, err)
+		tc.Close()
+		return
+	}
+	b.metrics.handshake.Observe(time.Since(start).Seconds())
+	_ = establish(l.id, tc) // Mochi logs and counts client errors itself
+}
+
+// Close stops accepting; Mochi closes the clients.
+func (l *listener) Close(closeClients listeners.CloseFn) {
+	l.mu.Lock()
+	l.done = true
+	l.mu.Unlock()
+	l.ln.Close()
+	closeClients(l.id)
+}
+
+// handshakeFailed writes the audit line of a failed handshake, naming the
+// certificate when the client presented one.
+func (b *Broker) handshakeFailed(tc *tls.Conn, err error) {
+	cn, serial, label := "", "", "handshake"
+	var verr *tls.CertificateVerificationError
+	if errors.As(err, &verr) && len(verr.UnverifiedCertificates) > 0 {
+		leaf := verr.UnverifiedCertificates[0]
+		cn, serial, label = leaf.Subject.CommonName, leaf.SerialNumber.Text(16), "certificate"
+	}
+	if errors.Is(err, context.DeadlineExceeded) || isTimeout(err) {
+		label = "handshake_timeout"
+	}
+	b.metrics.refused.WithLabelValues(label).Inc()
+	b.log.Info("audit", "event", "handshake failed", "cn", cn, "serial", serial, "remote", tc.RemoteAddr().String(), "reason", err.Error())
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}

@@ -1,0 +1,163 @@
+package broker
+
+import (
+	"bytes"
+	"context"
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/mqtls/mqtls/provisioning/registry"
+)
+
+// revocations tracks revoked certificates from the registry (serials of
+// our issuing CA) and from a CRL file (issuer + serial), and closes live
+// sessions when one appears.
+type revocations struct {
+	b       *Broker
+	reg     *registry.Registry
+	crlFile string
+	issuers []*x509.Certificate
+
+	mu       sync.RWMutex
+	serials  map[string]string // serial -> reason (registry)
+	crl      map[string]string // issuer DER + serial -> reason
+	since    time.Time
+	crlStamp time.Time
+	crlSize  int64
+}
+
+func newRevocations(b *Broker, reg *registry.Registry, crlFile string, issuers []*x509.Certificate) *revocations {
+	return &revocations{b: b, reg: reg, crlFile: crlFile, issuers: issuers, serials: map[string]string{}, crl: map[string]string{}}
+}
+
+// load reads the full revocation state before the broker accepts clients.
+func (r *revocations) load() error {
+	if err := r.pollRegistry(); err != nil {
+		return err
+	}
+	if r.crlFile != "" {
+		if err := r.loadCRL(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// check returns why a certificate is revoked, or "".
+func (r *revocations) check(serial string, issuer []byte) string {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	if why, ok := r.serials[serial]; ok {
+		return why
+	}
+	return r.crl[string(issuer)+serial]
+}
+
+func (r *revocations) watch(stop <-chan struct{}, every time.Duration) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+		}
+		if err := r.pollRegistry(); err != nil {
+			r.b.log.Error("revocation poll failed", "err", err)
+		}
+		if r.crlFile != "" {
+			if err := r.loadCRL(); err != nil {
+				r.b.log.Error("CRL not reloaded; keeping the previous one", "file", r.crlFile, "err", err)
+			}
+		}
+	}
+}
+
+func (r *revocations) pollRegistry() error {
+	if r.reg == nil {
+		return nil
+	}
+	// Overlap the window: a revocation committed with an older timestamp
+	// than the last poll (clock granularity) is still seen.
+	since := r.since.Add(-5 * time.Second)
+	certs, err := r.reg.RevokedSince(context.Background(), since)
+	if err != nil {
+		return err
+	}
+	var fresh []registry.Cert
+	r.mu.Lock()
+	for _, c := range certs {
+		if _, known := r.serials[c.Serial]; !known {
+			r.serials[c.Serial] = fmt.Sprintf("certificate revoked at %s (%s)", c.RevokedAt.UTC().Format(time.RFC3339), c.RevocationReason)
+			fresh = append(fresh, c)
+		}
+		if c.RevokedAt.After(r.since) {
+			r.since = c.RevokedAt
+		}
+	}
+	r.mu.Unlock()
+	for _, c := range fresh {
+		for _, s := range r.b.sessionsOf(c.Serial, nil) {
+			r.b.disconnect(s, r.check(c.Serial, nil))
+		}
+	}
+	return nil
+}
+
+// loadCRL (re)reads the CRL file when its modification time or size
+// changed. A CRL that does not parse or is not signed by a known CA is
+// refused and the previous one stays.
+func (r *revocations) loadCRL() error {
+	fi, err := os.Stat(r.crlFile)
+	if err != nil {
+		return err
+	}
+	if fi.ModTime().Equal(r.crlStamp) && fi.Size() == r.crlSize {
+		return nil
+	}
+	data, err := os.ReadFile(r.crlFile)
+	if err != nil {
+		return err
+	}
+	if block, _ := pem.Decode(data); block != nil {
+		data = block.Bytes
+	}
+	crl, err := x509.ParseRevocationList(data)
+	if err != nil {
+		return fmt.Errorf("CRL %s: %w", r.crlFile, err)
+	}
+	var signer *x509.Certificate
+	for _, c := range r.issuers {
+		if bytes.Equal(c.RawSubject, crl.RawIssuer) && crl.CheckSignatureFrom(c) == nil {
+			signer = c
+		}
+	}
+	if signer == nil {
+		return fmt.Errorf("CRL %s: not signed by a trusted CA (issuer %s)", r.crlFile, crl.Issuer)
+	}
+	entries := make(map[string]string, len(crl.RevokedCertificateEntries))
+	var fresh []string
+	r.mu.RLock()
+	for _, e := range crl.RevokedCertificateEntries {
+		k := string(crl.RawIssuer) + e.SerialNumber.Text(16)
+		entries[k] = fmt.Sprintf("certificate revoked at %s (CRL %s)", e.RevocationTime.UTC().Format(time.RFC3339), r.crlFile)
+		if _, known := r.crl[k]; !known {
+			fresh = append(fresh, e.SerialNumber.Text(16))
+		}
+	}
+	r.mu.RUnlock()
+	r.mu.Lock()
+	r.crl, r.crlStamp, r.crlSize = entries, fi.ModTime(), fi.Size()
+	r.mu.Unlock()
+	r.b.log.Info("CRL loaded", "file", r.crlFile, "issuer", crl.Issuer.String(), "entries", len(entries))
+	for _, serial := range fresh {
+		for _, s := range r.b.sessionsOf(serial, crl.RawIssuer) {
+			r.b.disconnect(s, r.check(serial, crl.RawIssuer))
+		}
+	}
+	return nil
+}
