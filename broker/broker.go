@@ -1,11 +1,11 @@
 package broker
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"sync"
@@ -171,10 +171,9 @@ func New(cfg Config) (*Broker, error) {
 	caps.Compatibilities.NoInheritedPropertiesOnAck = true
 	caps.MaximumInflight = 1024
 	caps.ReceiveMaximum = 256
-	mlog := slog.New(slog.NewTextHandler(io.Discard, nil))
-	if cfg.Logger != nil {
-		mlog = cfg.Logger.With("component", "mochi")
-	}
+	// Mochi logs whole packets (payloads included) at Warn; pass on its
+	// errors only.
+	mlog := slog.New(minLevel{log.Handler(), slog.LevelError}).With("component", "mochi")
 	b.mochi = mqtt.New(&mqtt.Options{
 		Capabilities:           caps,
 		Logger:                 mlog,
@@ -271,6 +270,21 @@ func (b *Broker) Sessions() int {
 	defer b.mu.RUnlock()
 	return len(b.sessions)
 }
+
+// minLevel drops records below a level.
+type minLevel struct {
+	slog.Handler
+	min slog.Level
+}
+
+func (h minLevel) Enabled(ctx context.Context, l slog.Level) bool {
+	return l >= h.min && h.Handler.Enabled(ctx, l)
+}
+
+func (h minLevel) WithAttrs(a []slog.Attr) slog.Handler {
+	return minLevel{h.Handler.WithAttrs(a), h.min}
+}
+func (h minLevel) WithGroup(g string) slog.Handler { return minLevel{h.Handler.WithGroup(g), h.min} }
 
 // disconnect ends a session for reason (revoked, expired).
 func (b *Broker) disconnect(s *session, reason string) {

@@ -1,0 +1,165 @@
+package broker_test
+
+import (
+	"bytes"
+	"context"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mqtls/mqtls/internal/brokertest"
+	"github.com/mqtls/mqtls/internal/testtool"
+)
+
+// mosq runs mosquitto_pub or mosquitto_sub as device d against env and
+// returns stdout+stderr and the exit code.
+func mosq(t *testing.T, env *brokertest.Env, d *brokertest.Device, tool string, args ...string) (string, int) {
+	t.Helper()
+	return mosqCtx(t, t.Context(), env, d, tool, args...)
+}
+
+func mosqArgs(t *testing.T, env *brokertest.Env, d *brokertest.Device) []string {
+	cert, key, root := env.WriteFiles(t, d)
+	host, port, _ := strings.Cut(env.Addr, ":")
+	return []string{"-h", host, "-p", port, "--cafile", root, "--cert", cert, "--key", key, "-i", d.ID}
+}
+
+func mosqCtx(t *testing.T, ctx context.Context, env *brokertest.Env, d *brokertest.Device, tool string, args ...string) (string, int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, testtool.Require(t, tool), append(mosqArgs(t, env, d), args...)...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("%s: %v", tool, err)
+	}
+	return out.String(), code
+}
+
+func TestMosquittoClients(t *testing.T) {
+	env := backendEnv(t, nil)
+	a := env.Device(t, "dev-a", 0)
+	b := env.Device(t, "dev-b", 0)
+	be := env.Device(t, "backend-1", 0, "backend")
+	for _, v := range []string{"mqttv311", "5"} {
+		t.Run(v, func(t *testing.T) {
+			// telemetry from dev-a reaches the backend; a command from the
+			// backend reaches dev-a (one connection per identity: the
+			// client ID is the CN)
+			for _, rt := range []struct {
+				sub, pub      *brokertest.Device
+				filter, topic string
+			}{
+				{be, a, "devices/+/telemetry", "devices/dev-a/telemetry"},
+				{a, be, "devices/dev-a/#", "devices/dev-a/commands/reboot"},
+			} {
+				done := make(chan string, 1)
+				go func() {
+					out, _ := mosq(t, env, rt.sub, "mosquitto_sub", "-V", v, "-q", "1", "-t", rt.filter, "-C", "1", "-W", "10", "-v")
+					done <- out
+				}()
+				time.Sleep(500 * time.Millisecond)
+				if out, code := mosq(t, env, rt.pub, "mosquitto_pub", "-V", v, "-q", "1", "-t", rt.topic, "-m", "42"); code != 0 {
+					t.Fatalf("publish %s: %d %s", rt.topic, code, out)
+				}
+				if out := <-done; !strings.Contains(out, rt.topic+" 42") {
+					t.Fatalf("round trip %s: %q", rt.topic, out)
+				}
+			}
+
+			// a publish into dev-b's namespace is refused and never delivered
+			got := make(chan string, 1)
+			go func() {
+				out, _ := mosq(t, env, b, "mosquitto_sub", "-V", v, "-q", "1", "-t", "devices/dev-b/#", "-C", "1", "-W", "3", "-v")
+				got <- out
+			}()
+			time.Sleep(500 * time.Millisecond)
+			out, code := mosq(t, env, a, "mosquitto_pub", "-V", v, "-q", "1", "-t", "devices/dev-b/commands", "-m", "evil")
+			t.Logf("cross publish (%s): exit %d %q", v, code, out)
+			if v == "5" && !strings.Contains(out, "Publish 1 failed: Not authorized") {
+				t.Errorf("v5 cross publish: want PUBACK 0x87 'Not authorized', got %q (exit %d)", out, code)
+			}
+			if v == "mqttv311" && code == 0 {
+				t.Errorf("3.1.1 cross publish at QoS 1: exit 0, want the broker to disconnect it")
+			}
+			if out := <-got; strings.Contains(out, "evil") {
+				t.Fatalf("cross publish delivered: %q", out)
+			}
+
+			// refused subscriptions
+			for _, f := range []string{"#", "devices/#", "devices/+/telemetry", "$SYS/#", "devices/dev-b/#"} {
+				out, code := mosq(t, env, a, "mosquitto_sub", "-V", v, "-t", f, "-C", "1", "-W", "3")
+				if !strings.Contains(out, "All subscription requests were denied") {
+					t.Errorf("subscribe %q: exit %d %q, want denied", f, code, out)
+				}
+			}
+
+			// client ID that is not the CN; Will into another namespace
+			for name, extra := range map[string][]string{
+				"client ID": {"-i", "dev-b"},
+				"Will":      {"--will-topic", "devices/dev-b/status", "--will-payload", "x"},
+			} {
+				args := append([]string{"-V", v, "-t", "devices/dev-a/x", "-m", "1"}, extra...)
+				out, code := mosq(t, env, a, "mosquitto_pub", args...)
+				if code == 0 || !strings.Contains(strings.ToLower(out), "not authori") {
+					t.Errorf("%s: exit %d %q, want not authorised", name, code, out)
+				}
+			}
+		})
+	}
+}
+
+func TestMosquittoHandshakeAndRevocation(t *testing.T) {
+	env := brokertest.Start(t, nil)
+	a := env.Device(t, "dev-a", 0)
+	old := env.Device(t, "dev-old", time.Nanosecond)
+	host, port, _ := strings.Cut(env.Addr, ":")
+	_, _, root := env.WriteFiles(t, a)
+
+	// no client certificate
+	cmd := exec.Command(testtool.Require(t, "mosquitto_pub"), "-h", host, "-p", port, "--cafile", root, "-i", "dev-a", "-t", "devices/dev-a/x", "-m", "1")
+	if out, err := cmd.CombinedOutput(); err == nil {
+		t.Errorf("no client certificate: connected: %s", out)
+	}
+	// expired certificate
+	if out, code := mosq(t, env, old, "mosquitto_pub", "-t", "devices/dev-old/x", "-m", "1"); code == 0 {
+		t.Errorf("expired certificate: connected: %s", out)
+	}
+
+	// revocation closes a live mosquitto_sub within 2 s
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	exited := make(chan time.Time, 1)
+	go func() {
+		mosqCtx(t, ctx, env, a, "mosquitto_sub", "-V", "5", "-t", "devices/dev-a/#")
+		exited <- time.Now()
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for env.Broker.Sessions() == 0 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	start := time.Now()
+	if _, err := env.Registry.Revoke(t.Context(), "dev-a", "lost"); err != nil {
+		t.Fatal(err)
+	}
+	for env.Broker.Sessions() > 0 && time.Since(start) < 5*time.Second {
+		time.Sleep(10 * time.Millisecond)
+	}
+	closed := time.Since(start)
+	if closed > 2*time.Second {
+		t.Fatalf("revoked mosquitto_sub session still open after %v", closed)
+	}
+	t.Logf("session closed %v after the revocation was committed", closed)
+	select {
+	case at := <-exited:
+		t.Logf("mosquitto_sub exited %v after the revocation (its reconnect was refused)", at.Sub(start))
+	case <-time.After(5 * time.Second):
+		t.Log("mosquitto_sub keeps retrying; every reconnect is refused")
+	}
+}
