@@ -22,7 +22,7 @@ import (
 	"github.com/mqtls/mqtls/provisioning/registry"
 )
 
-func broker(t *testing.T, args ...string) (string, string, int) {
+func brokerCLI(t *testing.T, args ...string) (string, string, int) {
 	t.Helper()
 	var out, errb bytes.Buffer
 	code := run(t.Context(), args, &out, &errb)
@@ -41,7 +41,7 @@ func freeAddr(t *testing.T) string {
 
 func TestBrokerCLI(t *testing.T) {
 	data := filepath.Join(t.TempDir(), "data")
-	if out, errs, code := broker(t, "init", "--data", data, "--host", "localhost", "--host", "127.0.0.1"); code != 0 {
+	if out, errs, code := brokerCLI(t, "init", "--data", data, "--host", "localhost", "--host", "127.0.0.1"); code != 0 {
 		t.Fatalf("init: %d %s %s", code, out, errs)
 	}
 	for _, f := range []string{ca.RootCertFile, ca.RootKeyFile, ca.IssuingCertFile, ca.IssuingKeyFile, ca.ServerCertFile, ca.ServerKeyFile, RegistryFile} {
@@ -55,20 +55,20 @@ func TestBrokerCLI(t *testing.T) {
 			}
 		}
 	}
-	if _, errs, code := broker(t, "init", "--data", data); code != 1 || !strings.Contains(errs, "already exists") {
+	if _, errs, code := brokerCLI(t, "init", "--data", data); code != 1 || !strings.Contains(errs, "already exists") {
 		t.Fatalf("second init: %d %q, want a refusal", code, errs)
 	}
 
-	tok, _, code := broker(t, "token", "--data", data, "--device", "dev-1", "--group", "sensors")
+	tok, _, code := brokerCLI(t, "token", "--data", data, "--device", "dev-1", "--group", "sensors")
 	if code != 0 || !regexp.MustCompile(`^[A-Za-z0-9_-]{43}\n$`).MatchString(tok) {
 		t.Fatalf("token: %d %q", code, tok)
 	}
-	lines, _, code := broker(t, "token", "--data", data, "--count", "3", "--prefix", "sim", "--ttl", "1h")
+	lines, _, code := brokerCLI(t, "token", "--data", data, "--count", "3", "--prefix", "sim", "--ttl", "1h")
 	if code != 0 || !regexp.MustCompile(`^(sim-00000[123] [A-Za-z0-9_-]{43}\n){3}$`).MatchString(lines) {
 		t.Fatalf("token --count: %d %q", code, lines)
 	}
 	for _, bad := range []string{"a+b", "a/b", "$x", "#"} {
-		if _, errs, code := broker(t, "token", "--data", data, "--device", bad); code != 1 || !strings.Contains(errs, "invalid device ID") {
+		if _, errs, code := brokerCLI(t, "token", "--data", data, "--device", bad); code != 1 || !strings.Contains(errs, "invalid device ID") {
 			t.Errorf("token --device %q: %d %q", bad, code, errs)
 		}
 	}
@@ -105,7 +105,7 @@ func TestBrokerCLI(t *testing.T) {
 		t.Fatalf("group not applied: %v", chain[0].Subject)
 	}
 
-	out, _, code := broker(t, "devices", "--data", data, "--json")
+	out, _, code := brokerCLI(t, "devices", "--data", data, "--json")
 	var devs []registry.Device
 	if code != 0 || json.Unmarshal([]byte(out), &devs) != nil || len(devs) != 4 {
 		t.Fatalf("devices --json: %d %s", code, out)
@@ -113,16 +113,16 @@ func TestBrokerCLI(t *testing.T) {
 	if devs[0].ID != "dev-1" || devs[0].Status != "enrolled" || devs[0].Certificates != 1 || devs[0].Group != "sensors" {
 		t.Fatalf("devices[0] = %+v", devs[0])
 	}
-	table, _, _ := broker(t, "devices", "--data", data)
+	table, _, _ := brokerCLI(t, "devices", "--data", data)
 	if !regexp.MustCompile(`(?m)^dev-1\s+sensors\s+enrolled\s+1\s+20`).MatchString(table) {
 		t.Fatalf("devices table:\n%s", table)
 	}
 
-	out, _, code = broker(t, "revoke", "--data", data, "--device", "dev-1", "--reason", "stolen")
+	out, _, code = brokerCLI(t, "revoke", "--data", data, "--device", "dev-1", "--reason", "stolen")
 	if code != 0 || !strings.Contains(out, "revoked 1 certificate(s) of dev-1") {
 		t.Fatalf("revoke: %d %q", code, out)
 	}
-	if _, errs, code := broker(t, "revoke", "--data", data, "--device", "nobody"); code != 1 || !strings.Contains(errs, "not found") {
+	if _, errs, code := brokerCLI(t, "revoke", "--data", data, "--device", "nobody"); code != 1 || !strings.Contains(errs, "not found") {
 		t.Fatalf("revoke unknown: %d %q", code, errs)
 	}
 
@@ -145,7 +145,7 @@ func TestBrokerCLI(t *testing.T) {
 
 func TestBrokerUsage(t *testing.T) {
 	for _, args := range [][]string{{"nope"}, {"token"}, {"token", "--data", "x"}, {"init", "--bogus"}} {
-		if _, _, code := broker(t, args...); code != 2 {
+		if _, _, code := brokerCLI(t, args...); code != 2 {
 			t.Errorf("broker %v exit %d, want 2", args, code)
 		}
 	}

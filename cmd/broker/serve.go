@@ -3,77 +3,286 @@ package main
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"gopkg.in/yaml.v3"
+
+	"github.com/mqtls/mqtls/broker"
+	"github.com/mqtls/mqtls/broker/policy"
 	"github.com/mqtls/mqtls/provisioning/ca"
 	"github.com/mqtls/mqtls/provisioning/server"
 )
 
-func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("serve", stderr)
-	data := dataFlag(fs)
-	estAddr := fs.String("est-addr", "127.0.0.1:8443", "EST (HTTPS) listen address")
-	validity := fs.Duration("validity", ca.DefaultDeviceValidity, "lifetime of issued device certificates")
-	if err := parse(fs, args); err != nil {
-		return err
+// serveConfig is `broker serve`'s configuration: the --config YAML file,
+// with flags overriding it. Empty addresses disable that listener.
+type serveConfig struct {
+	Data             string        `yaml:"data"`
+	MQTTAddr         string        `yaml:"mqtt_addr"`
+	ESTAddr          string        `yaml:"est_addr"`
+	MetricsAddr      string        `yaml:"metrics_addr"`
+	Policy           string        `yaml:"policy"`
+	CRL              string        `yaml:"crl"`
+	Validity         time.Duration `yaml:"validity"`
+	HandshakeTimeout time.Duration `yaml:"handshake_timeout"`
+	MaxWritesPending int32         `yaml:"max_writes_pending"`
+	MaxPacketSize    uint32        `yaml:"max_packet_size"`
+	MinTLS           string        `yaml:"min_tls"` // "1.2" or "1.3"
+	LogLevel         string        `yaml:"log_level"`
+}
+
+func defaultServeConfig() serveConfig {
+	return serveConfig{
+		MQTTAddr: "127.0.0.1:8883", ESTAddr: "127.0.0.1:8443", MetricsAddr: "127.0.0.1:9464",
+		Validity: ca.DefaultDeviceValidity, HandshakeTimeout: 10 * time.Second, MinTLS: "1.2", LogLevel: "info",
 	}
-	if err := needData(*data); err != nil {
-		return err
-	}
-	log := slog.New(slog.NewTextHandler(stderr, nil))
-	c, err := ca.Load(*data)
+}
+
+func loadServeConfig(path string, cfg *serveConfig) error {
+	data, err := os.ReadFile(path)
 	if err != nil {
 		return err
 	}
-	reg, err := openRegistry(*data)
+	dec := yaml.NewDecoder(bytesReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(cfg); err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("config %s: %w", path, err)
+	}
+	return nil
+}
+
+func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("serve", stderr)
+	cfg := defaultServeConfig()
+	configFile := fs.String("config", "", "YAML config file with the same settings (flags override it)")
+	fs.StringVar(&cfg.Data, "data", "", "data directory (CA, server certificate, registry)")
+	fs.StringVar(&cfg.MQTTAddr, "mqtt-addr", cfg.MQTTAddr, "MQTT over mutual TLS listen address")
+	fs.StringVar(&cfg.ESTAddr, "est-addr", cfg.ESTAddr, "EST (HTTPS) listen address; empty disables EST")
+	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", cfg.MetricsAddr, "Prometheus /metrics listen address; empty disables it")
+	fs.StringVar(&cfg.Policy, "policy", "", "topic policy file (YAML); default: each device owns devices/{cn}/#")
+	fs.StringVar(&cfg.CRL, "crl", "", "CRL file (PEM or DER) for certificates issued elsewhere; reloaded on change")
+	fs.DurationVar(&cfg.Validity, "validity", cfg.Validity, "lifetime of issued device certificates")
+	fs.DurationVar(&cfg.HandshakeTimeout, "handshake-timeout", cfg.HandshakeTimeout, "deadline for TLS handshake + MQTT CONNECT")
+	fs.StringVar(&cfg.MinTLS, "min-tls", cfg.MinTLS, "lowest TLS version for MQTT clients: 1.2 (constrained devices) or 1.3")
+	fs.StringVar(&cfg.LogLevel, "log-level", cfg.LogLevel, "debug, info, warn or error")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if *configFile != "" {
+		fileCfg := defaultServeConfig()
+		if err := loadServeConfig(*configFile, &fileCfg); err != nil {
+			return err
+		}
+		// flags given explicitly override the file
+		set := map[string]bool{}
+		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+		flagCfg := cfg
+		cfg = fileCfg
+		override(&cfg.Data, flagCfg.Data, set["data"])
+		override(&cfg.MQTTAddr, flagCfg.MQTTAddr, set["mqtt-addr"])
+		override(&cfg.ESTAddr, flagCfg.ESTAddr, set["est-addr"])
+		override(&cfg.MetricsAddr, flagCfg.MetricsAddr, set["metrics-addr"])
+		override(&cfg.Policy, flagCfg.Policy, set["policy"])
+		override(&cfg.CRL, flagCfg.CRL, set["crl"])
+		override(&cfg.Validity, flagCfg.Validity, set["validity"])
+		override(&cfg.HandshakeTimeout, flagCfg.HandshakeTimeout, set["handshake-timeout"])
+		override(&cfg.MinTLS, flagCfg.MinTLS, set["min-tls"])
+		override(&cfg.LogLevel, flagCfg.LogLevel, set["log-level"])
+	}
+	if err := needData(cfg.Data); err != nil {
+		return err
+	}
+	return serve(ctx, cfg, stderr)
+}
+
+func override[T any](dst *T, v T, set bool) {
+	if set {
+		*dst = v
+	}
+}
+
+func serve(ctx context.Context, cfg serveConfig, stderr io.Writer) error {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(cfg.LogLevel)); err != nil {
+		return usageErr("log level %q: %v", cfg.LogLevel, err)
+	}
+	minTLS := map[string]uint16{"1.2": tls.VersionTLS12, "1.3": tls.VersionTLS13}[cfg.MinTLS]
+	if minTLS == 0 {
+		return usageErr("min TLS %q: want 1.2 or 1.3", cfg.MinTLS)
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	c, err := ca.Load(cfg.Data)
+	if err != nil {
+		return err
+	}
+	srvCert, err := c.ServerCertificate()
+	if err != nil {
+		return err
+	}
+	reg, err := openRegistry(cfg.Data)
 	if err != nil {
 		return err
 	}
 	defer reg.Close()
-	est, err := server.New(server.Config{CA: c, Registry: reg, Validity: *validity, Logger: log})
-	if err != nil {
-		return err
+	pol := policy.Default()
+	if cfg.Policy != "" {
+		if pol, err = readPolicy(cfg.Policy); err != nil {
+			return err
+		}
 	}
-	tlsCfg, err := est.TLSConfig()
-	if err != nil {
-		return err
+	metrics := prometheus.NewRegistry()
+	metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errc := make(chan error, 3)
+	var closers []func(context.Context) error
+
+	if cfg.MQTTAddr != "" {
+		b, err := broker.New(broker.Config{
+			Addr: cfg.MQTTAddr, Certificate: srvCert, Root: c.Root, Issuers: []*x509.Certificate{c.Issuing},
+			MinTLSVersion: minTLS, Policy: pol, Registry: reg, CRLFile: cfg.CRL,
+			HandshakeTimeout: cfg.HandshakeTimeout, MaxWritesPending: cfg.MaxWritesPending, MaxPacketSize: cfg.MaxPacketSize,
+			Logger: log, Metrics: metrics,
+		})
+		if err != nil {
+			return err
+		}
+		if err := b.Start(); err != nil {
+			return err
+		}
+		closers = append(closers, func(context.Context) error { return b.Close() })
+		if cfg.Policy != "" {
+			go watchPolicy(ctx, cfg.Policy, b, log)
+		}
 	}
-	ln, err := net.Listen("tcp", *estAddr)
-	if err != nil {
-		return fmt.Errorf("EST listener: %w", err)
+	if cfg.ESTAddr != "" {
+		est, err := server.New(server.Config{CA: c, Registry: reg, Validity: cfg.Validity, Logger: log})
+		if err != nil {
+			return err
+		}
+		tlsCfg, err := est.TLSConfig()
+		if err != nil {
+			return err
+		}
+		hs, err := listenHTTP(cfg.ESTAddr, est.Handler(), tlsCfg, log, errc)
+		if err != nil {
+			return fmt.Errorf("EST listener: %w", err)
+		}
+		closers = append(closers, hs.Shutdown)
+		log.Info("EST listening", "addr", hs.Addr, "root_spki_sha256", ca.SPKIFingerprint(c.Root))
 	}
-	hs := &http.Server{
-		Handler:           est.Handler(),
-		TLSConfig:         tlsCfg,
-		ReadHeaderTimeout: 10 * time.Second,
-		ReadTimeout:       30 * time.Second,
-		WriteTimeout:      30 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-		MaxHeaderBytes:    16 << 10,
-		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+	if cfg.MetricsAddr != "" {
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", promhttp.HandlerFor(metrics, promhttp.HandlerOpts{}))
+		hs, err := listenHTTP(cfg.MetricsAddr, mux, nil, log, errc)
+		if err != nil {
+			return fmt.Errorf("metrics listener: %w", err)
+		}
+		closers = append(closers, hs.Shutdown)
+		log.Info("metrics listening", "addr", hs.Addr)
 	}
-	errc := make(chan error, 1)
-	go func() { errc <- hs.Serve(tls.NewListener(ln, tlsCfg)) }()
-	log.Info("EST listening", "addr", ln.Addr().String(), "root_spki_sha256", ca.SPKIFingerprint(c.Root))
+
 	select {
-	case err := <-errc:
-		return fmt.Errorf("EST server: %w", err)
+	case err = <-errc:
 	case <-ctx.Done():
 	}
 	log.Info("shutting down")
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-	defer cancel()
-	if err := hs.Shutdown(sctx); err != nil {
-		return fmt.Errorf("shutdown: %w", err)
+	sctx, scancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer scancel()
+	for i := len(closers) - 1; i >= 0; i-- {
+		if cerr := closers[i](sctx); cerr != nil && !errors.Is(cerr, http.ErrServerClosed) {
+			err = errors.Join(err, cerr)
+		}
 	}
-	if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return err
+	return err
+}
+
+// listenHTTP serves h on addr (TLS if tlsCfg is set) and reports a failure
+// on errc.
+func listenHTTP(addr string, h http.Handler, tlsCfg *tls.Config, log *slog.Logger, errc chan<- error) (*http.Server, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, err
 	}
-	return nil
+	hs := &http.Server{
+		Addr: ln.Addr().String(), Handler: h, TLSConfig: tlsCfg,
+		ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, WriteTimeout: 30 * time.Second,
+		IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 16 << 10,
+		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+	}
+	if tlsCfg != nil {
+		ln = tls.NewListener(ln, tlsCfg)
+	}
+	go func() {
+		if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			errc <- err
+		}
+	}()
+	return hs, nil
+}
+
+func readPolicy(path string) (*policy.Policy, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	p, err := policy.Parse(data)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return p, nil
+}
+
+// watchPolicy reloads the policy on SIGHUP and when the file changes. A
+// file that does not parse is refused (logged with its line) and the
+// current policy stays.
+func watchPolicy(ctx context.Context, path string, b *broker.Broker, log *slog.Logger) {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	stamp := func() string {
+		fi, err := os.Stat(path)
+		if err != nil {
+			return ""
+		}
+		return fmt.Sprint(fi.ModTime().UnixNano(), fi.Size())
+	}
+	last := stamp()
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-hup:
+			log.Info("SIGHUP: reloading policy", "file", path)
+		case <-tick.C:
+			if s := stamp(); s == last {
+				continue
+			}
+			log.Info("policy file changed: reloading", "file", path)
+		}
+		last = stamp()
+		p, err := readPolicy(path)
+		if err == nil {
+			err = b.SetPolicy(p)
+		}
+		if err != nil {
+			log.Error("policy refused; the previous policy stays", "file", path, "err", err)
+		}
+	}
 }

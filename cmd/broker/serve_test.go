@@ -1,0 +1,141 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/mqtls/mqtls/device"
+	"github.com/mqtls/mqtls/keystore"
+	"github.com/mqtls/mqtls/provisioning/ca"
+)
+
+// syncBuffer is a log sink safe for the serving goroutine and the test.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+func (s *syncBuffer) String() string { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
+
+func eventually(t *testing.T, within time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within %v", what, within)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// broker serve end to end: EST enrollment, MQTT with the enrolled
+// identity, metrics, policy reload (a bad file keeps the old policy),
+// config file with flag override, and a revocation from another process
+// closing the live session.
+func TestServe(t *testing.T) {
+	data := filepath.Join(t.TempDir(), "data")
+	if _, errs, code := brokerCLI(t, "init", "--data", data); code != 0 {
+		t.Fatal(errs)
+	}
+	policyFile := filepath.Join(t.TempDir(), "policy.yaml")
+	os.WriteFile(policyFile, []byte("rules:\n  - name: own\n    match: {cn: \"*\"}\n    publish: [\"devices/{cn}/#\"]\n    subscribe: [\"devices/{cn}/#\"]\n"), 0o600)
+	mqttAddr, estAddr, metricsAddr := freeAddr(t), freeAddr(t), freeAddr(t)
+	configFile := filepath.Join(t.TempDir(), "broker.yaml")
+	os.WriteFile(configFile, []byte("data: "+data+"\nmqtt_addr: "+mqttAddr+"\nest_addr: 127.0.0.1:1\nmetrics_addr: "+metricsAddr+"\npolicy: "+policyFile+"\nlog_level: info\n"), 0o600)
+
+	ctx, cancel := context.WithCancel(t.Context())
+	logs := &syncBuffer{}
+	served := make(chan int, 1)
+	// --est-addr overrides the config file's unusable address
+	go func() {
+		served <- run(ctx, []string{"serve", "--config", configFile, "--est-addr", estAddr}, io.Discard, logs)
+	}()
+	eventually(t, 10*time.Second, "serve listening", func() bool { return strings.Contains(logs.String(), "metrics listening") })
+
+	// enroll over EST
+	c, _ := ca.Load(data)
+	tok, _, _ := brokerCLI(t, "token", "--data", data, "--device", "dev-1")
+	idDir := filepath.Join(t.TempDir(), "id")
+	store, err := keystore.NewFile(idDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	id, err := device.Enroll(t.Context(), device.EnrollConfig{Dir: idDir, DeviceID: "dev-1", Token: strings.TrimSpace(tok), EST: "https://" + estAddr, Root: c.Root, Store: store, Keystore: "file"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := id.TLSCertificate()
+	lost := make(chan error, 1)
+	cl := paho.NewClient(paho.NewClientOptions().AddBroker("ssl://" + mqttAddr).SetClientID("dev-1").
+		SetTLSConfig(&tls.Config{RootCAs: id.RootPool(), Certificates: []tls.Certificate{cert}}).SetProtocolVersion(4).SetAutoReconnect(false).
+		SetConnectionLostHandler(func(_ paho.Client, err error) { lost <- err }))
+	if tk := cl.Connect(); !tk.WaitTimeout(10*time.Second) || tk.Error() != nil {
+		t.Fatalf("connect: %v", tk.Error())
+	}
+	defer cl.Disconnect(0)
+
+	resp, err := http.Get("http://" + metricsAddr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{"mqtls_connections 1", "mqtls_tls_handshake_seconds_count", "mqtls_connects_accepted_total 1", "go_goroutines"} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("/metrics lacks %q", want)
+		}
+	}
+
+	// a broken policy is refused with its line; the session keeps working
+	os.WriteFile(policyFile, []byte("rules:\n  - name: own\n    match: {cn: \"*\"}\n    publish: [\"devices/#/x\"]\n"), 0o600)
+	eventually(t, 5*time.Second, "bad policy refused", func() bool {
+		return strings.Contains(logs.String(), "policy refused") && strings.Contains(logs.String(), "line 4")
+	})
+	if tk := cl.Publish("devices/dev-1/t", 1, false, "x"); !tk.WaitTimeout(5*time.Second) || tk.Error() != nil {
+		t.Fatalf("publish after a refused reload: %v", tk.Error())
+	}
+
+	// revocation from another process
+	bin := filepath.Join(t.TempDir(), "broker")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	start := time.Now()
+	if out, err := exec.Command(bin, "revoke", "--data", data, "--device", "dev-1", "--reason", "test").CombinedOutput(); err != nil {
+		t.Fatalf("broker revoke: %v\n%s", err, out)
+	}
+	select {
+	case <-lost:
+		t.Logf("session closed %v after broker revoke returned", time.Since(start))
+	case <-time.After(2 * time.Second):
+		t.Fatal("session still open 2s after broker revoke")
+	}
+
+	cancel()
+	select {
+	case code := <-served:
+		if code != 0 {
+			t.Fatalf("serve exit %d\n%s", code, logs.String())
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("serve did not stop")
+	}
+}
