@@ -1,0 +1,33 @@
+package main
+
+import (
+	"os"
+	"testing"
+
+	"github.com/mqtls/mqtls/broker/policy"
+)
+
+// The shipped examples stay valid.
+func TestDeployExamples(t *testing.T) {
+	cfg := defaultServeConfig()
+	if err := loadServeConfig("../../deploy/broker.yaml", &cfg); err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Data != "/var/lib/mqtls" || cfg.Policy == "" || cfg.MaxWritesPending != 64 {
+		t.Fatalf("deploy/broker.yaml read as %+v", cfg)
+	}
+	data, err := os.ReadFile("../../deploy/policy.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := policy.Parse(data); err != nil {
+		t.Fatal(err)
+	}
+	bad := defaultServeConfig()
+	os.WriteFile(t.TempDir()+"/x.yaml", nil, 0o600)
+	f := t.TempDir() + "/bad.yaml"
+	os.WriteFile(f, []byte("mqtt_adr: x\n"), 0o600)
+	if err := loadServeConfig(f, &bad); err == nil {
+		t.Fatal("unknown config key accepted")
+	}
+}
