@@ -208,9 +208,9 @@ func (h *authHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 		action = "subscribe"
 		ok = perms.AllowFilter(topic)
 	default:
-		// a concrete filter or a delivery: the same question
+		// a delivery, or a filter without wildcards: the same question
 		action = "receive"
-		ok = perms.AllowFilter(topic)
+		ok = perms.Allow(topic, policy.Subscribe)
 	}
 	if !ok {
 		h.b.metrics.aclDenied.WithLabelValues(action).Inc()

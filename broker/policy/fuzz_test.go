@@ -168,3 +168,19 @@ func TestContainmentExhaustive(t *testing.T) {
 	}
 	t.Logf("%d filters, %d pairs, %d topics", len(filters), len(filters)*len(filters), len(topics))
 }
+
+// Allow (the allocation-free matcher) agrees with the oracle.
+func TestAllowMatchesOracle(t *testing.T) {
+	for _, f := range []string{"a", "a/#", "+/b", "#", "+", "$x/#", "a/+/#", "/#", "a//b", "+/+"} {
+		perms := (&policy.Policy{Rules: []policy.Rule{{Match: policy.Match{CN: "*"}, Publish: []string{f}}}}).Compile(policy.Identity{CN: "x"})
+		for _, topic := range allTopics {
+			s := strings.Join(topic, "/")
+			if !policy.ValidTopic(s) {
+				continue
+			}
+			if got, want := perms.Allow(s, policy.Publish), oracleMatch(f, topic); got != want {
+				t.Fatalf("Allow(%q) under %q = %v, oracle %v", s, f, got, want)
+			}
+		}
+	}
+}

@@ -164,9 +164,8 @@ func (p *Perms) Allow(topic string, a Access) bool {
 	if !ValidTopic(topic) {
 		return false
 	}
-	t := strings.Split(topic, "/")
 	for _, d := range p.deny {
-		if match(d, t) {
+		if matchTopic(d, topic) {
 			return false
 		}
 	}
@@ -175,7 +174,7 @@ func (p *Perms) Allow(topic string, a Access) bool {
 		grants = p.sub
 	}
 	for _, g := range grants {
-		if match(g, t) {
+		if matchTopic(g, topic) {
 			return true
 		}
 	}

@@ -44,6 +44,29 @@ func Matches(f, t string) bool {
 	return match(strings.Split(f, "/"), strings.Split(t, "/"))
 }
 
+// matchTopic is match for an unsplit topic, without allocating: the hot
+// path of every publish and delivery.
+func matchTopic(f []string, topic string) bool {
+	if len(f) > 0 && (f[0] == "+" || f[0] == "#") && strings.HasPrefix(topic, "$") {
+		return false
+	}
+	rest, more := topic, true
+	for _, l := range f {
+		if l == "#" {
+			return true
+		}
+		if !more {
+			return false
+		}
+		var level string
+		level, rest, more = strings.Cut(rest, "/")
+		if l != "+" && l != level {
+			return false
+		}
+	}
+	return !more
+}
+
 func match(f, t []string) bool {
 	if len(t) > 0 && strings.HasPrefix(t[0], "$") && len(f) > 0 && (f[0] == "+" || f[0] == "#") {
 		return false
