@@ -38,9 +38,9 @@ var (
 	ErrExpired        = errors.New("device: certificate expired")
 )
 
-// Config is identity.json: what renewal and the commands need to find the
-// key and the CA again. It holds no secret.
-type Config struct {
+// IdentityConfig is identity.json: what renewal and the commands need to
+// find the key and the CA again. It holds no secret.
+type IdentityConfig struct {
 	DeviceID string `json:"device_id"`
 	Keystore string `json:"keystore"` // keystore URI
 	EST      string `json:"est,omitempty"`
@@ -49,7 +49,7 @@ type Config struct {
 // Identity is a device's certificate chain, pinned root and key.
 type Identity struct {
 	Dir    string
-	Config Config
+	Config IdentityConfig
 	Chain  []*x509.Certificate // leaf first, without the root
 	Root   *x509.Certificate
 	Signer crypto.Signer
@@ -76,17 +76,17 @@ func (id *Identity) RootPool() *x509.CertPool {
 
 // ReadConfig reads dir/identity.json. A directory without it yields
 // ErrNoIdentity.
-func ReadConfig(dir string) (Config, error) {
+func ReadConfig(dir string) (IdentityConfig, error) {
 	data, err := os.ReadFile(filepath.Join(dir, ConfigFile))
 	if errors.Is(err, fs.ErrNotExist) {
-		return Config{}, fmt.Errorf("%w in %s (no %s: run devsim enroll first)", ErrNoIdentity, dir, ConfigFile)
+		return IdentityConfig{}, fmt.Errorf("%w in %s (no %s: run devsim enroll first)", ErrNoIdentity, dir, ConfigFile)
 	}
 	if err != nil {
-		return Config{}, fmt.Errorf("device: %w", err)
+		return IdentityConfig{}, fmt.Errorf("device: %w", err)
 	}
-	var c Config
+	var c IdentityConfig
 	if err := json.Unmarshal(data, &c); err != nil {
-		return Config{}, fmt.Errorf("device: %s: %w", filepath.Join(dir, ConfigFile), err)
+		return IdentityConfig{}, fmt.Errorf("device: %s: %w", filepath.Join(dir, ConfigFile), err)
 	}
 	return c, nil
 }
@@ -191,7 +191,7 @@ func Enroll(ctx context.Context, cfg EnrollConfig) (*Identity, error) {
 		return nil, err
 	}
 	defer root.Close()
-	conf := Config{DeviceID: cfg.DeviceID, Keystore: cfg.Keystore, EST: cfg.EST}
+	conf := IdentityConfig{DeviceID: cfg.DeviceID, Keystore: cfg.Keystore, EST: cfg.EST}
 	if old, err := ReadConfig(cfg.Dir); err == nil && old.DeviceID != cfg.DeviceID {
 		return nil, fmt.Errorf("device: %s holds an unfinished enrollment of %q, not %q", cfg.Dir, old.DeviceID, cfg.DeviceID)
 	}

@@ -12,6 +12,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"testing"
@@ -33,17 +34,15 @@ type Env struct {
 	Broker   *broker.Broker
 	Metrics  *prometheus.Registry
 	Addr     string // 127.0.0.1:PORT
+	cfg      broker.Config
 }
 
-// Start runs a broker until the test ends; tweak adjusts its config.
+// Start runs a broker with a fresh PKI until the test ends; tweak adjusts
+// its config.
 func Start(t testing.TB, tweak func(*broker.Config)) *Env {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "data")
 	if err := ca.Init(dir, ca.InitConfig{}); err != nil {
-		t.Fatal(err)
-	}
-	c, err := ca.Load(dir)
-	if err != nil {
 		t.Fatal(err)
 	}
 	reg, err := registry.Open(filepath.Join(dir, "registry.db"))
@@ -51,6 +50,17 @@ func Start(t testing.TB, tweak func(*broker.Config)) *Env {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { reg.Close() })
+	return StartOn(t, dir, reg, tweak)
+}
+
+// StartOn runs a broker over an existing data directory and registry (for
+// example an esttest.Env's, so devices enroll over EST and then connect).
+func StartOn(t testing.TB, dir string, reg *registry.Registry, tweak func(*broker.Config)) *Env {
+	t.Helper()
+	c, err := ca.Load(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
 	srv, err := c.ServerCertificate()
 	if err != nil {
 		t.Fatal(err)
@@ -71,8 +81,39 @@ func Start(t testing.TB, tweak func(*broker.Config)) *Env {
 	if err := b.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { b.Close() })
-	return &Env{Dir: dir, CA: c, Registry: reg, Broker: b, Metrics: m, Addr: b.Addr().String()}
+	env := &Env{Dir: dir, CA: c, Registry: reg, Broker: b, Metrics: m, Addr: b.Addr().String(), cfg: cfg}
+	t.Cleanup(func() { env.Broker.Close() })
+	return env
+}
+
+// Stop closes the broker (clients see the connection drop).
+func (e *Env) Stop() { e.Broker.Close() }
+
+// Restart starts a new broker on the same address after Stop (sessions
+// are gone, as after a real restart).
+func (e *Env) Restart(t testing.TB) {
+	t.Helper()
+	cfg := e.cfg
+	cfg.Metrics = prometheus.NewRegistry()
+	var ln net.Listener
+	var err error
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if ln, err = net.Listen("tcp", e.Addr); err == nil || time.Now().After(deadline) {
+			break
+		}
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Listener = ln
+	b, err := broker.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Start(); err != nil {
+		t.Fatal(err)
+	}
+	e.Broker, e.Metrics = b, cfg.Metrics.(*prometheus.Registry)
 }
 
 // Device is an issued identity.

@@ -376,9 +376,11 @@ func (c *CA) IssueDevice(pub crypto.PublicKey, deviceID string, groups []string,
 		validity = DefaultDeviceValidity
 	}
 	now := time.Now()
+	// Backdate for clock skew, but by no more than a tenth of the lifetime:
+	// renewal is scheduled on NotBefore..NotAfter.
 	return create(&x509.Certificate{
 		Subject:               pkix.Name{CommonName: deviceID, OrganizationalUnit: groups},
-		NotBefore:             now.Add(-backdate),
+		NotBefore:             now.Add(-min(backdate, validity/10)),
 		NotAfter:              minTime(now.Add(validity), c.Issuing.NotAfter),
 		KeyUsage:              x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
