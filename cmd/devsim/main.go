@@ -28,6 +28,8 @@ const usage = `usage: devsim <command> [flags]
 commands:
   enroll  create a device identity: key in a keystore, certificate over EST
   renew   renew an identity's certificate over EST (optionally with a new key)
+  pub     publish one message with an identity (like mosquitto_pub)
+  sub     subscribe with an identity and print "topic payload" lines (like mosquitto_sub)
   demo    broker, CA, registry and devices in one process (not built yet)
 
 Keystore URIs (--keystore): ` + keystore.URIForms + `
@@ -39,6 +41,8 @@ type command func(ctx context.Context, args []string, stdout, stderr io.Writer) 
 var commands = map[string]command{
 	"enroll": cmdEnroll,
 	"renew":  cmdRenew,
+	"pub":    cmdPub,
+	"sub":    cmdSub,
 	"demo": func(context.Context, []string, io.Writer, io.Writer) error {
 		return errors.New("not built yet: it arrives with the broker and the device SDK (see README, Status)")
 	},
