@@ -61,6 +61,9 @@ type Config struct {
 	ServerName string
 	// MinTLS is the lowest TLS version offered (default TLS 1.3).
 	MinTLS uint16
+	// LocalAddr, if set, is the local address to connect from (simulators
+	// spread thousands of clients over 127.0.0.x source addresses).
+	LocalAddr *net.TCPAddr
 	// KeepAlive (default 60s), ConnectTimeout (default 15s).
 	KeepAlive, ConnectTimeout time.Duration
 	// Reconnect backoff: full jitter over [0, min(MaxBackoff, MinBackoff·2^n)]
@@ -247,6 +250,9 @@ func (c *Client) tlsConfig() *tls.Config {
 // for classification.
 func (c *Client) dial(_ *url.URL, _ paho.ClientOptions) (net.Conn, error) {
 	d := &net.Dialer{Timeout: c.cfg.ConnectTimeout}
+	if c.cfg.LocalAddr != nil {
+		d.LocalAddr = c.cfg.LocalAddr
+	}
 	conn, err := tls.DialWithDialer(d, "tcp", c.host, c.tlsConfig())
 	c.mu.Lock()
 	c.lastDial = err
