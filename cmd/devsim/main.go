@@ -30,6 +30,7 @@ commands:
   renew   renew an identity's certificate over EST (optionally with a new key)
   pub     publish one message with an identity (like mosquitto_pub)
   sub     subscribe with an identity and print "topic payload" lines (like mosquitto_sub)
+  run     simulate a fleet: enroll N devices over EST, connect, publish, report
   demo    broker, CA, registry and devices in one process (not built yet)
 
 Keystore URIs (--keystore): ` + keystore.URIForms + `
@@ -42,6 +43,7 @@ var commands = map[string]command{
 	"enroll": cmdEnroll,
 	"renew":  cmdRenew,
 	"pub":    cmdPub,
+	"run":    cmdRun,
 	"sub":    cmdSub,
 	"demo": func(context.Context, []string, io.Writer, io.Writer) error {
 		return errors.New("not built yet: it arrives with the broker and the device SDK (see README, Status)")

@@ -1,0 +1,107 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mqtls/mqtls/sim"
+)
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// startBrokerServe builds cmd/broker, initialises a data directory, mints
+// n tokens and runs `broker serve` until the test ends.
+func startBrokerServe(t *testing.T, n int) (data, mqtt, est, tokens string, pid int) {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "broker")
+	if out, err := exec.Command("go", "build", "-o", bin, "../broker").CombinedOutput(); err != nil {
+		t.Fatalf("build broker: %v\n%s", err, out)
+	}
+	data = filepath.Join(t.TempDir(), "data")
+	if out, err := exec.Command(bin, "init", "--data", data).CombinedOutput(); err != nil {
+		t.Fatalf("init: %v\n%s", err, out)
+	}
+	out, err := exec.Command(bin, "token", "--data", data, "--count", strconv.Itoa(n), "--prefix", "sim").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tokens = filepath.Join(t.TempDir(), "tokens")
+	os.WriteFile(tokens, out, 0o600)
+	mqtt, est = freeAddr(t), freeAddr(t)
+	cmd := exec.Command(bin, "serve", "--data", data, "--mqtt-addr", mqtt, "--est-addr", est, "--metrics-addr", "", "--log-level", "warn")
+	stderr, _ := cmd.StderrPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Signal(os.Interrupt); cmd.Wait() })
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			t.Log("broker: " + sc.Text())
+		}
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if c, err := net.Dial("tcp", est); err == nil {
+			c.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("broker serve did not start")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return data, mqtt, est, tokens, cmd.Process.Pid
+}
+
+func TestRun300(t *testing.T) {
+	data, mqtt, est, tokens, pid := startBrokerServe(t, 300)
+	dir := t.TempDir()
+	jsonFile, htmlFile := filepath.Join(dir, "r.json"), filepath.Join(dir, "r.html")
+	out, errs, code := devsim(t, "run", "--broker", "mqtts://"+mqtt, "--est", "https://"+est, "--ca", filepath.Join(data, "ca/root.crt"),
+		"--tokens", tokens, "--devices", "300", "--connect-rate", "500", "--interval", "500ms", "--duration", "3s",
+		"--server-pid", strconv.Itoa(pid), "--json", jsonFile, "--html", htmlFile)
+	t.Logf("stdout:\n%s", out)
+	if code != 0 {
+		t.Fatalf("devsim run: exit %d\n%s", code, errs)
+	}
+	var rep sim.Report
+	raw, _ := os.ReadFile(jsonFile)
+	if err := json.Unmarshal(raw, &rep); err != nil {
+		t.Fatal(err)
+	}
+	if rep.Devices != 300 || rep.Connected != 300 || len(rep.Errors) != 0 {
+		t.Fatalf("report: devices %d connected %d errors %v", rep.Devices, rep.Connected, rep.Errors)
+	}
+	if rep.MessagesSent < 300*3 || rep.MessagesReceived == 0 || rep.E2EMS.N == 0 || rep.ConnectMS.N != 300 || rep.ConnectRate <= 0 {
+		t.Fatalf("report lacks traffic: %+v", rep)
+	}
+	if rep.Server == nil || rep.Server.CPUPerConnect <= 0 || rep.Server.RSSIdleKB <= 0 {
+		t.Fatalf("server stats: %+v", rep.Server)
+	}
+	for _, key := range []string{`"devices"`, `"connected"`, `"errors"`, `"connect_rate_per_s"`, `"connect_ms"`, `"e2e_ms"`, `"p50"`, `"p90"`, `"p99"`, `"max"`, `"messages_sent"`, `"messages_received"`} {
+		if !strings.Contains(string(raw), key) {
+			t.Errorf("JSON lacks %s", key)
+		}
+	}
+	html, _ := os.ReadFile(htmlFile)
+	if strings.Count(string(html), "<svg") != 3 || strings.Contains(string(html), "<script src") {
+		t.Errorf("HTML report: want 3 inline SVG plots and no external resources")
+	}
+}
