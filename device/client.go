@@ -83,7 +83,8 @@ type Config struct {
 	// DisableRenewal turns it off.
 	RenewAt, RenewJitter float64
 	DisableRenewal       bool
-	// Callbacks (optional, called from the client's goroutines).
+	// Callbacks (optional, called from the client's goroutines; they must
+	// not block).
 	OnConnectionLost func(error)
 	OnReconnected    func()
 	OnRenewed        func(leaf *x509.Certificate)
@@ -364,9 +365,10 @@ func (c *Client) supervise() {
 				c.cfg.OnConnectionLost(err)
 			}
 		case <-c.wake:
-			// renewal: reconnect now with the new certificate
-			c.paho.Disconnect(250)
+			// renewal: reconnect now with the new certificate; publishes
+			// made meanwhile go to the offline queue
 			c.setState(StateDisconnected)
+			c.paho.Disconnect(250)
 		}
 		if !c.reconnect() {
 			return
@@ -462,8 +464,20 @@ func (c *Client) Publish(ctx context.Context, topic string, payload []byte, qos 
 	var err error
 	select {
 	case <-tok.Done():
-		if err = tok.Error(); err == nil || qos == 0 {
+		err = tok.Error()
+		if errors.Is(err, paho.ErrNotConnected) { // lost between our state check and paho's
+			if qos == 0 {
+				return ErrOffline
+			}
+			return c.queue.push(message{Topic: topic, Payload: payload, Retain: retain})
+		}
+		if err == nil || qos == 0 {
 			return err
+		}
+		// Our own disconnect (renewal) ended the connection: paho keeps the
+		// message in its store and resends it on the reconnect.
+		if strings.Contains(err.Error(), "connection lost before Publish completed") && !c.cfg.CleanSession {
+			return nil
 		}
 	case <-ctx.Done():
 		return fmt.Errorf("%w: %w", ErrTimeout, ctx.Err())

@@ -1,0 +1,29 @@
+package main
+
+import (
+	"context"
+	"io"
+	"path/filepath"
+
+	"github.com/mqtls/mqtls/cmd/internal/keystores"
+	"github.com/mqtls/mqtls/keystore"
+	"github.com/mqtls/mqtls/sim"
+)
+
+func cmdDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("demo", stderr)
+	devices := fs.Int("devices", 20, "devices to enroll (one with a TPM-simulator key)")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	return sim.Demo(ctx, sim.DemoConfig{Out: stdout, Devices: *devices, OpenTPMSim: openTPMSim})
+}
+
+// openTPMSim opens the in-process TPM simulator (its seed next to the key).
+func openTPMSim(ctx context.Context, dir string) (keystore.Store, io.Closer, error) {
+	s, err := keystores.Open(ctx, keystore.URI{Kind: keystore.KindTPMSim, Path: filepath.Join(dir, "tpmsim")}, dir)
+	if err != nil {
+		return nil, nil, err
+	}
+	return s, s, nil
+}
