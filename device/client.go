@@ -61,6 +61,9 @@ type Config struct {
 	ServerName string
 	// MinTLS is the lowest TLS version offered (default TLS 1.3).
 	MinTLS uint16
+	// CurvePreferences, if set, restricts the TLS key exchange groups
+	// (default: Go's, hybrid post-quantum first).
+	CurvePreferences []tls.CurveID
 	// LocalAddr, if set, is the local address to connect from (simulators
 	// spread thousands of clients over 127.0.0.x source addresses).
 	LocalAddr *net.TCPAddr
@@ -240,6 +243,7 @@ func (c *Client) tlsConfig() *tls.Config {
 		RootCAs:            c.id.Load().RootPool(),
 		ServerName:         c.cfg.ServerName,
 		MinVersion:         c.cfg.MinTLS,
+		CurvePreferences:   c.cfg.CurvePreferences,
 		ClientSessionCache: c.cache,
 		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
 			return c.cert.Load(), nil

@@ -33,7 +33,10 @@ type Config struct {
 	Broker string            // mqtts://HOST:PORT (required)
 	EST    string            // https://HOST:PORT (required)
 	Root   *x509.Certificate // pinned root (required)
-	Tokens []Token           // one per device (required, at least Devices)
+	Tokens []Token           // one per device (required, at least Devices, unless Identities)
+	// Identities, if set, are used instead of enrolling (see Enroll): the
+	// same certificates against several brokers.
+	Identities []*device.Identity
 	// Devices to simulate (default: all tokens).
 	Devices int
 	// Store holds the device keys (default: a memory store). Keys are
@@ -46,8 +49,11 @@ type Config struct {
 	// Interval between two publishes of one device (default 10s; 0 with
 	// NoTraffic); QoS 0 or 1 (default 1); PayloadSize bytes (min and
 	// default 16).
-	Interval    time.Duration
-	NoTraffic   bool
+	Interval  time.Duration
+	NoTraffic bool
+	// Flood: every device publishes back to back (waiting for each PUBACK
+	// at QoS 1) instead of every Interval - a throughput test.
+	Flood       bool
 	QoS         byte
 	PayloadSize int
 	// Sample devices subscribe to their own telemetry to measure latency
@@ -159,11 +165,15 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	if cfg.Broker == "" || cfg.EST == "" || cfg.Root == nil {
 		return nil, errors.New("sim: Broker, EST and Root are required")
 	}
-	if cfg.Devices == 0 {
-		cfg.Devices = len(cfg.Tokens)
+	have := len(cfg.Tokens)
+	if cfg.Identities != nil {
+		have = len(cfg.Identities)
 	}
-	if cfg.Devices <= 0 || len(cfg.Tokens) < cfg.Devices {
-		return nil, fmt.Errorf("sim: %d devices need as many tokens, have %d", cfg.Devices, len(cfg.Tokens))
+	if cfg.Devices == 0 {
+		cfg.Devices = have
+	}
+	if cfg.Devices <= 0 || have < cfg.Devices {
+		return nil, fmt.Errorf("sim: %d devices need as many tokens or identities, have %d", cfg.Devices, have)
 	}
 	if cfg.Store == nil {
 		cfg.Store = keystore.NewMemory()
@@ -200,7 +210,13 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 
 	// 1. enroll
 	t0 := time.Now()
-	ids := r.enrollAll(ctx)
+	var ids []*device.Identity
+	if cfg.Identities != nil {
+		ids = cfg.Identities[:cfg.Devices]
+		r.enrolled.Store(int64(cfg.Devices))
+	} else {
+		ids = r.enrollAll(ctx)
+	}
 	rep.EnrollSeconds = time.Since(t0).Seconds()
 	rep.Enrolled = int(r.enrolled.Load())
 
@@ -272,6 +288,27 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	rep.Timeline = r.timeline
 	r.mu.Unlock()
 	return rep, nil
+}
+
+// Enroll enrolls the devices of cfg (Tokens, Devices, Store, EST, Root)
+// and returns their identities, for runs against several brokers with the
+// same certificates. Devices that failed are nil; the error counts them.
+func Enroll(ctx context.Context, cfg Config) ([]*device.Identity, error) {
+	if cfg.Devices == 0 || cfg.Devices > len(cfg.Tokens) {
+		cfg.Devices = len(cfg.Tokens)
+	}
+	if cfg.Store == nil {
+		cfg.Store = keystore.NewMemory()
+	}
+	if cfg.EnrollWorkers == 0 {
+		cfg.EnrollWorkers = 16
+	}
+	r := &runner{cfg: cfg, errors: map[string]int{}}
+	ids := r.enrollAll(ctx)
+	if n := int(r.enrolled.Load()); n != cfg.Devices {
+		return ids, fmt.Errorf("sim: %d of %d enrollments failed: %v", cfg.Devices-n, cfg.Devices, r.errors)
+	}
+	return ids, nil
 }
 
 // fail counts an error by cause.
@@ -443,6 +480,9 @@ func (r *runner) traffic(ctx context.Context, clients []*device.Client, ids []*d
 		wg.Go(func() {
 			// spread the first publish over one interval
 			offset := time.Duration(int64(i) * int64(r.cfg.Interval) / int64(len(clients)))
+			if r.cfg.Flood {
+				offset = 0
+			}
 			timer := time.NewTimer(offset)
 			defer timer.Stop()
 			payload := make([]byte, r.cfg.PayloadSize)
@@ -464,7 +504,11 @@ func (r *runner) traffic(ctx context.Context, clients []*device.Client, ids []*d
 				default:
 					r.fail("publish", err)
 				}
-				timer.Reset(r.cfg.Interval)
+				if r.cfg.Flood {
+					timer.Reset(0)
+				} else {
+					timer.Reset(r.cfg.Interval)
+				}
 			}
 		})
 	}

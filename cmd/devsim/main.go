@@ -31,6 +31,7 @@ commands:
   pub     publish one message with an identity (like mosquitto_pub)
   sub     subscribe with an identity and print "topic payload" lines (like mosquitto_sub)
   run     simulate a fleet: enroll N devices over EST, connect, publish, report
+  bench   the same scenario against broker serve and mosquitto, with ratios
   demo    broker, CA, EST, registry and devices in one process: the whole system in ~15 s
 
 Keystore URIs (--keystore): ` + keystore.URIForms + `
@@ -44,6 +45,7 @@ var commands = map[string]command{
 	"renew":  cmdRenew,
 	"pub":    cmdPub,
 	"run":    cmdRun,
+	"bench":  cmdBench,
 	"sub":    cmdSub,
 	"demo":   cmdDemo,
 }
