@@ -32,6 +32,9 @@ func Require(t testing.TB, program string) string {
 	if err == nil {
 		return path
 	}
+	if _, err := os.Stat("/usr/sbin/" + program); err == nil { // mosquitto, for users without sbin in PATH
+		return "/usr/sbin/" + program
+	}
 	pkg := packages[program]
 	if pkg == "" {
 		pkg = program
