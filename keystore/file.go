@@ -152,18 +152,29 @@ func (s *FileStore) Signer(ctx context.Context, name string) (crypto.Signer, err
 
 // List implements [Store].
 func (s *FileStore) List(ctx context.Context) ([]string, error) {
-	d, err := s.root.Open(".")
+	return ListFiles(s.root, s.dir, KeyFileExt)
+}
+
+// Delete implements [Store].
+func (s *FileStore) Delete(ctx context.Context, name string) error {
+	return DeleteFile(s.root, s.dir, name, KeyFileExt)
+}
+
+// ListFiles lists the keys of a backend that keeps one file NAME+ext per
+// key in the directory dir (opened as root), sorted.
+func ListFiles(root *os.Root, dir, ext string) ([]string, error) {
+	d, err := root.Open(".")
 	if err != nil {
 		return nil, fmt.Errorf("keystore: %w", err)
 	}
 	defer d.Close()
 	entries, err := d.ReadDir(-1)
 	if err != nil {
-		return nil, fmt.Errorf("keystore: list %s: %w", s.dir, err)
+		return nil, fmt.Errorf("keystore: list %s: %w", dir, err)
 	}
 	var names []string
 	for _, e := range entries {
-		name, ok := strings.CutSuffix(e.Name(), KeyFileExt)
+		name, ok := strings.CutSuffix(e.Name(), ext)
 		if ok && e.Type().IsRegular() && CheckName(name) == nil {
 			names = append(names, name)
 		}
@@ -172,14 +183,14 @@ func (s *FileStore) List(ctx context.Context) ([]string, error) {
 	return names, nil
 }
 
-// Delete implements [Store].
-func (s *FileStore) Delete(ctx context.Context, name string) error {
+// DeleteFile removes the key file NAME+ext, or returns [ErrNotFound].
+func DeleteFile(root *os.Root, dir, name, ext string) error {
 	if err := CheckName(name); err != nil {
 		return err
 	}
-	err := s.root.Remove(name + KeyFileExt)
+	err := root.Remove(name + ext)
 	if errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("%w: %s", ErrNotFound, s.Path(name))
+		return fmt.Errorf("%w: %s", ErrNotFound, filepath.Join(dir, name+ext))
 	}
 	if err != nil {
 		return fmt.Errorf("keystore: delete: %w", err)

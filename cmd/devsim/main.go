@@ -1,18 +1,17 @@
-// Command devsim is the device side of mqtls: it enrolls device identities
-// and renews them (and, later, publishes, subscribes and simulates fleets).
+// Command devsim is the device side of mqtls: it enrolls and renews device
+// identities, publishes and subscribes with them, simulates fleets, runs
+// the demo and the side-by-side benchmark.
 package main
 
 import (
 	"context"
-	"errors"
 	"flag"
-	"fmt"
 	"io"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 
+	"github.com/mqtls/mqtls/cmd/internal/cli"
 	"github.com/mqtls/mqtls/keystore"
 )
 
@@ -38,9 +37,7 @@ Keystore URIs (--keystore): ` + keystore.URIForms + `
 Run "devsim <command> -h" for its flags.
 `
 
-type command func(ctx context.Context, args []string, stdout, stderr io.Writer) error
-
-var commands = map[string]command{
+var commands = map[string]cli.Command{
 	"enroll": cmdEnroll,
 	"renew":  cmdRenew,
 	"pub":    cmdPub,
@@ -52,50 +49,13 @@ var commands = map[string]command{
 
 // run is main without the process: it returns the exit code.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
-		fmt.Fprint(stdout, usage)
-		return 0
-	}
-	cmd, ok := commands[args[0]]
-	if !ok {
-		fmt.Fprintf(stderr, "devsim: unknown command %q\n%s", args[0], usage)
-		return 2
-	}
-	err := cmd(ctx, args[1:], stdout, stderr)
-	switch {
-	case err == nil:
-		return 0
-	case errors.Is(err, flag.ErrHelp):
-		return 0
-	case errors.Is(err, errUsage):
-		fmt.Fprintf(stderr, "devsim %s: %v\n", args[0], err)
-		return 2
-	}
-	fmt.Fprintf(stderr, "devsim %s: %v\n", args[0], err)
-	return 1
+	return cli.Run(ctx, "devsim", usage, commands, args, stdout, stderr)
 }
 
-var errUsage = errors.New("usage")
-
-func usageErr(format string, a ...any) error {
-	return fmt.Errorf("%w: %s", errUsage, fmt.Sprintf(format, a...))
-}
+func usageErr(format string, a ...any) error { return cli.Usagef(format, a...) }
 
 func newFlags(name string, stderr io.Writer) *flag.FlagSet {
-	fs := flag.NewFlagSet("devsim "+name, flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	return fs
+	return cli.NewFlags("devsim "+name, stderr)
 }
 
-func parse(fs *flag.FlagSet, args []string) error {
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return fmt.Errorf("%w: %v", errUsage, err)
-	}
-	if fs.NArg() > 0 {
-		return usageErr("unexpected arguments: %s", strings.Join(fs.Args(), " "))
-	}
-	return nil
-}
+func parse(fs *flag.FlagSet, args []string) error { return cli.Parse(fs, args) }

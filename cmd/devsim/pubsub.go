@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/mqtls/mqtls/cmd/internal/cli"
 	"github.com/mqtls/mqtls/cmd/internal/keystores"
 	"github.com/mqtls/mqtls/device"
 	"github.com/mqtls/mqtls/keystore"
@@ -96,11 +97,7 @@ func cmdPub(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	return c.Publish(pctx, *topic, payload, byte(*qos), *retain)
 }
 
-func isSet(fs *flag.FlagSet, name string) bool {
-	set := false
-	fs.Visit(func(f *flag.Flag) { set = set || f.Name == name })
-	return set
-}
+func isSet(fs *flag.FlagSet, name string) bool { return cli.IsSet(fs, name) }
 
 func cmdSub(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("sub", stderr)

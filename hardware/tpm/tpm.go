@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -250,40 +249,13 @@ func (s *Store) Signer(ctx context.Context, name string) (crypto.Signer, error) 
 
 // List implements [keystore.Store].
 func (s *Store) List(ctx context.Context) ([]string, error) {
-	d, err := s.root.Open(".")
-	if err != nil {
-		return nil, fmt.Errorf("tpm: %w", err)
-	}
-	defer d.Close()
-	entries, err := d.ReadDir(-1)
-	if err != nil {
-		return nil, fmt.Errorf("tpm: list %s: %w", s.dir, err)
-	}
-	var names []string
-	for _, e := range entries {
-		name, ok := strings.CutSuffix(e.Name(), KeyFileExt)
-		if ok && e.Type().IsRegular() && keystore.CheckName(name) == nil {
-			names = append(names, name)
-		}
-	}
-	slices.Sort(names)
-	return names, nil
+	return keystore.ListFiles(s.root, s.dir, KeyFileExt)
 }
 
 // Delete implements [keystore.Store]. The TPM holds nothing for the key, so
 // removing the blob destroys it.
 func (s *Store) Delete(ctx context.Context, name string) error {
-	if err := keystore.CheckName(name); err != nil {
-		return err
-	}
-	err := s.root.Remove(name + KeyFileExt)
-	if errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("%w: %s", keystore.ErrNotFound, s.Path(name))
-	}
-	if err != nil {
-		return fmt.Errorf("tpm: delete: %w", err)
-	}
-	return nil
+	return keystore.DeleteFile(s.root, s.dir, name, KeyFileExt)
 }
 
 // do runs f with exclusive use of the TPM.

@@ -376,7 +376,7 @@ func insertCert(ctx context.Context, tx *sql.Tx, now time.Time, c Cert) error {
 
 // Certificate returns the record of serial, or ErrNotFound.
 func (r *Registry) Certificate(ctx context.Context, serial string) (Cert, error) {
-	row := r.db.QueryRowContext(ctx, `SELECT serial, device_id, spki_sha256, not_before, not_after, issued_at, status, revoked_at, revocation_reason FROM certificates WHERE serial = ?`, serial)
+	row := r.db.QueryRowContext(ctx, certColumns+`WHERE serial = ?`, serial)
 	c, err := scanCert(row)
 	if errors.Is(err, sql.ErrNoRows) {
 		return Cert{}, fmt.Errorf("%w: certificate %s", ErrNotFound, serial)
@@ -386,7 +386,13 @@ func (r *Registry) Certificate(ctx context.Context, serial string) (Cert, error)
 
 // Certificates returns every certificate of deviceID, newest first.
 func (r *Registry) Certificates(ctx context.Context, deviceID string) ([]Cert, error) {
-	rows, err := r.db.QueryContext(ctx, `SELECT serial, device_id, spki_sha256, not_before, not_after, issued_at, status, revoked_at, revocation_reason FROM certificates WHERE device_id = ? ORDER BY issued_at DESC`, deviceID)
+	return r.certs(ctx, `WHERE device_id = ? ORDER BY issued_at DESC`, deviceID)
+}
+
+const certColumns = `SELECT serial, device_id, spki_sha256, not_before, not_after, issued_at, status, revoked_at, revocation_reason FROM certificates `
+
+func (r *Registry) certs(ctx context.Context, where string, args ...any) ([]Cert, error) {
+	rows, err := r.db.QueryContext(ctx, certColumns+where, args...)
 	if err != nil {
 		return nil, fmt.Errorf("registry: %w", err)
 	}
@@ -460,20 +466,7 @@ func (r *Registry) Revoke(ctx context.Context, deviceID, reason string) (int, er
 // RevokedSince returns the certificates revoked at or after t, oldest
 // revocation first (for polling).
 func (r *Registry) RevokedSince(ctx context.Context, t time.Time) ([]Cert, error) {
-	rows, err := r.db.QueryContext(ctx, `SELECT serial, device_id, spki_sha256, not_before, not_after, issued_at, status, revoked_at, revocation_reason FROM certificates WHERE revoked_at >= ? ORDER BY revoked_at`, t.UnixMilli())
-	if err != nil {
-		return nil, fmt.Errorf("registry: %w", err)
-	}
-	defer rows.Close()
-	var out []Cert
-	for rows.Next() {
-		c, err := scanCert(rows)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, c)
-	}
-	return out, rows.Err()
+	return r.certs(ctx, `WHERE revoked_at >= ? ORDER BY revoked_at`, t.UnixMilli())
 }
 
 // Device is a registry entry.
