@@ -1,0 +1,41 @@
+package sim
+
+import (
+	"strings"
+	"testing"
+)
+
+func TestPercentiles(t *testing.T) {
+	var v []float64
+	for i := 1; i <= 1000; i++ {
+		v = append(v, float64(i))
+	}
+	p := percentiles(v)
+	if p.P50 != 501 || p.P90 != 901 || p.P99 != 991 || p.Max != 1000 || p.N != 1000 {
+		t.Fatalf("percentiles = %+v", p)
+	}
+	if (percentiles(nil) != Percentiles{}) {
+		t.Fatal("empty input")
+	}
+	h := histogram(v, 10)
+	total := 0
+	for _, b := range h {
+		total += b.Count
+	}
+	if len(h) != 10 || total != 1000 || h[9].To != 1000 {
+		t.Fatalf("histogram = %+v", h)
+	}
+}
+
+func TestHTMLSelfContained(t *testing.T) {
+	r := &Report{Devices: 2, Connected: 2, Errors: map[string]int{"connect: <x>": 1},
+		Timeline: []Point{{0, 0}, {1, 2}}, ConnectHistogram: histogram([]float64{1, 2}, 2), E2EHistogram: histogram([]float64{0.5}, 2)}
+	var b strings.Builder
+	if err := WriteHTML(&b, r); err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	if strings.Count(out, "<svg") != 3 || strings.Contains(out, "<x>") || strings.Contains(out, "src=") || strings.Contains(out, "href=") {
+		t.Fatal("HTML report is not self-contained or does not escape error text")
+	}
+}
