@@ -78,9 +78,11 @@ type Broker struct {
 	sessions map[*mqtt.Client]*session
 	bySerial map[string]map[*mqtt.Client]*session
 
-	revoked *revocations
-	stop    chan struct{}
-	wg      sync.WaitGroup
+	revoked   *revocations
+	stop      chan struct{}
+	closeOnce sync.Once
+	closeErr  error
+	wg        sync.WaitGroup
 }
 
 // New validates cfg and builds the broker (not yet listening).
@@ -217,12 +219,14 @@ func (b *Broker) Start() error {
 func (b *Broker) Addr() net.Addr { return b.ln.Addr() }
 
 // Close stops accepting, disconnects every client and stops background
-// work.
+// work. It may be called more than once.
 func (b *Broker) Close() error {
-	close(b.stop)
-	err := b.mochi.Close()
-	b.wg.Wait()
-	return err
+	b.closeOnce.Do(func() {
+		close(b.stop)
+		b.closeErr = b.mochi.Close()
+		b.wg.Wait()
+	})
+	return b.closeErr
 }
 
 // SetPolicy replaces the policy. Connected clients are re-evaluated at

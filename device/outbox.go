@@ -24,8 +24,9 @@ type message struct {
 
 // outbox is the bounded offline queue. With a file, every push is appended
 // and fsynced before it returns, and the file is rewritten atomically as
-// messages are acknowledged; a torn last record (crash mid-append) is
-// ignored on load.
+// messages are acknowledged (every 16 acknowledgements and when empty, so
+// a crash may resend up to 15 acknowledged messages: at least once); a
+// torn last record (crash mid-append) is ignored on load.
 type outbox struct {
 	mu    sync.Mutex
 	max   int
@@ -142,7 +143,7 @@ func (o *outbox) pop() error {
 		return nil
 	}
 	o.dirty++
-	if len(o.msgs) == 0 || o.dirty >= 64 {
+	if len(o.msgs) == 0 || o.dirty >= 16 {
 		return o.rewrite()
 	}
 	return nil
