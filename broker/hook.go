@@ -2,9 +2,11 @@ package broker
 
 import (
 	"bytes"
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -178,7 +180,9 @@ func (b *Broker) register(s *session) {
 	s.expiry = time.AfterFunc(time.Until(s.notAfter), func() { b.disconnect(s, "certificate expired") })
 	b.metrics.connections.Inc()
 	b.metrics.accepted.Inc()
-	b.log.Info("connected", "cn", s.id.CN, "serial", s.serial, "remote", s.remote, "rules", strings.Join(s.perms().Rules(), ","))
+	if b.log.Enabled(context.Background(), slog.LevelInfo) {
+		b.log.Info("connected", "cn", s.id.CN, "serial", s.serial, "remote", s.remote, "rules", strings.Join(s.perms().Rules(), ","))
+	}
 }
 
 func (h *authHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {

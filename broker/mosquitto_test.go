@@ -73,6 +73,15 @@ func TestMosquittoClients(t *testing.T) {
 				}
 			}
 
+			if v == "5" {
+				// mosquitto_pub accepts the PUBACK to a publish with properties
+				// (the reason code itself is checked in TestV5PubackWithProperties)
+				out, code := mosq(t, env, a, "mosquitto_pub", "-V", v, "-q", "1", "-t", "devices/dev-a/props", "-m", "p", "-D", "publish", "user-property", "k", "v")
+				if code != 0 || strings.Contains(out, "failed") {
+					t.Fatalf("v5 publish with properties: exit %d %q", code, out)
+				}
+			}
+
 			// a publish into dev-b's namespace is refused and never delivered
 			got := make(chan string, 1)
 			go func() {
