@@ -78,10 +78,9 @@ func (l *listener) handle(conn net.Conn, establish listeners.EstablishFn) {
 		return
 	}
 	tc := tls.Server(conn, b.tls)
-	ctx, cancel := context.WithDeadline(context.Background(), deadline)
 	start := time.Now()
-	err := tc.HandshakeContext(ctx)
-	cancel()
+	err := tc.Handshake() // bounded by the connection deadline
+
 	if err != nil {
 		b.handshakeFailed(tc, err)
 		tc.Close()

@@ -18,6 +18,7 @@ import (
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 	"github.com/google/go-tpm/tpm2/transport/linuxtpm"
+	"github.com/google/go-tpm/tpm2/transport/tcp"
 
 	"github.com/mqtls/mqtls/internal/atomicfile"
 	"github.com/mqtls/mqtls/keystore"
@@ -87,7 +88,10 @@ func OpenSWTPM(ctx context.Context, addr, dir string, opts ...Option) (*Store, e
 	if err != nil || p < 1 || p > 65534 {
 		return nil, fmt.Errorf("tpm: swtpm address %q: bad port", addr)
 	}
-	t, err := dialSWTPM(ctx, addr, net.JoinHostPort(host, strconv.Itoa(p+1)))
+	// swtpm's command port speaks the TCG simulator protocol that go-tpm's
+	// tcp transport implements; the control port is connected, never sent
+	// a command (PowerOn would be misread by swtpm).
+	t, err := tcp.Open(tcp.Config{CommandAddress: addr, PlatformAddress: net.JoinHostPort(host, strconv.Itoa(p+1))})
 	if err != nil {
 		return nil, fmt.Errorf("%w: swtpm at %s: %w", ErrNoDevice, addr, err)
 	}
