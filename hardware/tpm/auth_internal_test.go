@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/google/go-tpm/tpm2"
@@ -148,5 +149,30 @@ func setDAParameters(t *testing.T, tpm transport.TPM, maxTries, recovery, lockou
 	}
 	if rc := binary.BigEndian.Uint32(rsp[6:10]); rc != 0 {
 		t.Fatalf("DictionaryAttackParameters: %v", tpm2.TPMRC(rc))
+	}
+}
+
+// A persistent handle that holds something else than the SRK is refused.
+func TestPersistentHandleTaken(t *testing.T) {
+	sw := swtpmtest.Start(t)
+	host, port, _ := net.SplitHostPort(sw.Addr)
+	p, _ := strconv.Atoi(port)
+	raw, err := tcp.Open(tcp.Config{CommandAddress: sw.Addr, PlatformAddress: net.JoinHostPort(host, strconv.Itoa(p+1))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	owner := tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)}
+	key, err := tpm2.CreatePrimary{PrimaryHandle: owner, InPublic: tpm2.New2B(keyTemplate(keystore.ECDSAP256))}.Execute(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := (tpm2.EvictControl{Auth: owner, ObjectHandle: tpm2.NamedHandle{Handle: key.ObjectHandle, Name: key.Name}, PersistentHandle: 0x81000003}).Execute(raw); err != nil {
+		t.Fatal(err)
+	}
+	tpm2.FlushContext{FlushHandle: key.ObjectHandle}.Execute(raw)
+	raw.Close()
+	_, err = OpenSWTPM(t.Context(), sw.Addr, filepath.Join(t.TempDir(), "k"), WithPersistentSRK(0x81000003))
+	if err == nil || !strings.Contains(err.Error(), "holds another object than the SRK") {
+		t.Fatalf("SRK at an occupied handle = %v", err)
 	}
 }

@@ -1,6 +1,7 @@
 package tpm
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"errors"
@@ -46,12 +47,14 @@ type Store struct {
 	closed  bool
 	srk     tpm2.TPMHandle
 	srkName tpm2.TPM2BName
+	srkKept bool // persistent: not flushed at Close
 }
 
 var _ keystore.Store = (*Store)(nil)
 
 type options struct {
-	ownerAuth []byte
+	ownerAuth  []byte
+	persistSRK tpm2.TPMHandle
 }
 
 // Option configures a Store.
@@ -61,6 +64,19 @@ type Option func(*options)
 // create the SRK when the TPM's owner password is set.
 func WithOwnerAuth(auth []byte) Option {
 	return func(o *options) { o.ownerAuth = slices.Clone(auth) }
+}
+
+// DefaultSRKHandle is the TCG-recommended persistent handle of the SRK.
+const DefaultSRKHandle = 0x81000001
+
+// WithPersistentSRK keeps the SRK at a persistent handle (usually
+// DefaultSRKHandle): it is created and persisted once, then reused, which
+// saves a primary key generation (up to hundreds of ms on hardware) at each
+// Open. Key files are unchanged: their parent stays the owner hierarchy,
+// which the persistent SRK is derived from. A handle holding another kind
+// of object is refused.
+func WithPersistentSRK(handle uint32) Option {
+	return func(o *options) { o.persistSRK = tpm2.TPMHandle(handle) }
 }
 
 // Open opens the TPM device at path (e.g. /dev/tpmrm0) and keeps key blobs
@@ -121,18 +137,69 @@ func New(ctx context.Context, t transport.TPM, dir string, opts ...Option) (*Sto
 		root.Close()
 		return nil, err
 	}
-	rsp, err := run(func() (*tpm2.CreatePrimaryResponse, error) {
-		return tpm2.CreatePrimary{
-			PrimaryHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(o.ownerAuth)},
-			InPublic:      tpm2.New2B(srkTemplate),
-		}.Execute(t)
-	})
-	if err != nil {
+	s := &Store{dir: dir, root: root, tpm: t}
+	if err := s.loadSRK(o); err != nil {
 		closeT()
 		root.Close()
-		return nil, tpmErr("create storage root key", err)
+		return nil, err
 	}
-	return &Store{dir: dir, root: root, tpm: t, srk: rsp.ObjectHandle, srkName: rsp.Name}, nil
+	return s, nil
+}
+
+// loadSRK creates the SRK, or finds (creating it once) its persistent copy.
+func (s *Store) loadSRK(o options) error {
+	t := s.tpm
+	owner := tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(o.ownerAuth)}
+	if o.persistSRK != 0 {
+		rp, err := run(func() (*tpm2.ReadPublicResponse, error) {
+			return tpm2.ReadPublic{ObjectHandle: o.persistSRK}.Execute(t)
+		})
+		if err == nil {
+			pub, err := rp.OutPublic.Contents()
+			if err != nil || !sameSRK(pub) {
+				return fmt.Errorf("tpm: persistent handle 0x%x holds another object than the SRK; evict it (tpm2_evictcontrol -c 0x%x) or choose another handle", uint32(o.persistSRK), uint32(o.persistSRK))
+			}
+			s.srk, s.srkName, s.srkKept = o.persistSRK, rp.Name, true
+			return nil
+		}
+		if !errors.Is(err, tpm2.TPMRCHandle) {
+			return tpmErr(fmt.Sprintf("read persistent SRK 0x%x", uint32(o.persistSRK)), err)
+		}
+	}
+	rsp, err := run(func() (*tpm2.CreatePrimaryResponse, error) {
+		return tpm2.CreatePrimary{PrimaryHandle: owner, InPublic: tpm2.New2B(srkTemplate)}.Execute(t)
+	})
+	if err != nil {
+		return tpmErr("create storage root key", err)
+	}
+	s.srk, s.srkName = rsp.ObjectHandle, rsp.Name
+	if o.persistSRK == 0 {
+		return nil
+	}
+	_, err = run(func() (*tpm2.EvictControlResponse, error) {
+		return tpm2.EvictControl{
+			Auth:             owner,
+			ObjectHandle:     tpm2.NamedHandle{Handle: rsp.ObjectHandle, Name: rsp.Name},
+			PersistentHandle: o.persistSRK,
+		}.Execute(t)
+	})
+	_, ferr := tpm2.FlushContext{FlushHandle: rsp.ObjectHandle}.Execute(t)
+	if err != nil {
+		return tpmErr(fmt.Sprintf("persist SRK at 0x%x", uint32(o.persistSRK)), err)
+	}
+	if ferr != nil {
+		return tpmErr("flush storage root key", ferr)
+	}
+	s.srk, s.srkKept = o.persistSRK, true
+	return nil
+}
+
+// sameSRK reports whether a public area is the SRK template's (the unique
+// field, the key itself, aside).
+func sameSRK(pub *tpm2.TPMTPublic) bool {
+	p := *pub
+	p.Unique = srkTemplate.Unique
+	return bytes.Equal(tpm2.Marshal(p), tpm2.Marshal(srkTemplate))
 }
 
 func openDir(dir string) (*os.Root, error) {
@@ -163,9 +230,11 @@ func (s *Store) Close() error {
 		return nil
 	}
 	s.closed = true
-	_, err := tpm2.FlushContext{FlushHandle: s.srk}.Execute(s.tpm)
-	if err != nil {
-		err = tpmErr("flush storage root key", err)
+	var err error
+	if !s.srkKept {
+		if _, ferr := (tpm2.FlushContext{FlushHandle: s.srk}).Execute(s.tpm); ferr != nil {
+			err = tpmErr("flush storage root key", ferr)
+		}
 	}
 	if c, ok := s.tpm.(io.Closer); ok {
 		err = errors.Join(err, c.Close())

@@ -203,3 +203,43 @@ func TestForeignBlob(t *testing.T) {
 	}
 	t.Logf("foreign blob: %v", err)
 }
+
+// A persistent SRK is created once and reused; keys work with it and with a
+// transient SRK alike; a handle holding another object is refused.
+func TestPersistentSRK(t *testing.T) {
+	sw := swtpmtest.Start(t)
+	dir := keyDir(t)
+	open := func(opts ...tpm.Option) (*tpm.Store, error) {
+		return tpm.OpenSWTPM(t.Context(), sw.Addr, dir, opts...)
+	}
+	s, err := open(tpm.WithPersistentSRK(tpm.DefaultSRKHandle))
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := s.Generate(t.Context(), "device", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	keystoretest.CheckSigns(t, k)
+	s.Close()
+	sw.Restart(t) // persistent objects survive a TPM restart
+	for _, opts := range [][]tpm.Option{{tpm.WithPersistentSRK(tpm.DefaultSRKHandle)}, nil} {
+		s, err := open(opts...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		signer, err := s.Signer(t.Context(), "device")
+		if err != nil {
+			t.Fatal(err)
+		}
+		keystoretest.CheckSigns(t, signer)
+		s.Close()
+	}
+	for range 2 { // persisted at a second handle, then reused
+		s, err := open(tpm.WithPersistentSRK(0x81000002))
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.Close()
+	}
+}
