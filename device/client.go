@@ -198,7 +198,7 @@ func New(cfg Config) (*Client, error) {
 		SetAutoReconnect(false). // ours has jitter and restores state
 		SetConnectRetry(false).
 		SetOrderMatters(true).
-		SetResumeSubs(true).
+		SetResumeSubs(false). // we restore subscriptions ourselves (resubscribe)
 		SetCustomOpenConnectionFn(c.dial).
 		SetStore(c.store).
 		SetConnectionLostHandler(func(_ paho.Client, err error) {
@@ -577,7 +577,11 @@ func (c *Client) subscribe(ctx context.Context, filter string, qos byte, handler
 		return fmt.Errorf("device: subscribe %q: %w", filter, err)
 	}
 	// A refusal (SUBACK 0x80) is not a paho error: check the result.
-	if granted := tok.(*paho.SubscribeToken).Result()[filter]; granted == 0x80 {
+	granted, ok := tok.(*paho.SubscribeToken).Result()[filter]
+	switch {
+	case !ok:
+		return fmt.Errorf("device: subscribe %q: no SUBACK for it (connection lost?)", filter)
+	case granted == 0x80:
 		return fmt.Errorf("%w: subscribe %q refused (SUBACK 0x80)", ErrNotAuthorized, filter)
 	}
 	return nil
@@ -619,6 +623,7 @@ func (c *Client) Close() error {
 	close(c.closed)
 	c.paho.Disconnect(250)
 	c.wg.Wait()
+	c.paho.Disconnect(0) // a reconnect that was in flight during the first one
 	return c.queue.close()
 }
 
