@@ -43,6 +43,7 @@ func outboundLen(cl *mqtt.Client) int32 {
 // (as publisher, one publish at a time).
 type flowState struct {
 	reserved atomic.Int32
+	drained  chan struct{} // signalled when the client's writer sends a PUBLISH
 	mu       sync.Mutex
 	holding  []*session // subscribers this client's current publish reserved
 	retained []string   // parent topics to deliver after the next SUBACK
@@ -102,7 +103,6 @@ func (h *flowHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 // after the stall timeout or when s disconnects.
 func (b *Broker) reserve(s *session, limit int32) bool {
 	deadline := time.Now().Add(b.cfg.StallTimeout)
-	wait := 50 * time.Microsecond
 	waited := false
 	for {
 		r := s.flow.reserved.Add(1)
@@ -120,8 +120,10 @@ func (b *Broker) reserve(s *session, limit int32) bool {
 			return false
 		}
 		waited = true
-		time.Sleep(wait)
-		wait = min(2*wait, 5*time.Millisecond)
+		select { // woken when the subscriber's writer frees a slot
+		case <-s.flow.drained:
+		case <-time.After(5 * time.Millisecond):
+		}
 	}
 }
 
@@ -177,6 +179,12 @@ func (h *flowHook) OnPacketSent(cl *mqtt.Client, pk packets.Packet, _ []byte) {
 	switch pk.FixedHeader.Type {
 	case packets.Publish:
 		h.b.metrics.msgOut.Inc()
+		if s := h.b.session(cl); s != nil {
+			select {
+			case s.flow.drained <- struct{}{}:
+			default:
+			}
+		}
 	case packets.Suback:
 		h.b.sendRetainedParents(cl, pk)
 	}

@@ -106,6 +106,7 @@ func (b *Broker) identify(cl *mqtt.Client, pk packets.Packet) (*session, *refusa
 	}
 	leaf := st.VerifiedChains[0][0]
 	s := &session{
+		flow:     flowState{drained: make(chan struct{}, 1)},
 		cl:       cl,
 		id:       identityOf(leaf),
 		serial:   leaf.SerialNumber.Text(16),
