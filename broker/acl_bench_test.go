@@ -15,19 +15,7 @@ import (
 // it also pays DRAM misses for the session it touches, while
 // "publish-same-client" shows the cost with that client's state in cache.
 func BenchmarkACLCheck(b *testing.B) {
-	pol, err := policy.Parse([]byte(`rules:
-  - name: own-namespace
-    match: {cn: "*"}
-    publish: ["devices/{cn}/#"]
-    subscribe: ["devices/{cn}/#"]
-  - name: backend
-    match: {ou: "backend"}
-    publish: ["devices/+/commands/#"]
-    subscribe: ["devices/+/telemetry"]
-  - name: quarantine
-    match: {cn: "lab-*"}
-    deny: ["#"]
-`))
+	pol, err := policy.Parse([]byte(policy.Example))
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -14,20 +14,9 @@ import (
 	"github.com/mqtls/mqtls/internal/brokertest"
 )
 
-const backendPolicy = `rules:
-  - name: own-namespace
-    match: {cn: "*"}
-    publish: ["devices/{cn}/#"]
-    subscribe: ["devices/{cn}/#"]
-  - name: backend
-    match: {ou: "backend"}
-    publish: ["devices/+/commands/#"]
-    subscribe: ["devices/+/telemetry", "$SYS/#"]
-`
-
 func backendEnv(t *testing.T, tweak func(*broker.Config)) *brokertest.Env {
 	t.Helper()
-	pol, err := policy.Parse([]byte(backendPolicy))
+	pol, err := policy.Parse([]byte(policy.Example))
 	if err != nil {
 		t.Fatal(err)
 	}

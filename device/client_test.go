@@ -24,17 +24,6 @@ import (
 	"github.com/mqtls/mqtls/provisioning/server"
 )
 
-const backendPolicy = `rules:
-  - name: own-namespace
-    match: {cn: "*"}
-    publish: ["devices/{cn}/#"]
-    subscribe: ["devices/{cn}/#"]
-  - name: backend
-    match: {ou: "backend"}
-    publish: ["devices/+/commands/#"]
-    subscribe: ["devices/+/telemetry"]
-`
-
 // fleet is EST + broker over one PKI and registry.
 type fleet struct {
 	est    *esttest.Env
@@ -48,7 +37,7 @@ func startFleet(t *testing.T, validity time.Duration) *fleet {
 			c.Validity = validity
 		}
 	})
-	pol, err := policy.Parse([]byte(backendPolicy))
+	pol, err := policy.Parse([]byte(policy.Example))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -34,17 +34,6 @@ type DemoConfig struct {
 	OpenTPMSim func(ctx context.Context, dir string) (keystore.Store, io.Closer, error)
 }
 
-const demoPolicy = `rules:
-  - name: own-namespace
-    match: {cn: "*"}
-    publish: ["devices/{cn}/#"]
-    subscribe: ["devices/{cn}/#"]
-  - name: backend
-    match: {ou: "backend"}
-    publish: ["devices/+/commands/#"]
-    subscribe: ["devices/+/telemetry"]
-`
-
 // Demo runs the whole system in one process on loopback, in a temporary
 // directory it removes: CA, SQLite registry, EST, broker, a backend and
 // devices; then traffic, a command, a refused cross-device publish, a
@@ -100,7 +89,7 @@ func Demo(ctx context.Context, cfg DemoConfig) (err error) {
 	if err != nil {
 		return err
 	}
-	pol, _ := policy.Parse([]byte(demoPolicy))
+	pol, _ := policy.Parse([]byte(policy.Example))
 	b, err := broker.New(broker.Config{Addr: "127.0.0.1:0", Certificate: srvCert, Root: c.Root, Policy: pol,
 		Registry: reg, RevocationPoll: 200 * time.Millisecond, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {

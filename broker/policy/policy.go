@@ -69,6 +69,23 @@ type Policy struct {
 	Rules []Rule
 }
 
+// Example is the policy of the README and deploy/policy.yaml: devices own
+// their namespace, identities with OU "backend" command devices and read
+// their telemetry, and CNs "lab-*" are quarantined.
+const Example = `rules:
+  - name: own-namespace
+    match: {cn: "*"}
+    publish: ["devices/{cn}/#"]
+    subscribe: ["devices/{cn}/#"]
+  - name: backend
+    match: {ou: "backend"}
+    publish: ["devices/+/commands/#"]
+    subscribe: ["devices/+/telemetry", "$SYS/#"]
+  - name: quarantine
+    match: {cn: "lab-*"}
+    deny: ["#"]
+`
+
 // Default is the policy without a file: each device owns devices/{cn}/#.
 func Default() *Policy {
 	return &Policy{Rules: []Rule{{

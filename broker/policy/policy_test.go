@@ -122,22 +122,8 @@ func TestUnsafeIdentityValues(t *testing.T) {
 	}
 }
 
-const example = `rules:
-  - name: own-namespace
-    match: {cn: "*"}
-    publish: ["devices/{cn}/#"]
-    subscribe: ["devices/{cn}/#"]
-  - name: backend
-    match: {ou: "backend"}
-    publish: ["devices/+/commands/#"]
-    subscribe: ["devices/+/telemetry", "$SYS/#"]
-  - name: quarantine
-    match: {cn: "lab-*"}
-    deny: ["#"]
-`
-
 func TestExamplePolicy(t *testing.T) {
-	pol, err := policy.Parse([]byte(example))
+	pol, err := policy.Parse([]byte(policy.Example))
 	if err != nil {
 		t.Fatal(err)
 	}

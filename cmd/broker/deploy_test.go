@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"testing"
 
@@ -20,8 +21,13 @@ func TestDeployExamples(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := policy.Parse(data); err != nil {
+	shipped, err := policy.Parse(data)
+	if err != nil {
 		t.Fatal(err)
+	}
+	example, _ := policy.Parse([]byte(policy.Example))
+	if fmt.Sprint(shipped) != fmt.Sprint(example) {
+		t.Fatal("deploy/policy.yaml and policy.Example differ")
 	}
 	bad := defaultServeConfig()
 	os.WriteFile(t.TempDir()+"/x.yaml", nil, 0o600)
