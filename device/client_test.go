@@ -20,6 +20,7 @@ import (
 	"github.com/mqtls/mqtls/internal/brokertest"
 	"github.com/mqtls/mqtls/internal/esttest"
 	"github.com/mqtls/mqtls/internal/testpki"
+	"github.com/mqtls/mqtls/internal/testtool"
 	"github.com/mqtls/mqtls/keystore"
 	"github.com/mqtls/mqtls/provisioning/server"
 )
@@ -113,17 +114,6 @@ func (c *collector) has(payloads ...string) bool {
 	return true
 }
 
-func eventually(t *testing.T, within time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %v", what, within)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 // A device with a TPM-simulator key is commanded by a backend identity the
 // policy allows to, and its telemetry reaches the backend.
 func TestCommandedByBackend(t *testing.T) {
@@ -148,7 +138,7 @@ func TestCommandedByBackend(t *testing.T) {
 	if err := dev.Publish(t.Context(), "devices/dev-1/telemetry", []byte("21.5"), 1, false); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 5*time.Second, "command and telemetry delivered", func() bool { return cmds.has("now") && tel.has("21.5") })
+	testtool.Eventually(t, 5*time.Second, "command and telemetry delivered", func() bool { return cmds.has("now") && tel.has("21.5") })
 
 	// refusals are reported, not swallowed
 	if err := dev.Subscribe(t.Context(), "devices/#", 1, cmds.handle); !errors.Is(err, device.ErrNotAuthorized) {
@@ -160,11 +150,11 @@ func TestCommandedByBackend(t *testing.T) {
 	}
 	// the client reconnects after the 3.1.1 refusal and the refused
 	// message is not resent
-	eventually(t, 10*time.Second, "reconnected after refusal", func() bool { return dev.State() == device.StateConnected })
+	testtool.Eventually(t, 10*time.Second, "reconnected after refusal", func() bool { return dev.State() == device.StateConnected })
 	if err := dev.Publish(t.Context(), "devices/dev-1/telemetry", []byte("after"), 1, false); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 5*time.Second, "telemetry after refusal", func() bool { return tel.has("after") })
+	testtool.Eventually(t, 5*time.Second, "telemetry after refusal", func() bool { return tel.has("after") })
 }
 
 // A broker whose certificate comes from another CA, or names another
@@ -249,10 +239,10 @@ func TestReconnectAfterBrokerRestart(t *testing.T) {
 	}
 	time.Sleep(1500 * time.Millisecond) // a few failed attempts
 	f.broker.Restart(t)
-	eventually(t, 15*time.Second, "backend reconnected", func() bool { return be.State() == device.StateConnected })
+	testtool.Eventually(t, 15*time.Second, "backend reconnected", func() bool { return be.State() == device.StateConnected })
 	proxy.start(t)
-	eventually(t, 15*time.Second, "device reconnected", func() bool { return dev.State() == device.StateConnected })
-	eventually(t, 10*time.Second, "queued messages delivered", func() bool { return tel.has(want...) })
+	testtool.Eventually(t, 15*time.Second, "device reconnected", func() bool { return dev.State() == device.StateConnected })
+	testtool.Eventually(t, 10*time.Second, "queued messages delivered", func() bool { return tel.has(want...) })
 	if dev.ReconnectAttempts() < 2 {
 		t.Errorf("reconnect attempts = %d, want several while the broker was down", dev.ReconnectAttempts())
 	}
@@ -317,7 +307,7 @@ func TestRenewalKeepsSessionAndMessages(t *testing.T) {
 	wg.Wait()
 	mu.Lock()
 	defer mu.Unlock()
-	eventually(t, 15*time.Second, "every message delivered", func() bool {
+	testtool.Eventually(t, 15*time.Second, "every message delivered", func() bool {
 		var tels, cs []string
 		for _, p := range sent {
 			if strings.Contains(p, "telemetry") {
@@ -469,7 +459,7 @@ func TestReconnectSpread(t *testing.T) {
 	time.Sleep(3 * time.Second)
 	f.broker.Restart(t)
 	up := time.Now()
-	eventually(t, 30*time.Second, "all reconnected", func() bool { mu.Lock(); defer mu.Unlock(); return len(times) == n })
+	testtool.Eventually(t, 30*time.Second, "all reconnected", func() bool { mu.Lock(); defer mu.Unlock(); return len(times) == n })
 	mu.Lock()
 	defer mu.Unlock()
 	d := make([]time.Duration, n)

@@ -17,6 +17,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/mqtls/mqtls/device"
+	"github.com/mqtls/mqtls/internal/testtool"
 	"github.com/mqtls/mqtls/keystore"
 	"github.com/mqtls/mqtls/provisioning/ca"
 )
@@ -33,17 +34,6 @@ func (s *syncBuffer) Write(p []byte) (int, error) {
 	return s.b.Write(p)
 }
 func (s *syncBuffer) String() string { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
-
-func eventually(t *testing.T, within time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %v", what, within)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
 
 // broker serve end to end: EST enrollment, MQTT with the enrolled
 // identity, metrics, policy reload (a bad file keeps the old policy),
@@ -67,7 +57,7 @@ func TestServe(t *testing.T) {
 	go func() {
 		served <- run(ctx, []string{"serve", "--config", configFile, "--est-addr", estAddr}, io.Discard, logs)
 	}()
-	eventually(t, 10*time.Second, "serve listening", func() bool { return strings.Contains(logs.String(), "metrics listening") })
+	testtool.Eventually(t, 10*time.Second, "serve listening", func() bool { return strings.Contains(logs.String(), "metrics listening") })
 
 	// enroll over EST
 	c, _ := ca.Load(data)
@@ -106,7 +96,7 @@ func TestServe(t *testing.T) {
 
 	// a broken policy is refused with its line; the session keeps working
 	os.WriteFile(policyFile, []byte("rules:\n  - name: own\n    match: {cn: \"*\"}\n    publish: [\"devices/#/x\"]\n"), 0o600)
-	eventually(t, 5*time.Second, "bad policy refused", func() bool {
+	testtool.Eventually(t, 5*time.Second, "bad policy refused", func() bool {
 		return strings.Contains(logs.String(), "policy refused") && strings.Contains(logs.String(), "line 4")
 	})
 	if tk := cl.Publish("devices/dev-1/t", 1, false, "x"); !tk.WaitTimeout(5*time.Second) || tk.Error() != nil {

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"testing"
+	"time"
 )
 
 // packages maps a program to the Debian package that provides it.
@@ -44,4 +45,17 @@ func Require(t testing.TB, program string) string {
 	}
 	t.Skipf("SKIP: %s not found: apt-get install %s (or run the README's test command, which installs it)", program, pkg)
 	return ""
+}
+
+// Eventually polls cond every 20 ms and fails the test if it does not hold
+// within the given time.
+func Eventually(t testing.TB, within time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within %v", what, within)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
