@@ -49,11 +49,11 @@ func ExampleParseURI() {
 			fmt.Println("error")
 			continue
 		}
-		fmt.Println(u.Kind, u.Path, u.Addr)
+		fmt.Printf("%s path=%q addr=%q\n", u.Kind, u.Path, u.Addr)
 	}
 	// Output:
-	// file
-	// tpm /dev/tpmrm0
-	// swtpm  127.0.0.1:2321
+	// file path="" addr=""
+	// tpm path="/dev/tpmrm0" addr=""
+	// swtpm path="" addr="127.0.0.1:2321"
 	// error
 }
