@@ -45,8 +45,14 @@ type flowState struct {
 	reserved atomic.Int32
 	drained  chan struct{} // signalled when the client's writer sends a PUBLISH
 	mu       sync.Mutex
-	holding  []*session // subscribers this client's current publish reserved
-	retained []string   // parent topics to deliver after the next SUBACK
+	holding  []*session  // subscribers this client's current publish reserved
+	retained []parentSub // retained parents to deliver after the next SUBACK
+}
+
+// parentSub is the parent topic X of a new "X/#" subscription and its QoS.
+type parentSub struct {
+	topic string
+	qos   byte
 }
 
 // flowHook implements publisher backpressure, the retained-parent fix and
@@ -158,7 +164,7 @@ func (h *flowHook) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packe
 	if s == nil {
 		return pk
 	}
-	var parents []string
+	var parents []parentSub
 	for _, sub := range pk.Filters {
 		parent, ok := strings.CutSuffix(sub.Filter, "/#")
 		if !ok || parent == "" || strings.ContainsAny(parent, "+#") || mqtt.IsSharedFilter(sub.Filter) || sub.RetainHandling == 2 {
@@ -167,7 +173,7 @@ func (h *flowHook) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packe
 		if _, existed := cl.State.Subscriptions.Get(sub.Filter); existed && sub.RetainHandling == 1 {
 			continue
 		}
-		parents = append(parents, parent+"\x00"+string(rune('0'+sub.Qos)))
+		parents = append(parents, parentSub{parent, sub.Qos})
 	}
 	s.flow.mu.Lock()
 	s.flow.retained = parents
@@ -200,7 +206,7 @@ func (b *Broker) sendRetainedParents(cl *mqtt.Client, ack packets.Packet) {
 	s.flow.retained = nil
 	s.flow.mu.Unlock()
 	for _, p := range parents {
-		topic, q, _ := strings.Cut(p, "\x00")
+		topic := p.topic
 		if _, granted := cl.State.Subscriptions.Get(topic + "/#"); !granted || !s.perms().Allow(topic, policy.Subscribe) {
 			continue
 		}
@@ -210,9 +216,7 @@ func (b *Broker) sendRetainedParents(cl *mqtt.Client, ack packets.Packet) {
 		}
 		out := msg.Copy(false)
 		out.FixedHeader.Retain = true
-		if qos := q[0] - '0'; out.FixedHeader.Qos > qos {
-			out.FixedHeader.Qos = qos
-		}
+		out.FixedHeader.Qos = min(out.FixedHeader.Qos, p.qos)
 		if out.FixedHeader.Qos > 0 {
 			id, err := cl.NextPacketID()
 			if err != nil {

@@ -22,7 +22,6 @@ type listener struct {
 	b    *Broker
 	mu   sync.Mutex
 	done bool
-	wg   sync.WaitGroup
 }
 
 var _ listeners.Listener = (*listener)(nil)
@@ -60,11 +59,7 @@ func (l *listener) Serve(establish listeners.EstablishFn) {
 			continue
 		}
 		backoff = 5 * time.Millisecond
-		l.wg.Add(1)
-		go func() {
-			defer l.wg.Done()
-			l.handle(conn, establish)
-		}()
+		go l.handle(conn, establish) // bounded by the handshake deadline, then Mochi's client lifetime
 	}
 }
 

@@ -74,8 +74,8 @@ func readOutbox(path string) ([]message, error) {
 }
 
 func readRecord(r io.Reader) (message, error) {
-	var hdr [9]byte // topic len u16, payload len u32, retain u8, ... checksum-free: lengths bound the read
-	if _, err := io.ReadFull(r, hdr[:7]); err != nil {
+	var hdr [7]byte // topic length u16, payload length u32, retain u8
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
 		return message{}, err
 	}
 	tl, pl := binary.BigEndian.Uint16(hdr[0:]), binary.BigEndian.Uint32(hdr[2:])

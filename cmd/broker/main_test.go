@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mqtls/mqtls/internal/testtool"
 	"github.com/mqtls/mqtls/provisioning"
 	"github.com/mqtls/mqtls/provisioning/ca"
 	"github.com/mqtls/mqtls/provisioning/registry"
@@ -27,16 +28,6 @@ func brokerCLI(t *testing.T, args ...string) (string, string, int) {
 	var out, errb bytes.Buffer
 	code := run(t.Context(), args, &out, &errb)
 	return out.String(), errb.String(), code
-}
-
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
 }
 
 func TestBrokerCLI(t *testing.T) {
@@ -74,7 +65,7 @@ func TestBrokerCLI(t *testing.T) {
 	}
 
 	// serve EST and enroll through it
-	addr := freeAddr(t)
+	addr := testtool.FreeAddr(t)
 	ctx, cancel := context.WithCancel(t.Context())
 	served := make(chan int, 1)
 	var serveErr bytes.Buffer

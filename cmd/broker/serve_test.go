@@ -46,7 +46,7 @@ func TestServe(t *testing.T) {
 	}
 	policyFile := filepath.Join(t.TempDir(), "policy.yaml")
 	os.WriteFile(policyFile, []byte("rules:\n  - name: own\n    match: {cn: \"*\"}\n    publish: [\"devices/{cn}/#\"]\n    subscribe: [\"devices/{cn}/#\"]\n"), 0o600)
-	mqttAddr, estAddr, metricsAddr := freeAddr(t), freeAddr(t), freeAddr(t)
+	mqttAddr, estAddr, metricsAddr := testtool.FreeAddr(t), testtool.FreeAddr(t), testtool.FreeAddr(t)
 	configFile := filepath.Join(t.TempDir(), "broker.yaml")
 	os.WriteFile(configFile, []byte("data: "+data+"\nmqtt_addr: "+mqttAddr+"\nest_addr: 127.0.0.1:1\nmetrics_addr: "+metricsAddr+"\npolicy: "+policyFile+"\nlog_level: info\n"), 0o600)
 

@@ -12,18 +12,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mqtls/mqtls/internal/testtool"
 	"github.com/mqtls/mqtls/sim"
 )
-
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
 
 // startBrokerServe builds cmd/broker, initialises a data directory, mints
 // n tokens and runs `broker serve` until the test ends.
@@ -43,7 +34,7 @@ func startBrokerServe(t *testing.T, n int) (data, mqtt, est, tokens string, pid 
 	}
 	tokens = filepath.Join(t.TempDir(), "tokens")
 	os.WriteFile(tokens, out, 0o600)
-	mqtt, est = freeAddr(t), freeAddr(t)
+	mqtt, est = testtool.FreeAddr(t), testtool.FreeAddr(t)
 	cmd := exec.Command(bin, "serve", "--data", data, "--mqtt-addr", mqtt, "--est-addr", est, "--metrics-addr", "", "--log-level", "warn")
 	stderr, _ := cmd.StderrPipe()
 	if err := cmd.Start(); err != nil {
