@@ -20,13 +20,14 @@ func BenchmarkACLCheck(b *testing.B) {
 		b.Fatal(err)
 	}
 	for _, n := range []int{10, 10_000, 1_000_000} {
-		br := &Broker{sessions: make(map[*mqtt.Client]*session, n), metrics: newMetrics(), policy: pol}
+		br := &Broker{sessions: make(map[*mqtt.Client]*session, n), metrics: newMetrics()}
+		br.policy.Store(pol)
 		clients := make([]*mqtt.Client, n)
 		topics := make([]string, n)
 		for i := range n {
 			cl := &mqtt.Client{ID: fmt.Sprintf("dev-%07d", i)}
 			s := &session{cl: cl, id: policy.Identity{CN: cl.ID}}
-			s.setPerms(pol.Compile(s.id))
+			s.compile(pol)
 			br.sessions[cl] = s
 			clients[i], topics[i] = cl, "devices/"+cl.ID+"/telemetry"
 		}

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -16,7 +17,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/mqtls/mqtls/broker/policy"
-	"github.com/mqtls/mqtls/provisioning/registry"
 )
 
 // Config configures a Broker. Zero values take the defaults noted.
@@ -35,10 +35,15 @@ type Config struct {
 	MinTLSVersion uint16
 	// Policy maps identities to topics (default policy.Default()).
 	Policy *policy.Policy
-	// Registry, if set, is polled for revocations every RevocationPoll
-	// (default 500ms).
-	Registry       *registry.Registry
+	// Registry, if set, is polled for revoked certificates and device IDs
+	// every RevocationPoll (default 500ms).
+	Registry       Registry
 	RevocationPoll time.Duration
+	// AdmitWhenRegistryDown admits new CONNECTs (checked against the last
+	// revocation data read) while the registry cannot be read. By default
+	// they are refused: trust data fails closed. Live sessions stay either
+	// way.
+	AdmitWhenRegistryDown bool
 	// CRLFile, if set, is a CRL (PEM or DER) reloaded when it changes; it
 	// must be signed by Root or by one of Issuers.
 	CRLFile string
@@ -52,6 +57,19 @@ type Config struct {
 	MinKeepalive, MaxKeepalive uint16
 	// MaxWritesPending is each client's outbound queue (default 64).
 	MaxWritesPending int32
+	// MaxIntermediates bounds the client chain: root + this many
+	// intermediates + leaf (default 2).
+	MaxIntermediates int
+	// MaxQueuedMessages bounds each session's QoS 1/2 messages not yet
+	// acknowledged, including those queued while a persistent session is
+	// offline (default 1024). Past it a delivery is dropped and counted in
+	// mqtls_deliveries_dropped_total{reason="offline_queue_full"}.
+	MaxQueuedMessages int
+	// MaxMessageExpiry, if set, expires messages (retained and queued)
+	// older than this even when the publisher set no Message Expiry
+	// Interval. Default 0: a message lives until delivered, replaced or
+	// cleared; only a v5 publisher's own expiry applies.
+	MaxMessageExpiry time.Duration
 	// MaxSessionExpiry bounds how long a disconnected persistent session is
 	// kept (default 24h).
 	MaxSessionExpiry time.Duration
@@ -73,10 +91,15 @@ type Broker struct {
 	ln      *listener
 	metrics *metrics
 
+	policy atomic.Pointer[policy.Policy]
+
 	mu       sync.RWMutex
-	policy   *policy.Policy
-	sessions map[*mqtt.Client]*session
-	bySerial map[string]map[*mqtt.Client]*session
+	sessions map[*mqtt.Client]*session            // live and offline sessions
+	bySerial map[string]map[*mqtt.Client]*session // by certificate serial
+	byConn   map[net.Conn]*session                // admitted connections until Mochi is done with them
+	byID     map[string]*session                  // the newest session of each client ID
+
+	connectPause func() // tests: runs after a CONNECT's revocation check
 
 	revoked   *revocations
 	stop      chan struct{}
@@ -126,6 +149,15 @@ func New(cfg Config) (*Broker, error) {
 	if cfg.MaxWritesPending < 8 {
 		return nil, fmt.Errorf("broker: MaxWritesPending %d is below 8", cfg.MaxWritesPending)
 	}
+	if cfg.MaxIntermediates == 0 {
+		cfg.MaxIntermediates = 2
+	}
+	if cfg.MaxQueuedMessages == 0 {
+		cfg.MaxQueuedMessages = 1024
+	}
+	if cfg.MaxQueuedMessages < 0 || cfg.MaxQueuedMessages > 65535 {
+		return nil, fmt.Errorf("broker: MaxQueuedMessages %d outside 1..65535", cfg.MaxQueuedMessages)
+	}
 	if cfg.MaxSessionExpiry == 0 {
 		cfg.MaxSessionExpiry = 24 * time.Hour
 	}
@@ -142,9 +174,10 @@ func New(cfg Config) (*Broker, error) {
 	b := &Broker{
 		cfg:      cfg,
 		log:      log,
-		policy:   cfg.Policy,
 		sessions: make(map[*mqtt.Client]*session),
 		bySerial: make(map[string]map[*mqtt.Client]*session),
+		byConn:   make(map[net.Conn]*session),
+		byID:     make(map[string]*session),
 		stop:     make(chan struct{}),
 		metrics:  newMetrics(),
 	}
@@ -153,6 +186,7 @@ func New(cfg Config) (*Broker, error) {
 			return nil, err
 		}
 	}
+	b.policy.Store(cfg.Policy)
 	b.revoked = newRevocations(b, cfg.Registry, cfg.CRLFile, append([]*x509.Certificate{cfg.Root}, cfg.Issuers...))
 	pool := x509.NewCertPool()
 	pool.AddCert(cfg.Root)
@@ -171,7 +205,10 @@ func New(cfg Config) (*Broker, error) {
 	caps.MaximumPacketSize = cfg.MaxPacketSize
 	caps.MaximumSessionExpiryInterval = uint32(cfg.MaxSessionExpiry / time.Second)
 	caps.Compatibilities.NoInheritedPropertiesOnAck = true
-	caps.MaximumInflight = 1024
+	caps.MaximumInflight = uint16(cfg.MaxQueuedMessages)
+	// Mochi's default (24 h) would expire retained and queued messages
+	// that carry no expiry of their own.
+	caps.MaximumMessageExpiryInterval = int64(cfg.MaxMessageExpiry / time.Second)
 	caps.ReceiveMaximum = 256
 	// Mochi logs whole packets (payloads included) at Warn; pass on its
 	// errors only.
@@ -195,6 +232,7 @@ func (b *Broker) Start() error {
 	if err := b.revoked.load(); err != nil {
 		return err
 	}
+	b.metrics.registryUp.Set(1)
 	ln := b.cfg.Listener
 	if ln == nil {
 		var err error
@@ -229,30 +267,32 @@ func (b *Broker) Close() error {
 	return b.closeErr
 }
 
-// SetPolicy replaces the policy. Connected clients are re-evaluated at
-// once: their permissions are recompiled, subscriptions the new policy no
-// longer allows are removed (the client is not told; it stops receiving
-// on them), and a client whose Will is no longer allowed loses its Will.
+// SetPolicy replaces the policy. Sessions (live and offline) are
+// re-evaluated: their permissions are recompiled and subscriptions the new
+// policy no longer allows are removed (the client is not told; it stops
+// receiving on them). A Will is checked against the policy in force when
+// it is sent. ACL checks are not stalled: each session's permissions are
+// swapped atomically, outside the broker's lock.
 func (b *Broker) SetPolicy(p *policy.Policy) error {
 	if err := p.Validate(); err != nil {
 		return err
 	}
-	b.mu.Lock()
-	b.policy = p
-	var affected []*session
+	b.policy.Store(p)
+	b.mu.RLock()
+	affected := make([]*session, 0, len(b.sessions))
 	for _, s := range b.sessions {
-		s.setPerms(p.Compile(s.id))
 		affected = append(affected, s)
 	}
-	b.mu.Unlock()
+	b.mu.RUnlock()
 	for _, s := range affected {
+		s.compile(p)
 		b.prune(s)
 	}
 	b.log.Info("policy applied", "rules", len(p.Rules), "clients", len(affected))
 	return nil
 }
 
-// prune drops what a session's current permissions no longer allow.
+// prune drops the subscriptions a session's permissions no longer allow.
 func (b *Broker) prune(s *session) {
 	perms := s.perms()
 	for filter := range s.cl.State.Subscriptions.GetAll() {
@@ -262,17 +302,12 @@ func (b *Broker) prune(s *session) {
 			b.audit("subscription removed", s, "policy no longer allows "+filter)
 		}
 	}
-	if w := s.cl.Properties.Will; w.Flag > 0 && !perms.Allow(w.TopicName, policy.Publish) {
-		s.cl.Properties.Will = mqtt.Will{}
-		b.audit("will removed", s, "policy no longer allows Will topic "+w.TopicName)
-	}
 }
 
 // Sessions returns the number of authenticated live sessions.
 func (b *Broker) Sessions() int {
-	b.mu.RLock()
-	defer b.mu.RUnlock()
-	return len(b.sessions)
+	live, _ := b.sessionCounts()
+	return live
 }
 
 // minLevel drops records below a level.
@@ -290,7 +325,15 @@ func (h minLevel) WithAttrs(a []slog.Attr) slog.Handler {
 }
 func (h minLevel) WithGroup(g string) slog.Handler { return minLevel{h.Handler.WithGroup(g), h.min} }
 
-// disconnect ends a session for reason (revoked, expired).
+// revoke ends a revoked session: a live one is closed, an offline one gets
+// no more deliveries (and cannot reconnect).
+func (b *Broker) revoke(s *session, reason string) {
+	s.revoked.Store(true)
+	b.disconnect(s, reason)
+}
+
+// disconnect ends a session's connection for reason (revoked, expired,
+// stalled).
 func (b *Broker) disconnect(s *session, reason string) {
 	b.audit("session closed", s, reason)
 	b.metrics.kicked.WithLabelValues(reasonLabel(reason)).Inc()

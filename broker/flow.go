@@ -91,8 +91,17 @@ func (h *flowHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 			continue
 		}
 		s := b.session(subCl)
-		if s == nil || subCl.Closed() {
-			continue // offline: Mochi keeps QoS>0 in the session's inflight store
+		if s == nil {
+			continue
+		}
+		if subCl.Closed() {
+			// offline: Mochi keeps QoS>0 in the session's inflight store,
+			// up to its bound
+			if subCl.State.Inflight.Len() >= int(b.mochi.Options.Capabilities.MaximumInflight) {
+				b.metrics.dropped.WithLabelValues("offline_queue_full").Inc()
+				b.log.Warn("delivery dropped: offline session queue full", "client_id", id, "topic", pk.TopicName, "qos", sub.Qos)
+			}
+			continue
 		}
 		if !b.reserve(s, limit) {
 			b.disconnect(s, fmt.Sprintf("subscriber stalled: outbound queue full for %s", b.cfg.StallTimeout))
@@ -152,7 +161,7 @@ func (b *Broker) flowRelease(pub *session) {
 }
 
 func (h *flowHook) OnPublishDropped(cl *mqtt.Client, pk packets.Packet) {
-	h.b.metrics.dropped.WithLabelValues(fmt.Sprint(pk.FixedHeader.Qos)).Inc()
+	h.b.metrics.dropped.WithLabelValues(fmt.Sprintf("queue_full_qos%d", pk.FixedHeader.Qos)).Inc()
 	h.b.log.Warn("delivery dropped: outbound queue full", "client_id", cl.ID, "topic", pk.TopicName, "qos", pk.FixedHeader.Qos)
 }
 

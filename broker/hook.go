@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"fmt"
 	"log/slog"
+	"net"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -17,25 +18,45 @@ import (
 
 	"github.com/mqtls/mqtls/broker/policy"
 	"github.com/mqtls/mqtls/provisioning"
+	"github.com/mqtls/mqtls/provisioning/ca"
 )
 
-// session is what the broker knows about an authenticated client. It lives
-// from CONNECT to disconnect, keyed by the Mochi client (deliveries are
-// checked when cl.Net.Conn may already be gone).
+// session is what the broker knows about an authenticated client, keyed by
+// the Mochi client object. It lives as long as Mochi's session for that
+// object, not as long as the socket: Mochi ACL-checks the subscribers of
+// a disconnected persistent session before queueing for them. It ends when
+// a clean session disconnects, when Mochi expires the session, or when a
+// newer connection with the same client ID has taken it over.
 type session struct {
 	cl       *mqtt.Client
+	conn     net.Conn
 	id       policy.Identity
 	serial   string
 	issuer   []byte
 	notAfter time.Time
 	remote   string
-	expiry   *time.Timer
-	p        atomic.Pointer[policy.Perms]
+	c        atomic.Pointer[compiled]
+	revoked  atomic.Bool // no more deliveries; Mochi drops the session at expiry
 	flow     flowState
+
+	// guarded by Broker.mu
+	expiry      *time.Timer
+	established bool     // CONNACK written (OnSessionEstablished)
+	ended       bool     // the connection is over
+	superseded  bool     // a newer connection took over the client ID
+	prev        *session // the session this one took over
 }
 
-func (s *session) perms() *policy.Perms     { return s.p.Load() }
-func (s *session) setPerms(p *policy.Perms) { s.p.Store(p) }
+// compiled is a session's permissions and the policy they came from.
+type compiled struct {
+	pol   *policy.Policy
+	perms *policy.Perms
+}
+
+func (s *session) perms() *policy.Perms { return s.c.Load().perms }
+
+// compile (re)computes s's permissions from p.
+func (s *session) compile(p *policy.Policy) { s.c.Store(&compiled{p, p.Compile(s.id)}) }
 
 // authHook is the broker's only authentication/authorization hook: Mochi
 // ORs hook answers, so a second one could only widen access.
@@ -47,8 +68,12 @@ type authHook struct {
 func (h *authHook) ID() string { return "mqtls-auth" }
 
 func (h *authHook) Provides(b byte) bool {
-	return b == mqtt.OnConnect || b == mqtt.OnConnectAuthenticate || b == mqtt.OnACLCheck ||
-		b == mqtt.OnDisconnect
+	switch b {
+	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnSessionEstablish, mqtt.OnSessionEstablished,
+		mqtt.OnACLCheck, mqtt.OnDisconnect, mqtt.OnClientExpired, mqtt.OnWill:
+		return true
+	}
+	return false
 }
 
 // refusal is a CONNECT denial reason.
@@ -63,6 +88,19 @@ type refusal struct {
 func (h *authHook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	b := h.b
 	s, ref := b.identify(cl, pk)
+	if ref == nil {
+		// Registered before the revocation check: a revocation the poller
+		// applies after this point finds the session and closes it.
+		b.admit(s)
+		if ref = b.checkRevoked(s); ref != nil {
+			b.mu.Lock()
+			b.releaseLocked(s)
+			delete(b.byConn, s.conn)
+			b.mu.Unlock()
+		} else if b.connectPause != nil {
+			b.connectPause()
+		}
+	}
 	if ref != nil {
 		b.metrics.refused.WithLabelValues(ref.label).Inc()
 		cn, serial := "", ""
@@ -79,18 +117,20 @@ func (h *authHook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 		_ = b.mochi.SendConnack(cl, code, false, nil) // the refusal stands even if the ack is lost
 		return packets.ErrNotAuthorized
 	}
-	// Keepalive bounds: 0 (none) or too long gets the maximum.
+	// Keepalive: 0 (none) or too long gets the maximum. A v5 client is told
+	// (Server Keep Alive) when its value is raised to the minimum; 3.1.1 has
+	// no way to say so, and MQTT-3.1.2-24 makes the client's value the one
+	// the server enforces, so a short 3.1.1 keepalive stays.
 	ka := cl.State.Keepalive
 	switch {
 	case ka == 0 || ka > b.cfg.MaxKeepalive:
 		ka = b.cfg.MaxKeepalive
-	case ka < b.cfg.MinKeepalive:
+	case ka < b.cfg.MinKeepalive && cl.Properties.ProtocolVersion == 5:
 		ka = b.cfg.MinKeepalive
 	}
 	if ka != cl.State.Keepalive {
 		cl.State.Keepalive, cl.State.ServerKeepalive = ka, true
 	}
-	b.register(s)
 	return nil
 }
 
@@ -104,10 +144,12 @@ func (b *Broker) identify(cl *mqtt.Client, pk packets.Packet) (*session, *refusa
 	if len(st.VerifiedChains) == 0 || len(st.VerifiedChains[0]) == 0 {
 		return nil, &refusal{"no_certificate", "no verified client certificate"}
 	}
-	leaf := st.VerifiedChains[0][0]
+	chain := st.VerifiedChains[0]
+	leaf := chain[0]
 	s := &session{
 		flow:     flowState{drained: make(chan struct{}, 1)},
 		cl:       cl,
+		conn:     tc,
 		id:       identityOf(leaf),
 		serial:   leaf.SerialNumber.Text(16),
 		issuer:   leaf.RawIssuer,
@@ -119,6 +161,19 @@ func (b *Broker) identify(cl *mqtt.Client, pk packets.Packet) (*session, *refusa
 		return s, &refusal{"ca_certificate", "client certificate is a CA certificate"}
 	case !slices.Contains(leaf.ExtKeyUsage, x509.ExtKeyUsageClientAuth):
 		return s, &refusal{"no_client_auth", "client certificate lacks EKU clientAuth"}
+	case len(chain)-2 > b.cfg.MaxIntermediates:
+		return s, &refusal{"chain_too_deep", fmt.Sprintf("certificate chain has %d intermediates (maximum %d)", len(chain)-2, b.cfg.MaxIntermediates)}
+	}
+	// The same key rules as issuance, for the leaf and every intermediate
+	// (the root is the configured trust anchor).
+	for i, c := range chain[:len(chain)-1] {
+		if err := ca.CheckKey(c.PublicKey); err != nil {
+			what := "client certificate"
+			if i > 0 {
+				what = fmt.Sprintf("intermediate %q", c.Subject.CommonName)
+			}
+			return s, &refusal{"weak_key", fmt.Sprintf("%s: %v", what, err)}
+		}
 	}
 	if err := provisioning.CheckDeviceID(s.id.CN); err != nil {
 		return s, &refusal{"bad_cn", fmt.Sprintf("certificate CN %q is not a valid device ID", s.id.CN)}
@@ -126,20 +181,26 @@ func (b *Broker) identify(cl *mqtt.Client, pk packets.Packet) (*session, *refusa
 	if cl.ID != s.id.CN {
 		return s, &refusal{"client_id_mismatch", fmt.Sprintf("client ID %q is not the certificate CN %q", cl.ID, s.id.CN)}
 	}
-	if why := b.revoked.check(s.serial, s.issuer); why != "" {
-		return s, &refusal{"revoked", why}
-	}
 	if time.Now().After(s.notAfter) {
 		return s, &refusal{"expired", "certificate expired"}
 	}
-	b.mu.RLock()
-	perms := b.policy.Compile(s.id)
-	b.mu.RUnlock()
-	s.setPerms(perms)
-	if pk.Connect.WillFlag && !perms.Allow(pk.Connect.WillTopic, policy.Publish) {
+	s.compile(b.policy.Load())
+	if pk.Connect.WillFlag && !s.perms().Allow(pk.Connect.WillTopic, policy.Publish) {
 		return s, &refusal{"will_denied", fmt.Sprintf("Will topic %q not allowed", pk.Connect.WillTopic)}
 	}
 	return s, nil
+}
+
+// checkRevoked refuses a revoked certificate or device ID, and any CONNECT
+// while the revocation data is unavailable unless configured otherwise.
+func (b *Broker) checkRevoked(s *session) *refusal {
+	if why := b.revoked.check(s.serial, s.issuer, s.id.CN); why != "" {
+		return &refusal{"revoked", why}
+	}
+	if b.revoked.unavailable() && !b.cfg.AdmitWhenRegistryDown {
+		return &refusal{"registry_unavailable", "revocation data unavailable (registry unreadable); refusing new connections"}
+	}
+	return nil
 }
 
 // identityOf extracts the policy identity from a verified leaf.
@@ -156,29 +217,70 @@ func identityOf(leaf *x509.Certificate) policy.Identity {
 	return id
 }
 
-// register records an authenticated session, notes clones and arms the
-// expiry timer.
-func (b *Broker) register(s *session) {
+// admit registers s so that revocations and policy reloads find it.
+func (b *Broker) admit(s *session) {
 	b.mu.Lock()
 	b.sessions[s.cl] = s
+	b.byConn[s.conn] = s
 	peers := b.bySerial[s.serial]
 	if peers == nil {
 		peers = make(map[*mqtt.Client]*session)
 		b.bySerial[s.serial] = peers
 	}
+	peers[s.cl] = s
+	b.mu.Unlock()
+	// A policy swapped in after identify compiled s but before s was
+	// visible to SetPolicy: recompile.
+	if p := b.policy.Load(); s.c.Load().pol != p {
+		s.compile(p)
+	}
+}
+
+func (h *authHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
+	return h.b.session(cl) != nil
+}
+
+// OnSessionEstablish runs before Mochi takes over an existing session of
+// the same client ID: note the takeover and clones.
+func (h *authHook) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
+	b := h.b
+	b.mu.Lock()
+	s := b.sessions[cl]
+	if s == nil {
+		b.mu.Unlock()
+		return
+	}
+	if prev := b.byID[cl.ID]; prev != nil && prev != s {
+		prev.superseded, s.prev = true, prev
+	}
+	b.byID[cl.ID] = s
 	clones := 0
-	for other := range peers {
-		if !other.Closed() {
+	for other, o := range b.bySerial[s.serial] {
+		if other != cl && !o.ended && !other.Closed() {
 			clones++
 		}
 	}
-	peers[s.cl] = s
 	b.mu.Unlock()
 	if clones > 0 {
 		b.metrics.clones.Inc()
 		b.log.Warn("audit", "event", "certificate in use by another live session (clone?)", "cn", s.id.CN, "serial", s.serial, "remote", s.remote)
 	}
+}
+
+// OnSessionEstablished runs once the CONNACK is written: the session is
+// live.
+func (h *authHook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
+	b := h.b
+	b.mu.Lock()
+	s := b.sessions[cl]
+	if s == nil {
+		b.mu.Unlock()
+		return
+	}
+	s.established = true
+	b.releasePrevLocked(s)
 	s.expiry = time.AfterFunc(time.Until(s.notAfter), func() { b.disconnect(s, "certificate expired") })
+	b.mu.Unlock()
 	b.metrics.connections.Inc()
 	b.metrics.accepted.Inc()
 	if b.log.Enabled(context.Background(), slog.LevelInfo) {
@@ -186,8 +288,111 @@ func (b *Broker) register(s *session) {
 	}
 }
 
-func (h *authHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
-	return h.b.session(cl) != nil
+// releasePrevLocked forgets the session s took over once it is offline:
+// Mochi's client map now holds s, so nothing routes to the old one.
+func (b *Broker) releasePrevLocked(s *session) {
+	if p := s.prev; p != nil && p.ended {
+		b.releaseLocked(p)
+		s.prev = nil
+	}
+}
+
+func (h *authHook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
+	b := h.b
+	b.mu.Lock()
+	s := b.sessions[cl]
+	if s == nil || s.ended {
+		b.mu.Unlock()
+		return
+	}
+	s.ended = true
+	live := s.established
+	if expire || s.superseded || cl.IsTakenOver() {
+		b.releaseLocked(s)
+	}
+	if s.expiry != nil {
+		s.expiry.Stop()
+	}
+	b.mu.Unlock()
+	b.flowRelease(s)
+	if live {
+		b.metrics.connections.Dec()
+		b.log.Info("disconnected", "cn", s.id.CN, "serial", s.serial, "remote", s.remote, "err", err)
+	}
+}
+
+// connEnded runs when Mochi is done with a connection, on every path.
+// Mochi skips OnDisconnect when the CONNACK (or the inflight resend) cannot
+// be written; such a session is settled here. It reports whether the
+// connection had an admitted CONNECT.
+func (b *Broker) connEnded(conn net.Conn) bool {
+	b.mu.Lock()
+	s := b.byConn[conn]
+	delete(b.byConn, conn)
+	if s == nil || s.established || s.ended {
+		b.mu.Unlock()
+		return s != nil
+	}
+	s.ended = true
+	b.releasePrevLocked(s)
+	cl := s.cl
+	expire := (cl.Properties.ProtocolVersion == 5 && cl.Properties.Props.SessionExpiryInterval == 0) ||
+		(cl.Properties.ProtocolVersion < 5 && cl.Properties.Clean)
+	if expire || s.superseded {
+		b.releaseLocked(s)
+	}
+	b.mu.Unlock()
+	b.flowRelease(s)
+	if expire {
+		// What Mochi does after OnDisconnect for a clean session.
+		if cur, ok := b.mochi.Clients.Get(cl.ID); ok && cur == cl {
+			b.mochi.UnsubscribeClient(cl)
+			cl.ClearInflights()
+			b.mochi.Clients.Delete(cl.ID)
+		}
+	}
+	return true
+}
+
+// OnClientExpired: Mochi dropped a disconnected persistent session.
+func (h *authHook) OnClientExpired(cl *mqtt.Client) {
+	h.b.mu.Lock()
+	if s := h.b.sessions[cl]; s != nil {
+		h.b.releaseLocked(s)
+	}
+	h.b.mu.Unlock()
+}
+
+// releaseLocked forgets s (byConn is left to connEnded).
+func (b *Broker) releaseLocked(s *session) {
+	if b.sessions[s.cl] == s {
+		delete(b.sessions, s.cl)
+	}
+	if peers := b.bySerial[s.serial]; peers != nil && peers[s.cl] == s {
+		delete(peers, s.cl)
+		if len(peers) == 0 {
+			delete(b.bySerial, s.serial)
+		}
+	}
+	if b.byID[s.cl.ID] == s {
+		delete(b.byID, s.cl.ID)
+	}
+}
+
+// sessionCounts returns the live sessions and those kept for offline
+// persistent clients.
+func (b *Broker) sessionCounts() (live, offline int) {
+	b.mu.RLock()
+	defer b.mu.RUnlock()
+	for _, s := range b.sessions {
+		switch {
+		case s.ended:
+			offline++
+		case s.established:
+			live++
+		}
+	}
+	return live, offline
 }
 
 func (b *Broker) session(cl *mqtt.Client) *session {
@@ -197,7 +402,7 @@ func (b *Broker) session(cl *mqtt.Client) *session {
 }
 
 // OnACLCheck is called for PUBLISH (write), SUBSCRIBE (a filter) and every
-// delivery (a topic).
+// delivery (a topic), for offline persistent sessions too.
 func (h *authHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	s := h.b.session(cl)
 	if s == nil {
@@ -207,6 +412,8 @@ func (h *authHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	var ok bool
 	action := "publish"
 	switch {
+	case strings.HasPrefix(topic, suppressedWill):
+		return false
 	case write:
 		ok = perms.Allow(topic, policy.Publish)
 	case strings.ContainsAny(topic, "+#"):
@@ -215,7 +422,7 @@ func (h *authHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	default:
 		// a delivery, or a filter without wildcards: the same question
 		action = "receive"
-		ok = perms.Allow(topic, policy.Subscribe)
+		ok = !s.revoked.Load() && perms.Allow(topic, policy.Subscribe)
 	}
 	if !ok {
 		h.b.metrics.aclDenied.WithLabelValues(action).Inc()
@@ -224,34 +431,45 @@ func (h *authHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	return ok
 }
 
-func (h *authHook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
-	b := h.b
-	b.mu.Lock()
-	s := b.sessions[cl]
-	delete(b.sessions, cl)
+// suppressedWill is where a Will the policy no longer allows goes: Mochi
+// has no way to cancel a Will from a hook, and OnACLCheck refuses every
+// delivery and subscription under this prefix.
+const suppressedWill = "$mqtls/suppressed-will"
+
+// OnWill checks the Will against the permissions in force when it is sent
+// (the policy may have changed since CONNECT).
+func (h *authHook) OnWill(cl *mqtt.Client, will mqtt.Will) (mqtt.Will, error) {
+	s := h.b.session(cl)
+	if s != nil && !s.revoked.Load() && s.perms().Allow(will.TopicName, policy.Publish) {
+		return will, nil
+	}
 	if s != nil {
-		delete(b.bySerial[s.serial], cl)
-		if len(b.bySerial[s.serial]) == 0 {
-			delete(b.bySerial, s.serial)
-		}
+		h.b.audit("will suppressed", s, "policy no longer allows Will topic "+will.TopicName)
 	}
-	b.mu.Unlock()
-	if s == nil {
-		return
-	}
-	s.expiry.Stop()
-	b.flowRelease(s)
-	b.metrics.connections.Dec()
-	b.log.Info("disconnected", "cn", s.id.CN, "serial", s.serial, "remote", s.remote, "err", err)
+	return mqtt.Will{TopicName: suppressedWill, Flag: will.Flag}, nil
 }
 
-// sessionsOf returns the live sessions of a certificate.
+// sessionsOf returns the sessions of a certificate (issuer nil: any
+// issuer), live or offline.
 func (b *Broker) sessionsOf(serial string, issuer []byte) []*session {
 	b.mu.RLock()
 	defer b.mu.RUnlock()
 	var out []*session
 	for _, s := range b.bySerial[serial] {
 		if issuer == nil || bytes.Equal(s.issuer, issuer) {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// sessionsOfDevice returns the sessions whose certificate names deviceID.
+func (b *Broker) sessionsOfDevice(deviceID string) []*session {
+	b.mu.RLock()
+	defer b.mu.RUnlock()
+	var out []*session
+	for _, s := range b.sessions {
+		if s.id.CN == deviceID {
 			out = append(out, s)
 		}
 	}

@@ -82,7 +82,20 @@ func (l *listener) handle(conn net.Conn, establish listeners.EstablishFn) {
 		return
 	}
 	b.metrics.handshake.Observe(time.Since(start).Seconds())
-	_ = establish(l.id, tc) // Mochi logs and counts client errors itself
+	err = establish(l.id, tc) // Mochi logs and counts client errors itself
+	if !b.connEnded(tc) && isTimeout(err) {
+		// TLS done, but no CONNECT before the deadline.
+		b.metrics.refused.WithLabelValues("connect_timeout").Inc()
+		b.log.Info("audit", "event", "no CONNECT before the deadline", "cn", peerCN(tc), "remote", tc.RemoteAddr().String(), "reason", err.Error())
+	}
+}
+
+// peerCN is the verified client certificate's CN, or "".
+func peerCN(tc *tls.Conn) string {
+	if ch := tc.ConnectionState().VerifiedChains; len(ch) > 0 {
+		return ch[0][0].Subject.CommonName
+	}
+	return ""
 }
 
 // Close stops accepting; Mochi closes the clients.

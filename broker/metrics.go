@@ -19,6 +19,7 @@ type metrics struct {
 	backpressure prometheus.Counter
 	clones       prometheus.Counter
 	acceptErrors prometheus.Counter
+	registryUp   prometheus.Gauge
 }
 
 func newMetrics() *metrics {
@@ -36,19 +37,21 @@ func newMetrics() *metrics {
 		msgIn:  prometheus.NewCounter(prometheus.CounterOpts{Name: "mqtls_messages_in_total", Help: "PUBLISH packets accepted from clients."}),
 		msgOut: prometheus.NewCounter(prometheus.CounterOpts{Name: "mqtls_messages_out_total", Help: "PUBLISH packets written to clients."}),
 		dropped: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mqtls_deliveries_dropped_total",
-			Help: "Deliveries Mochi dropped on a full outbound queue, by QoS (QoS>0 should stay 0)."}, []string{"qos"}),
+			Help: "Deliveries dropped, by reason: queue_full_qos0/1/2 (a live subscriber's outbound queue was full; QoS>0 should stay 0), offline_queue_full (a disconnected persistent session reached MaxQueuedMessages)."}, []string{"reason"}),
 		backpressure: prometheus.NewCounter(prometheus.CounterOpts{Name: "mqtls_publisher_waits_total",
 			Help: "QoS>0 publishes held back until a subscriber had room."}),
 		clones: prometheus.NewCounter(prometheus.CounterOpts{Name: "mqtls_certificate_clones_total",
 			Help: "CONNECTs with a certificate already in use by a live session."}),
 		acceptErrors: prometheus.NewCounter(prometheus.CounterOpts{Name: "mqtls_accept_errors_total",
 			Help: "Listener accept errors (e.g. EMFILE) survived."}),
+		registryUp: prometheus.NewGauge(prometheus.GaugeOpts{Name: "mqtls_registry_up",
+			Help: "1 when the last revocation poll of the registry succeeded, 0 while it fails (new connections refused unless configured otherwise)."}),
 	}
 }
 
 func (m *metrics) register(r prometheus.Registerer) error {
 	for _, c := range []prometheus.Collector{m.connections, m.accepted, m.refused, m.kicked, m.aclDenied,
-		m.handshake, m.msgIn, m.msgOut, m.dropped, m.backpressure, m.clones, m.acceptErrors} {
+		m.handshake, m.msgIn, m.msgOut, m.dropped, m.backpressure, m.clones, m.acceptErrors, m.registryUp} {
 		if err := r.Register(c); err != nil {
 			return err
 		}

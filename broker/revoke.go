@@ -13,25 +13,35 @@ import (
 	"github.com/mqtls/mqtls/provisioning/registry"
 )
 
+// Registry is what the broker reads from the device registry.
+type Registry interface {
+	// RevokedSince returns the certificates revoked at or after t.
+	RevokedSince(ctx context.Context, t time.Time) ([]registry.Cert, error)
+	// RevokedDevices returns the device IDs revoked now.
+	RevokedDevices(ctx context.Context) ([]string, error)
+}
+
 // revocations tracks revoked certificates from the registry (serials of
-// our issuing CA) and from a CRL file (issuer + serial), and closes live
-// sessions when one appears.
+// our issuing CA), revoked device IDs (whatever certificate carries them)
+// and a CRL file (issuer + serial), and closes sessions when one appears.
 type revocations struct {
 	b       *Broker
-	reg     *registry.Registry
+	reg     Registry
 	crlFile string
 	issuers []*x509.Certificate
 
 	mu       sync.RWMutex
 	serials  map[string]string // serial -> reason (registry)
+	devices  map[string]bool   // revoked device IDs (registry)
 	crl      map[string]string // issuer DER + serial -> reason
 	since    time.Time
 	crlStamp time.Time
 	crlSize  int64
+	failing  bool // the last registry poll failed
 }
 
-func newRevocations(b *Broker, reg *registry.Registry, crlFile string, issuers []*x509.Certificate) *revocations {
-	return &revocations{b: b, reg: reg, crlFile: crlFile, issuers: issuers, serials: map[string]string{}, crl: map[string]string{}}
+func newRevocations(b *Broker, reg Registry, crlFile string, issuers []*x509.Certificate) *revocations {
+	return &revocations{b: b, reg: reg, crlFile: crlFile, issuers: issuers, serials: map[string]string{}, devices: map[string]bool{}, crl: map[string]string{}}
 }
 
 // load reads the full revocation state before the broker accepts clients.
@@ -47,14 +57,47 @@ func (r *revocations) load() error {
 	return nil
 }
 
-// check returns why a certificate is revoked, or "".
-func (r *revocations) check(serial string, issuer []byte) string {
+// check returns why a certificate (or the device ID it carries) is
+// revoked, or "".
+func (r *revocations) check(serial string, issuer []byte, deviceID string) string {
 	r.mu.RLock()
 	defer r.mu.RUnlock()
 	if why, ok := r.serials[serial]; ok {
 		return why
 	}
+	if r.devices[deviceID] {
+		return fmt.Sprintf("device %q revoked", deviceID)
+	}
 	return r.crl[string(issuer)+serial]
+}
+
+// unavailable reports whether the registry could not be read at the last
+// poll.
+func (r *revocations) unavailable() bool {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	return r.failing
+}
+
+// setFailing records the registry's state; it logs and sets the metric on
+// every change.
+func (r *revocations) setFailing(err error) {
+	r.mu.Lock()
+	was := r.failing
+	r.failing = err != nil
+	r.mu.Unlock()
+	switch {
+	case err != nil && !was:
+		r.b.metrics.registryUp.Set(0)
+		policy := "refused"
+		if r.b.cfg.AdmitWhenRegistryDown {
+			policy = "admitted (AdmitWhenRegistryDown)"
+		}
+		r.b.log.Error("registry unreadable: keeping the last revocation data; new connections "+policy, "err", err)
+	case err == nil && was:
+		r.b.metrics.registryUp.Set(1)
+		r.b.log.Info("registry readable again")
+	}
 }
 
 func (r *revocations) watch(stop <-chan struct{}, every time.Duration) {
@@ -66,8 +109,8 @@ func (r *revocations) watch(stop <-chan struct{}, every time.Duration) {
 			return
 		case <-t.C:
 		}
-		if err := r.pollRegistry(); err != nil {
-			r.b.log.Error("revocation poll failed", "err", err)
+		if r.reg != nil {
+			r.setFailing(r.pollRegistry())
 		}
 		if r.crlFile != "" {
 			if err := r.loadCRL(); err != nil {
@@ -84,12 +127,27 @@ func (r *revocations) pollRegistry() error {
 	// Overlap the window: a revocation committed with an older timestamp
 	// than the last poll (clock granularity) is still seen.
 	since := r.since.Add(-5 * time.Second)
-	certs, err := r.reg.RevokedSince(context.Background(), since)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	certs, err := r.reg.RevokedSince(ctx, since)
 	if err != nil {
 		return err
 	}
+	ids, err := r.reg.RevokedDevices(ctx)
+	if err != nil {
+		return err
+	}
+	devices := make(map[string]bool, len(ids))
+	var freshIDs []string
 	var fresh []registry.Cert
 	r.mu.Lock()
+	for _, id := range ids {
+		devices[id] = true
+		if !r.devices[id] {
+			freshIDs = append(freshIDs, id)
+		}
+	}
+	r.devices = devices
 	for _, c := range certs {
 		if _, known := r.serials[c.Serial]; !known {
 			r.serials[c.Serial] = fmt.Sprintf("certificate revoked at %s (%s)", c.RevokedAt.UTC().Format(time.RFC3339), c.RevocationReason)
@@ -102,7 +160,12 @@ func (r *revocations) pollRegistry() error {
 	r.mu.Unlock()
 	for _, c := range fresh {
 		for _, s := range r.b.sessionsOf(c.Serial, nil) {
-			r.b.disconnect(s, r.check(c.Serial, nil))
+			r.b.revoke(s, r.check(c.Serial, nil, ""))
+		}
+	}
+	for _, id := range freshIDs {
+		for _, s := range r.b.sessionsOfDevice(id) {
+			r.b.revoke(s, r.check("", nil, id))
 		}
 	}
 	return nil
@@ -156,7 +219,7 @@ func (r *revocations) loadCRL() error {
 	r.b.log.Info("CRL loaded", "file", r.crlFile, "issuer", crl.Issuer.String(), "entries", len(entries))
 	for _, serial := range fresh {
 		for _, s := range r.b.sessionsOf(serial, crl.RawIssuer) {
-			r.b.disconnect(s, r.check(serial, crl.RawIssuer))
+			r.b.revoke(s, r.check(serial, crl.RawIssuer, ""))
 		}
 	}
 	return nil

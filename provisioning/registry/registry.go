@@ -523,3 +523,21 @@ func (r *Registry) devices(ctx context.Context, where string, args ...any) ([]De
 	}
 	return out, rows.Err()
 }
+
+// RevokedDevices returns the IDs of the devices revoked now, sorted.
+func (r *Registry) RevokedDevices(ctx context.Context) ([]string, error) {
+	rows, err := r.db.QueryContext(ctx, `SELECT id FROM devices WHERE status = 'revoked' ORDER BY id`)
+	if err != nil {
+		return nil, fmt.Errorf("registry: %w", err)
+	}
+	defer rows.Close()
+	var ids []string
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			return nil, fmt.Errorf("registry: %w", err)
+		}
+		ids = append(ids, id)
+	}
+	return ids, rows.Err()
+}
