@@ -18,6 +18,7 @@ import (
 	"github.com/mqtls/mqtls/broker/policy"
 	"github.com/mqtls/mqtls/internal/brokertest"
 	"github.com/mqtls/mqtls/internal/testpki"
+	"github.com/mqtls/mqtls/internal/testtool"
 	"github.com/mqtls/mqtls/keystore"
 )
 
@@ -296,6 +297,9 @@ func TestHandshakeDeadline(t *testing.T) {
 	if _, err := tc.Read(make([]byte, 1)); err == nil || time.Since(start) > 3*time.Second {
 		t.Errorf("TLS without CONNECT not cut: %v after %v", err, time.Since(start))
 	}
+	testtool.Eventually(t, 2*time.Second, "TLS without CONNECT counted", func() bool {
+		return metricLabel(t, env, "mqtls_connects_refused_total", "reason", "connect_timeout") == 1
+	})
 }
 
 // isTimeout: our own read deadline fired, i.e. the broker did not close.

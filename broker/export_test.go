@@ -1,5 +1,7 @@
 package broker
 
+import "strings"
+
 // Test hooks for the external tests (compiled only with the tests).
 
 // SessionCounts returns the sessions with a live connection and those
@@ -15,3 +17,15 @@ func SetConnectPause(b *Broker, f func()) { b.connectPause = f }
 
 // Revoked reports whether the broker knows serial as revoked.
 func Revoked(b *Broker, serial string) bool { return b.revoked.check(serial, nil, "") != "" }
+
+// RetainedCount is the number of retained messages Mochi holds outside
+// $SYS.
+func RetainedCount(b *Broker) int {
+	n := 0
+	for topic := range b.mochi.Topics.Retained.GetAll() {
+		if !strings.HasPrefix(topic, "$") {
+			n++
+		}
+	}
+	return n
+}

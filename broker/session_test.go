@@ -118,7 +118,7 @@ func TestConnackFailureLeaksNothing(t *testing.T) {
 	cfg := env.TLS(t, dev)
 	var buf bytes.Buffer
 	connect := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 5,
-		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), ClientIdentifier: "dev-a", Keepalive: 30, Clean: true},
+		Connect:    packets.ConnectParams{ProtocolName: []byte("MQTT"), ClientIdentifier: "dev-a", Keepalive: 30, Clean: true},
 		Properties: packets.Properties{MaximumPacketSize: 4}}
 	if err := connect.ConnectEncode(&buf); err != nil {
 		t.Fatal(err)
