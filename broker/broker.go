@@ -206,6 +206,7 @@ func New(cfg Config) (*Broker, error) {
 	caps.MaximumSessionExpiryInterval = uint32(cfg.MaxSessionExpiry / time.Second)
 	caps.Compatibilities.NoInheritedPropertiesOnAck = true
 	caps.MaximumInflight = uint16(cfg.MaxQueuedMessages)
+	caps.TopicAliasMaximum = 16 // inbound aliases per client (advertised in CONNACK)
 	// Mochi's default (24 h) would expire retained and queued messages
 	// that carry no expiry of their own.
 	caps.MaximumMessageExpiryInterval = int64(cfg.MaxMessageExpiry / time.Second)

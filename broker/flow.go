@@ -66,7 +66,17 @@ func (h *flowHook) ID() string { return "mqtls-flow" }
 
 func (h *flowHook) Provides(b byte) bool {
 	return b == mqtt.OnPublish || b == mqtt.OnPublished || b == mqtt.OnPublishDropped ||
-		b == mqtt.OnSubscribe || b == mqtt.OnPacketSent
+		b == mqtt.OnSubscribe || b == mqtt.OnPacketSent || b == mqtt.OnPacketEncode
+}
+
+// OnPacketEncode advertises the Topic Alias Maximum in a v5 CONNACK: Mochi
+// (v2.7.9) accepts inbound aliases up to its capability but never says so
+// (TestTopicAliases).
+func (h *flowHook) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	if pk.FixedHeader.Type == packets.Connack && pk.ProtocolVersion == 5 && pk.ReasonCode == 0 {
+		pk.Properties.TopicAliasMaximum = h.b.mochi.Options.Capabilities.TopicAliasMaximum
+	}
+	return pk
 }
 
 // OnPublish runs in the publisher's read loop before Mochi routes the

@@ -36,7 +36,8 @@ type session struct {
 	notAfter time.Time
 	remote   string
 	c        atomic.Pointer[compiled]
-	revoked  atomic.Bool // no more deliveries; Mochi drops the session at expiry
+	revoked  atomic.Bool  // no more deliveries; Mochi drops the session at expiry
+	decided  atomic.Int32 // publish decided in OnPacketRead: 0 none, 1 allowed, 2 denied
 	flow     flowState
 
 	// guarded by Broker.mu
@@ -70,7 +71,7 @@ func (h *authHook) ID() string { return "mqtls-auth" }
 func (h *authHook) Provides(b byte) bool {
 	switch b {
 	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnSessionEstablish, mqtt.OnSessionEstablished,
-		mqtt.OnACLCheck, mqtt.OnDisconnect, mqtt.OnClientExpired, mqtt.OnWill:
+		mqtt.OnACLCheck, mqtt.OnDisconnect, mqtt.OnClientExpired, mqtt.OnWill, mqtt.OnPacketRead:
 		return true
 	}
 	return false
@@ -415,6 +416,12 @@ func (h *authHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	case strings.HasPrefix(topic, suppressedWill):
 		return false
 	case write:
+		switch s.decided.Swap(0) { // OnPacketRead decided (and audited) it
+		case 1:
+			return true
+		case 2:
+			return false
+		}
 		ok = perms.Allow(topic, policy.Publish)
 	case strings.ContainsAny(topic, "+#"):
 		action = "subscribe"
@@ -429,6 +436,54 @@ func (h *authHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 		h.b.log.Info("audit", "event", action+" denied", "cn", s.id.CN, "serial", s.serial, "remote", s.remote, "topic", topic)
 	}
 	return ok
+}
+
+// OnPacketRead decides a PUBLISH before Mochi does, because Mochi (v2.7.9)
+// drops a PUBLISH to $SYS/... before any hook (a QoS 1 publisher waits for
+// a PUBACK forever), checks the ACL before resolving a topic alias (an
+// alias to an allowed topic was refused), and answers a denied 3.1.1
+// QoS>0 publish with a DISCONNECT packet, which 3.1.1 does not define. The
+// decision is handed to OnACLCheck, which runs next on the same client's
+// read loop. Tested by TestSysPublishAnswered, TestTopicAliases and
+// TestDenied311PublishJustCloses.
+func (h *authHook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if pk.FixedHeader.Type != packets.Publish {
+		return pk, nil
+	}
+	b := h.b
+	s := b.session(cl)
+	if s == nil {
+		return pk, nil // OnACLCheck refuses
+	}
+	topic := pk.TopicName
+	if topic == "" && pk.Properties.TopicAliasFlag && pk.Properties.TopicAlias > 0 && pk.Properties.TopicAlias <= b.mochi.Options.Capabilities.TopicAliasMaximum {
+		topic = cl.State.TopicAliases.Inbound.Set(pk.Properties.TopicAlias, "") // the registered topic, if any
+	}
+	sys := len(topic) >= len(mqtt.SysPrefix) && strings.EqualFold(topic[:len(mqtt.SysPrefix)], mqtt.SysPrefix)
+	if !sys && topic != "" && s.perms().Allow(topic, policy.Publish) {
+		pk.TopicName = topic
+		s.decided.Store(1)
+		return pk, nil
+	}
+	b.metrics.aclDenied.WithLabelValues("publish").Inc()
+	b.log.Info("audit", "event", "publish denied", "cn", s.id.CN, "serial", s.serial, "remote", s.remote, "topic", topic, "alias", pk.Properties.TopicAlias)
+	switch {
+	case pk.FixedHeader.Qos == 0:
+	case cl.Properties.ProtocolVersion < 5:
+		cl.Stop(fmt.Errorf("publish to %q not allowed", topic)) // 3.1.1: close, no DISCONNECT
+	case sys:
+		// Mochi drops it without an answer: answer here.
+		ack := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: pk.PacketID, ReasonCode: packets.ErrNotAuthorized.Code}
+		if pk.FixedHeader.Qos == 2 {
+			ack.FixedHeader.Type = packets.Pubrec
+		}
+		_ = cl.WritePacket(ack) // a failed write ends the connection anyway
+	}
+	if !sys {
+		pk.TopicName = topic
+		s.decided.Store(2)
+	}
+	return pk, nil
 }
 
 // suppressedWill is where a Will the policy no longer allows goes: Mochi
