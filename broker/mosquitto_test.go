@@ -3,12 +3,18 @@ package broker_test
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"math/big"
 	"os/exec"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/mqtls/mqtls/broker"
 	"github.com/mqtls/mqtls/internal/brokertest"
+	"github.com/mqtls/mqtls/internal/testpki"
 	"github.com/mqtls/mqtls/internal/testtool"
 )
 
@@ -171,4 +177,95 @@ func TestMosquittoHandshakeAndRevocation(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Log("mosquitto_sub keeps retrying; every reconnect is refused")
 	}
+}
+
+// The broker's edges seen from mosquitto's clients: a persistent session's
+// queue, messages without expiry, $SYS publishes, revoked device IDs and
+// deep chains.
+func TestMosquittoEdges(t *testing.T) {
+	testtool.Require(t, "mosquitto_sub")
+	short := backendEnv(t, func(c *broker.Config) { c.MaxMessageExpiry = time.Second })
+	env := backendEnv(t, nil)
+	a := env.Device(t, "dev-a", 0)
+	be := env.Device(t, "backend-1", 0, "backend")
+
+	t.Run("offline persistent session gets its QoS 1 commands", func(t *testing.T) {
+		sub := []string{"-V", "5", "-c", "-x", "3600", "-q", "1", "-t", "devices/dev-a/commands/#"}
+		if out, code := mosq(t, env, a, "mosquitto_sub", append(sub, "-E")...); code != 0 {
+			t.Fatalf("subscribe and leave: exit %d %q", code, out)
+		}
+		for _, m := range []string{"reboot", "update"} {
+			if out, code := mosq(t, env, be, "mosquitto_pub", "-q", "1", "-t", "devices/dev-a/commands/"+m, "-m", m); code != 0 {
+				t.Fatalf("backend publish: exit %d %q", code, out)
+			}
+		}
+		out, code := mosq(t, env, a, "mosquitto_sub", append(sub, "-C", "2", "-W", "10", "-v")...)
+		if code != 0 || !strings.Contains(out, "devices/dev-a/commands/reboot reboot") || !strings.Contains(out, "devices/dev-a/commands/update update") {
+			t.Fatalf("after reconnect: exit %d %q, want both commands", code, out)
+		}
+	})
+
+	t.Run("retained state does not expire by default", func(t *testing.T) {
+		for _, e := range []*brokertest.Env{short, env} {
+			d := e.Device(t, "dev-b", 0)
+			if out, code := mosq(t, e, d, "mosquitto_pub", "-q", "1", "-r", "-t", "devices/dev-b/state", "-m", "on"); code != 0 {
+				t.Fatalf("retain: exit %d %q", code, out)
+			}
+		}
+		testtool.Eventually(t, 10*time.Second, "retained message expired with MaxMessageExpiry 1s", func() bool {
+			return broker.RetainedCount(short.Broker) == 0
+		})
+		out, code := mosq(t, env, env.Device(t, "dev-b", 0), "mosquitto_sub", "-t", "devices/dev-b/state", "-C", "1", "-W", "5")
+		if code != 0 || strings.TrimSpace(out) != "on" {
+			t.Fatalf("default broker: exit %d %q, want the retained state", code, out)
+		}
+	})
+
+	t.Run("$SYS publish answered", func(t *testing.T) {
+		out, code := mosq(t, env, a, "mosquitto_pub", "-V", "5", "-q", "1", "-t", "$SYS/x", "-m", "x")
+		if !strings.Contains(out, "Not authorized") {
+			t.Errorf("v5 QoS 1 to $SYS/x: exit %d %q, want PUBACK 'Not authorized'", code, out)
+		}
+		if out, code := mosq(t, env, a, "mosquitto_pub", "-V", "mqttv311", "-q", "1", "-t", "$SYS/x", "-m", "x"); code == 0 {
+			t.Errorf("3.1.1 QoS 1 to $SYS/x: exit 0 %q, want the connection closed", out)
+		}
+	})
+
+	t.Run("revoked device ID, certificate outside the registry", func(t *testing.T) {
+		env.Device(t, "dev-c", 0)
+		key := testpki.NewKey(t)
+		other := &brokertest.Device{ID: "dev-c", Key: key, Chain: chainCert(t, env, "dev-c", key, 0).Certificate}
+		if out, code := mosq(t, env, other, "mosquitto_pub", "-q", "1", "-t", "devices/dev-c/x", "-m", "1"); code != 0 {
+			t.Fatalf("before revocation: exit %d %q", code, out)
+		}
+		if _, err := env.Registry.Revoke(t.Context(), "dev-c", "stolen"); err != nil {
+			t.Fatal(err)
+		}
+		testtool.Eventually(t, 5*time.Second, "revoked device ID refused", func() bool {
+			out, code := mosq(t, env, other, "mosquitto_pub", "-q", "1", "-t", "devices/dev-c/x", "-m", "1")
+			return code != 0 && strings.Contains(strings.ToLower(out), "not authori")
+		})
+	})
+
+	t.Run("deep chain refused", func(t *testing.T) {
+		rootKey := testpki.NewKey(t)
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "adopted root"},
+			NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
+			IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, rootKey.Public(), rootKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		adopted, _ := x509.ParseCertificate(der)
+		deep := brokertest.Start(t, func(c *broker.Config) { c.Root = adopted })
+		key := testpki.NewKey(t)
+		d := &brokertest.Device{ID: "dev-d", Key: key, Chain: chainUnder(t, adopted, rootKey, "dev-d", key, 8).Certificate}
+		out, code := mosq(t, deep, d, "mosquitto_pub", "-q", "1", "-t", "devices/dev-d/x", "-m", "1")
+		if code == 0 || !strings.Contains(strings.ToLower(out), "not authori") {
+			t.Fatalf("8 intermediates: exit %d %q, want not authorised", code, out)
+		}
+		if got := metricLabel(t, deep, "mqtls_connects_refused_total", "reason", "chain_too_deep"); got != 1 {
+			t.Errorf("chain_too_deep refusals = %v, want 1", got)
+		}
+	})
 }
