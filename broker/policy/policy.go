@@ -4,7 +4,7 @@
 //
 // A [Policy] is a list of rules; a rule applies to identities its match
 // selects (CN glob, OU, SAN glob) and grants publish and subscribe topic
-// filters, or denies filters; deny wins. Topic templates take {cn} and {ou}.
+// filters, or denies filters; deny wins (a deny filter covers $-topics too: deny "#" quarantines everything). Topic templates take {cn} and {ou}.
 // Without a policy file, [Default] applies: CN X may publish and subscribe
 // devices/X/# and nothing else.
 //
@@ -182,7 +182,7 @@ func (p *Perms) Allow(topic string, a Access) bool {
 		return false
 	}
 	for _, d := range p.deny {
-		if matchTopic(d, topic) {
+		if matchLevels(d, topic) { // deny wins, $-topics included
 			return false
 		}
 	}
@@ -207,7 +207,7 @@ func (p *Perms) AllowFilter(filter string) bool {
 	}
 	f := strings.Split(filter, "/")
 	for _, d := range p.deny {
-		if overlaps(d, f) {
+		if overlapRule(d, f, false) { // deny wins, $-topics included
 			return false
 		}
 	}

@@ -189,3 +189,33 @@ func TestParseErrors(t *testing.T) {
 		}
 	}
 }
+
+// "Deny wins" covers $-topics: a deny of '#' quarantines everything,
+// although '#' as a grant or subscription matches no $-topic (MQTT 4.7.2).
+func TestDenyCoversDollarTopics(t *testing.T) {
+	p, err := policy.Parse([]byte(policy.Example))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lab := p.Compile(policy.Identity{CN: "lab-1", OUs: []string{"backend"}})
+	for _, f := range []string{"$SYS/#", "$SYS/broker/uptime", "devices/+/telemetry", "#"} {
+		if lab.AllowFilter(f) {
+			t.Errorf("quarantined identity may subscribe %q", f)
+		}
+	}
+	for _, topic := range []string{"$SYS/broker/uptime", "devices/x/telemetry", "devices/lab-1/x"} {
+		if lab.Allow(topic, policy.Subscribe) || lab.Allow(topic, policy.Publish) {
+			t.Errorf("quarantined identity may use %q", topic)
+		}
+	}
+	// without the quarantine, the backend keeps its $SYS grant
+	be := p.Compile(policy.Identity{CN: "ops", OUs: []string{"backend"}})
+	if !be.AllowFilter("$SYS/#") || !be.Allow("$SYS/broker/uptime", policy.Subscribe) {
+		t.Error("backend lost its $SYS grant")
+	}
+	// a deny of "+/x" covers "$SYS/x" too
+	q, _ := policy.Parse([]byte("rules:\n  - name: r\n    match: {cn: \"*\"}\n    subscribe: [\"$SYS/#\"]\n    deny: [\"+/x\"]\n"))
+	if perms := q.Compile(policy.Identity{CN: "a"}); perms.Allow("$SYS/x", policy.Subscribe) || perms.AllowFilter("$SYS/+") || !perms.AllowFilter("$SYS/y") {
+		t.Error("deny +/x does not cover $SYS/x exactly")
+	}
+}

@@ -50,6 +50,12 @@ func matchTopic(f []string, topic string) bool {
 	if len(f) > 0 && (f[0] == "+" || f[0] == "#") && strings.HasPrefix(topic, "$") {
 		return false
 	}
+	return matchLevels(f, topic)
+}
+
+// matchLevels is matchTopic without MQTT's '$' rule: deny filters use it,
+// so a deny of '#' covers $-topics too.
+func matchLevels(f []string, topic string) bool {
 	rest, more := topic, true
 	for _, l := range f {
 		if l == "#" {
@@ -121,13 +127,17 @@ func Overlaps(a, b string) bool {
 	return overlaps(strings.Split(a, "/"), strings.Split(b, "/"))
 }
 
-func overlaps(a, b []string) bool {
+func overlaps(a, b []string) bool { return overlapRule(a, b, true) }
+
+// overlapRule is overlaps with (dollar) or without MQTT's rule that a
+// leading wildcard matches no $-topic; deny filters are compared without it.
+func overlapRule(a, b []string, dollar bool) bool {
 	a, b = normalize(a), normalize(b)
 	for i := 0; ; i++ {
 		aEnd, bEnd := i >= len(a), i >= len(b)
 		aHash, bHash := !aEnd && a[i] == "#", !bEnd && b[i] == "#"
 		if aHash || bHash {
-			if i == 0 {
+			if i == 0 && dollar {
 				// '#' at the start matches no $-topic: the other side must
 				// be able to produce a topic that does not start with '$'.
 				if aHash && !bEnd && isDollarLiteral(b[0]) || bHash && !aEnd && isDollarLiteral(a[0]) {
@@ -140,7 +150,7 @@ func overlaps(a, b []string) bool {
 			return aEnd && bEnd
 		}
 		if a[i] == "+" || b[i] == "+" {
-			if i == 0 && (a[i] == "+" && isDollarLiteral(b[i]) || b[i] == "+" && isDollarLiteral(a[i])) {
+			if i == 0 && dollar && (a[i] == "+" && isDollarLiteral(b[i]) || b[i] == "+" && isDollarLiteral(a[i])) {
 				return false
 			}
 			continue
