@@ -100,6 +100,7 @@ type Broker struct {
 	byID     map[string]*session                  // the newest session of each client ID
 
 	connectPause func() // tests: runs after a CONNECT's revocation check
+	dropLog      rateLog
 
 	revoked   *revocations
 	stop      chan struct{}

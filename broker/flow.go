@@ -2,6 +2,7 @@ package broker
 
 import (
 	"fmt"
+	"log/slog"
 	"reflect"
 	"strings"
 	"sync"
@@ -109,7 +110,7 @@ func (h *flowHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 			// up to its bound
 			if subCl.State.Inflight.Len() >= int(b.mochi.Options.Capabilities.MaximumInflight) {
 				b.metrics.dropped.WithLabelValues("offline_queue_full").Inc()
-				b.log.Warn("delivery dropped: offline session queue full", "client_id", id, "topic", pk.TopicName, "qos", sub.Qos)
+				b.dropLog.note(b.log, "delivery dropped: offline session queue full", "client_id", id, "topic", pk.TopicName, "qos", sub.Qos)
 			}
 			continue
 		}
@@ -172,7 +173,28 @@ func (b *Broker) flowRelease(pub *session) {
 
 func (h *flowHook) OnPublishDropped(cl *mqtt.Client, pk packets.Packet) {
 	h.b.metrics.dropped.WithLabelValues(fmt.Sprintf("queue_full_qos%d", pk.FixedHeader.Qos)).Inc()
-	h.b.log.Warn("delivery dropped: outbound queue full", "client_id", cl.ID, "topic", pk.TopicName, "qos", pk.FixedHeader.Qos)
+	h.b.dropLog.note(h.b.log, "delivery dropped: outbound queue full", "client_id", cl.ID, "topic", pk.TopicName, "qos", pk.FixedHeader.Qos)
+}
+
+// rateLog writes at most one line per second and says how many it left
+// out: under overload a line per dropped message costs more than the
+// message (the metric counts every one).
+type rateLog struct {
+	next    atomic.Int64 // unix nanoseconds before which lines are counted, not written
+	skipped atomic.Int64
+}
+
+func (r *rateLog) note(log *slog.Logger, msg string, args ...any) {
+	now := time.Now().UnixNano()
+	next := r.next.Load()
+	if now < next || !r.next.CompareAndSwap(next, now+int64(time.Second)) {
+		r.skipped.Add(1)
+		return
+	}
+	if n := r.skipped.Swap(0); n > 0 {
+		args = append(args, "similar_lines_skipped", n)
+	}
+	log.Warn(msg, args...)
 }
 
 // OnSubscribe notes, for each "X/#" filter, the retained message on X
