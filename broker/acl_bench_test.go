@@ -2,7 +2,10 @@ package broker
 
 import (
 	"fmt"
+	"log/slog"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 
@@ -58,4 +61,56 @@ func BenchmarkACLCheck(b *testing.B) {
 			}
 		})
 	}
+}
+
+// BenchmarkPolicyReload reloads the policy with 10,000 sessions while a
+// goroutine keeps checking ACLs, and reports the longest single ACL check
+// seen during the reloads (the stall a reload imposes) next to the reload
+// time itself.
+func BenchmarkPolicyReload(b *testing.B) {
+	pol, err := policy.Parse([]byte(policy.Example))
+	if err != nil {
+		b.Fatal(err)
+	}
+	const n = 10_000
+	br := &Broker{sessions: make(map[*mqtt.Client]*session, n), metrics: newMetrics(), log: slog.New(slog.DiscardHandler)}
+	br.policy.Store(pol)
+	clients := make([]*mqtt.Client, n)
+	for i := range n {
+		cl := &mqtt.Client{ID: fmt.Sprintf("dev-%07d", i)}
+		cl.State.Subscriptions = mqtt.NewSubscriptions()
+		s := &session{cl: cl, id: policy.Identity{CN: cl.ID}}
+		s.compile(pol)
+		br.sessions[cl] = s
+		clients[i] = cl
+	}
+	h := &authHook{b: br}
+	stop := make(chan struct{})
+	var worst atomic.Int64
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; ; i = (i + 7919) % n {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			start := time.Now()
+			if !h.OnACLCheck(clients[i], "devices/"+clients[i].ID+"/telemetry", true) {
+				panic("denied")
+			}
+			if d := int64(time.Since(start)); d > worst.Load() {
+				worst.Store(d)
+			}
+		}
+	}()
+	for b.Loop() {
+		if err := br.SetPolicy(pol); err != nil {
+			b.Fatal(err)
+		}
+	}
+	close(stop)
+	<-done
+	b.ReportMetric(float64(worst.Load())/1e3, "worst-acl-µs")
 }
