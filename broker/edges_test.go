@@ -2,14 +2,18 @@ package broker_test
 
 import (
 	"bytes"
+	"context"
 	"crypto"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"errors"
+	"fmt"
 	"math/big"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -19,6 +23,7 @@ import (
 	"github.com/mqtls/mqtls/internal/brokertest"
 	"github.com/mqtls/mqtls/internal/testpki"
 	"github.com/mqtls/mqtls/internal/testtool"
+	"github.com/mqtls/mqtls/provisioning/registry"
 )
 
 // chainCert issues a clientAuth leaf for cn with key, under n extra
@@ -193,4 +198,64 @@ func mustDialTLS(t *testing.T, env *brokertest.Env, cfg *tls.Config, clientID st
 	}
 	t.Cleanup(func() { c.Disconnect(0) })
 	return c
+}
+
+// faultyRegistry is the real registry with a switch that makes its reads
+// fail, as a corrupted or unreachable database would.
+type faultyRegistry struct {
+	broker.Registry
+	fail atomic.Bool
+}
+
+var errUnreadable = errors.New("database disk image is malformed")
+
+func (r *faultyRegistry) RevokedSince(ctx context.Context, t time.Time) ([]registry.Cert, error) {
+	if r.fail.Load() {
+		return nil, errUnreadable
+	}
+	return r.Registry.RevokedSince(ctx, t)
+}
+
+func (r *faultyRegistry) RevokedDevices(ctx context.Context) ([]string, error) {
+	if r.fail.Load() {
+		return nil, errUnreadable
+	}
+	return r.Registry.RevokedDevices(ctx)
+}
+
+// A registry that becomes unreadable while serving: live sessions stay,
+// new CONNECTs are refused (fail closed) unless AdmitWhenRegistryDown, and
+// the metric says so; service resumes when it is readable again.
+func TestRegistryUnreadableFailsClosed(t *testing.T) {
+	for _, admit := range []bool{false, true} {
+		t.Run(fmt.Sprintf("AdmitWhenRegistryDown=%v", admit), func(t *testing.T) {
+			var reg *faultyRegistry
+			env := brokertest.Start(t, func(c *broker.Config) {
+				reg = &faultyRegistry{Registry: c.Registry}
+				c.Registry, c.AdmitWhenRegistryDown = reg, admit
+			})
+			a := env.Device(t, "dev-a", 0)
+			live := mustDial(t, env, a)
+			reg.fail.Store(true)
+			testtool.Eventually(t, 5*time.Second, "registry marked down", func() bool { return metric(t, env, "mqtls_registry_up") == 0 })
+			_, err := dial(t, env, env.Device(t, "dev-b", 0))
+			if admit && err != nil {
+				t.Fatalf("AdmitWhenRegistryDown: connect refused: %v", err)
+			}
+			if !admit {
+				if err == nil || !strings.Contains(err.Error(), "not Authorized") {
+					t.Fatalf("connect while the registry is unreadable = %v, want not authorized", err)
+				}
+				if got := metricLabel(t, env, "mqtls_connects_refused_total", "reason", "registry_unavailable"); got != 1 {
+					t.Errorf("registry_unavailable refusals = %v, want 1", got)
+				}
+			}
+			if err := wait(t, live.Publish("devices/dev-a/x", 1, false, "still here")); err != nil || !live.IsConnectionOpen() {
+				t.Fatalf("live session lost while the registry was down: %v", err)
+			}
+			reg.fail.Store(false)
+			testtool.Eventually(t, 5*time.Second, "registry up again", func() bool { return metric(t, env, "mqtls_registry_up") == 1 })
+			mustDial(t, env, env.Device(t, "dev-c", 0))
+		})
+	}
 }
