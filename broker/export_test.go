@@ -29,3 +29,12 @@ func RetainedCount(b *Broker) int {
 	}
 	return n
 }
+
+// OutboundLen is Mochi's outbound queue length for a client ID (-1: none).
+func OutboundLen(b *Broker, clientID string) int {
+	cl, ok := b.mochi.Clients.Get(clientID)
+	if !ok {
+		return -1
+	}
+	return int(outboundLen(cl))
+}

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/mqtls/mqtls/broker"
 	"github.com/mqtls/mqtls/broker/policy"
@@ -151,4 +152,27 @@ func TestQoS0OverloadAccounted(t *testing.T) {
 		t.Errorf("QoS 1 drops: %v", q1)
 	}
 	t.Logf("delivered %d, dropped %v", got.Load(), metric(t, env, "mqtls_deliveries_dropped_total"))
+}
+
+// The flow control reads Mochi's unexported outbound queue length (Mochi
+// v2.7.9 has no API for it; checked at New). This fails loudly if a Mochi
+// upgrade changes what that field means: a subscriber that stops reading
+// must show a full queue.
+func TestOutboundQueueLengthRead(t *testing.T) {
+	env := backendEnv(t, func(c *broker.Config) { c.StallTimeout = time.Minute })
+	dev := env.Device(t, "dev-a", 0)
+	c, _ := dialRaw(t, env, dev, 4)
+	c.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1}, PacketID: 1,
+		Filters: packets.Subscriptions{{Filter: "devices/dev-a/#", Qos: 0}}})
+	if _, err := c.read(); err != nil { // SUBACK; then never read again
+		t.Fatal(err)
+	}
+	pub := mustDial(t, env, env.Device(t, "backend-1", 0, "backend"))
+	payload := strings.Repeat("x", 200<<10)
+	testtool.Eventually(t, 30*time.Second, "the stalled subscriber's outbound queue seen full", func() bool {
+		for range 16 {
+			pub.Publish("devices/dev-a/commands/x", 0, false, payload)
+		}
+		return broker.OutboundLen(env.Broker, "dev-a") >= 32
+	})
 }
