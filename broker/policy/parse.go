@@ -89,7 +89,7 @@ func scalar(n *yaml.Node, what string) (string, error) {
 
 func parseRule(n *yaml.Node) (Rule, error) {
 	var r Rule
-	m, err := mapping(n, "name", "match", "publish", "subscribe", "deny")
+	m, err := mapping(n, "name", "match", "publish", "subscribe", "deny", "client_ids", "max_sessions", "overlap")
 	if err != nil {
 		return r, err
 	}
@@ -140,11 +140,33 @@ func parseRule(n *yaml.Node) (Rule, error) {
 			*dst = append(*dst, s)
 		}
 	}
-	if len(r.Publish)+len(r.Subscribe)+len(r.Deny) == 0 {
+	if v, ok := m["client_ids"]; ok {
+		if v.Kind != yaml.SequenceNode || len(v.Content) == 0 {
+			return r, lineErr(v, fmt.Sprintf("rule %q: client_ids: want a non-empty list of client ID patterns", r.Name))
+		}
+		for _, item := range v.Content {
+			s, err := scalar(item, "client_ids")
+			if err != nil {
+				return r, err
+			}
+			r.ClientIDs = append(r.ClientIDs, s)
+		}
+	}
+	if v, ok := m["max_sessions"]; ok {
+		if err := v.Decode(&r.MaxSessions); err != nil || r.MaxSessions < 0 {
+			return r, lineErr(v, fmt.Sprintf("rule %q: max_sessions: want a number >= 0", r.Name))
+		}
+	}
+	if v, ok := m["overlap"]; ok {
+		if r.Overlap, err = scalar(v, "overlap"); err != nil {
+			return r, err
+		}
+	}
+	if len(r.Publish)+len(r.Subscribe)+len(r.Deny) == 0 && len(r.ClientIDs) == 0 && r.MaxSessions == 0 {
 		return r, lineErr(n, fmt.Sprintf("rule %q grants and denies nothing", r.Name))
 	}
 	if err := r.validate(); err != nil {
-		return r, lineErr(matchNode, fmt.Sprintf("rule %q: %v", r.Name, err))
+		return r, lineErr(n, fmt.Sprintf("rule %q: %v", r.Name, err))
 	}
 	return r, nil
 }

@@ -62,7 +62,25 @@ type Rule struct {
 	Publish   []string `yaml:"publish"`
 	Subscribe []string `yaml:"subscribe"`
 	Deny      []string `yaml:"deny"` // both publish and subscribe
+	// ClientIDs are the MQTT client IDs the identity may use: globs with
+	// {cn}/{ou} templates; default ["{cn}"]. The literal AssignedID lets a
+	// client connect with an empty ID (the broker assigns {cn}-<random>).
+	ClientIDs []string `yaml:"client_ids"`
+	// MaxSessions bounds the concurrent sessions of one certificate
+	// (0: no bound beyond the client IDs allowed).
+	MaxSessions int `yaml:"max_sessions"`
+	// Overlap says what happens to a subscription inside this rule's
+	// grants that overlaps a deny: OverlapRefuse (default) refuses it,
+	// OverlapFilter grants it and withholds every denied delivery.
+	Overlap string `yaml:"overlap"`
 }
+
+// Client-ID and overlap keywords.
+const (
+	AssignedID    = "assigned"
+	OverlapRefuse = "refuse"
+	OverlapFilter = "filter"
+)
 
 // Policy is an ordered list of rules.
 type Policy struct {
@@ -155,7 +173,16 @@ func expand(templates []string, id Identity) [][]string {
 type Perms struct {
 	pub, sub, deny [][]string // filters split into levels
 	rules          []string   // names of the rules that matched
+	// per filter: the rule it came from; per subscribe grant: overlap mode
+	pubRule, subRule, denyRule []string
+	subFilter                  []bool
+	filtering                  bool // some grant is OverlapFilter
+	ids                        []idPattern
+	assigned                   string // rule allowing assigned IDs, or ""
+	maxSessions                int
 }
+
+type idPattern struct{ glob, rule string }
 
 // Compile returns the permissions of id under p.
 func (p *Policy) Compile(id Identity) *Perms {
@@ -165,12 +192,78 @@ func (p *Policy) Compile(id Identity) *Perms {
 			continue
 		}
 		perms.rules = append(perms.rules, r.Name)
-		perms.pub = append(perms.pub, expand(r.Publish, id)...)
-		perms.sub = append(perms.sub, expand(r.Subscribe, id)...)
-		perms.deny = append(perms.deny, expand(r.Deny, id)...)
+		for _, f := range expand(r.Publish, id) {
+			perms.pub, perms.pubRule = append(perms.pub, f), append(perms.pubRule, r.Name)
+		}
+		for _, f := range expand(r.Subscribe, id) {
+			perms.sub, perms.subRule = append(perms.sub, f), append(perms.subRule, r.Name)
+			perms.subFilter = append(perms.subFilter, r.Overlap == OverlapFilter)
+			perms.filtering = perms.filtering || r.Overlap == OverlapFilter
+		}
+		for _, f := range expand(r.Deny, id) {
+			perms.deny, perms.denyRule = append(perms.deny, f), append(perms.denyRule, r.Name)
+		}
+		ids := r.ClientIDs
+		if len(ids) == 0 {
+			ids = []string{"{cn}"}
+		}
+		for _, g := range ids {
+			if g == AssignedID {
+				perms.assigned = r.Name
+				continue
+			}
+			for _, e := range expandID(g, id) {
+				perms.ids = append(perms.ids, idPattern{e, r.Name})
+			}
+		}
+		perms.maxSessions = max(perms.maxSessions, r.MaxSessions)
 	}
 	return perms
 }
+
+// expandID substitutes {cn} and {ou} (once per OU) into a client-ID glob;
+// unsafe values yield nothing.
+func expandID(g string, id Identity) []string {
+	if strings.Contains(g, "{cn}") {
+		if !safeValue(id.CN) {
+			return nil
+		}
+		g = strings.ReplaceAll(g, "{cn}", id.CN)
+	}
+	if !strings.Contains(g, "{ou}") {
+		return []string{g}
+	}
+	var out []string
+	for _, ou := range id.OUs {
+		if safeValue(ou) {
+			out = append(out, strings.ReplaceAll(g, "{ou}", ou))
+		}
+	}
+	return out
+}
+
+// AllowClientID reports whether the identity may connect with clientID,
+// and the rule whose pattern allowed it.
+func (p *Perms) AllowClientID(clientID string) (bool, string) {
+	for _, g := range p.ids {
+		if ok, _ := path.Match(g.glob, clientID); ok {
+			return true, g.rule
+		}
+	}
+	return false, ""
+}
+
+// AssignedIDs reports whether the identity may connect with an empty client
+// ID, and the rule that allows it.
+func (p *Perms) AssignedIDs() (bool, string) { return p.assigned != "", p.assigned }
+
+// MaxSessions is the bound on concurrent sessions of one certificate (0:
+// none).
+func (p *Perms) MaxSessions() int { return p.maxSessions }
+
+// Filtering reports whether some subscribe grant withholds denied
+// deliveries instead of refusing overlapping subscriptions.
+func (p *Perms) Filtering() bool { return p.filtering }
 
 // Rules returns the names of the rules that matched, in order.
 func (p *Perms) Rules() []string { return slices.Clone(p.rules) }
@@ -200,23 +293,91 @@ func (p *Perms) Allow(topic string, a Access) bool {
 
 // AllowFilter reports whether a SUBSCRIBE filter may be granted: every
 // topic it can match must be allowed, so it must lie inside one granted
-// filter and overlap no denied one.
+// filter and overlap no denied one. Under a grant whose rule says
+// OverlapFilter, overlapping a deny is allowed (the denied deliveries are
+// withheld one by one); lying wholly inside a deny is not. A shared
+// subscription $share/GROUP/FILTER is judged by its FILTER.
 func (p *Perms) AllowFilter(filter string) bool {
+	d := p.DecideFilter(filter)
+	return d.Allowed
+}
+
+// Decision is the answer to a policy question and the rule that gave it.
+type Decision struct {
+	Allowed bool
+	Rule    string // the deciding rule ("" when nothing matched)
+	Filter  string // the deciding grant or deny filter
+	Reason  string
+}
+
+// DecideFilter is AllowFilter with the reason.
+func (p *Perms) DecideFilter(filter string) Decision {
+	if rest, ok := strings.CutPrefix(filter, "$share/"); ok {
+		group, f, ok := strings.Cut(rest, "/")
+		if !ok || group == "" || strings.ContainsAny(group, "+#") {
+			return Decision{Reason: "invalid shared subscription (want $share/GROUP/FILTER)"}
+		}
+		filter = f
+	}
 	if checkFilter(filter) != nil {
-		return false
+		return Decision{Reason: "invalid topic filter"}
+	}
+	f := strings.Split(filter, "/")
+	grant := -1
+	for i, g := range p.sub {
+		if contains(g, f) {
+			grant = i
+			break
+		}
+	}
+	for i, d := range p.deny {
+		if overlapRule(d, f, false) { // deny wins, $-topics included
+			if grant < 0 || !p.subFilter[grant] || contains(d, f) {
+				return Decision{Rule: p.denyRule[i], Filter: strings.Join(d, "/"), Reason: "overlaps a deny"}
+			}
+		}
+	}
+	if grant < 0 {
+		return Decision{Reason: "no rule grants it"}
+	}
+	return Decision{Allowed: true, Rule: p.subRule[grant], Filter: strings.Join(p.sub[grant], "/")}
+}
+
+// OverlapsDeny reports whether a granted filter overlaps a deny (under
+// OverlapFilter: some of its deliveries will be withheld).
+func (p *Perms) OverlapsDeny(filter string) bool {
+	if rest, ok := strings.CutPrefix(filter, "$share/"); ok {
+		_, filter, _ = strings.Cut(rest, "/")
 	}
 	f := strings.Split(filter, "/")
 	for _, d := range p.deny {
-		if overlapRule(d, f, false) { // deny wins, $-topics included
-			return false
-		}
-	}
-	for _, g := range p.sub {
-		if contains(g, f) {
+		if overlapRule(d, f, false) {
 			return true
 		}
 	}
 	return false
+}
+
+// Decide is Allow with the reason.
+func (p *Perms) Decide(topic string, a Access) Decision {
+	if !ValidTopic(topic) {
+		return Decision{Reason: "invalid topic name"}
+	}
+	for i, d := range p.deny {
+		if matchLevels(d, topic) {
+			return Decision{Rule: p.denyRule[i], Filter: strings.Join(d, "/"), Reason: "denied"}
+		}
+	}
+	grants, rules := p.pub, p.pubRule
+	if a == Subscribe {
+		grants, rules = p.sub, p.subRule
+	}
+	for i, g := range grants {
+		if matchTopic(g, topic) {
+			return Decision{Allowed: true, Rule: rules[i], Filter: strings.Join(g, "/")}
+		}
+	}
+	return Decision{Reason: "no rule grants it"}
 }
 
 // Validate checks every rule: names, globs and topic templates.
@@ -234,6 +395,23 @@ func (r Rule) validate() error {
 		if _, err := path.Match(g, ""); err != nil {
 			return fmt.Errorf("bad glob %q: %w", g, err)
 		}
+	}
+	for _, g := range r.ClientIDs {
+		probe := strings.NewReplacer("{cn}", "x", "{ou}", "x").Replace(g)
+		if strings.ContainsAny(probe, "{}") {
+			return fmt.Errorf("client ID pattern %q: unknown placeholder (known: {cn}, {ou})", g)
+		}
+		if _, err := path.Match(probe, ""); err != nil || g == "" {
+			return fmt.Errorf("client ID pattern %q: bad glob", g)
+		}
+	}
+	if r.MaxSessions < 0 {
+		return fmt.Errorf("max_sessions %d: want 0 (no bound) or more", r.MaxSessions)
+	}
+	switch r.Overlap {
+	case "", OverlapRefuse, OverlapFilter:
+	default:
+		return fmt.Errorf("overlap %q: want %q or %q", r.Overlap, OverlapRefuse, OverlapFilter)
 	}
 	for _, list := range [][]string{r.Publish, r.Subscribe, r.Deny} {
 		for _, t := range list {
