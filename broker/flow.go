@@ -68,7 +68,63 @@ func (h *flowHook) ID() string { return "mqtls-flow" }
 
 func (h *flowHook) Provides(b byte) bool {
 	return b == mqtt.OnPublish || b == mqtt.OnPublished || b == mqtt.OnPublishDropped ||
-		b == mqtt.OnSubscribe || b == mqtt.OnPacketSent || b == mqtt.OnPacketEncode
+		b == mqtt.OnSubscribe || b == mqtt.OnPacketSent || b == mqtt.OnPacketEncode || b == mqtt.OnSelectSubscribers
+}
+
+// OnSelectSubscribers picks the member of each shared subscription group
+// ($share/GROUP/...) that gets the message: a live member with the most
+// room in its queue (Mochi would pick one at random, offline or full). For
+// QoS >= 1 it reserves a slot there, waiting while every live member is
+// full, as OnPublish does for ordinary subscribers. It runs in the
+// publisher's read loop, after OnPublish and before routing.
+func (h *flowHook) OnSelectSubscribers(subs *mqtt.Subscribers, pk packets.Packet) *mqtt.Subscribers {
+	b := h.b
+	var pub *session
+	if origin, ok := b.mochi.Clients.Get(pk.Origin); ok {
+		pub = b.session(origin)
+	}
+	limit := b.cfg.MaxWritesPending - 1
+	subs.SharedSelected = map[string]packets.Subscription{}
+	for _, members := range subs.Shared {
+		var best *session
+		var bestID string
+		var bestSub packets.Subscription
+		bestLoad := int32(1 << 30)
+		for id, sub := range members {
+			cl, ok := b.mochi.Clients.Get(id)
+			if !ok {
+				continue
+			}
+			s := b.session(cl)
+			if s == nil {
+				continue
+			}
+			load := outboundLen(cl) + s.flow.reserved.Load()
+			if cl.Closed() {
+				load = 1 << 29 // offline: only if no member is live
+			}
+			if best == nil || load < bestLoad {
+				best, bestID, bestSub, bestLoad = s, id, sub, load
+			}
+		}
+		if best == nil {
+			continue
+		}
+		if pk.FixedHeader.Qos > 0 && bestSub.Qos > 0 && pub != nil && !best.cl.Closed() {
+			if !b.reserve(best, limit) {
+				b.disconnect(best, fmt.Sprintf("subscriber stalled: outbound queue full for %s", b.cfg.StallTimeout))
+			} else {
+				pub.flow.mu.Lock()
+				pub.flow.holding = append(pub.flow.holding, best)
+				pub.flow.mu.Unlock()
+			}
+		}
+		if prev, ok := subs.SharedSelected[bestID]; ok {
+			bestSub = prev.Merge(bestSub)
+		}
+		subs.SharedSelected[bestID] = bestSub
+	}
+	return subs
 }
 
 // OnPacketEncode advertises the Topic Alias Maximum in a v5 CONNACK: Mochi

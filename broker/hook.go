@@ -3,8 +3,10 @@ package broker
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"fmt"
 	"log/slog"
 	"net"
@@ -81,6 +83,7 @@ func (h *authHook) Provides(b byte) bool {
 type refusal struct {
 	label  string // metrics label
 	reason string // audit text
+	badID  bool   // answer "client identifier not valid" instead of "not authorized"
 }
 
 // OnConnect runs after the TLS handshake and the CONNECT packet: it
@@ -92,8 +95,11 @@ func (h *authHook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	if ref == nil {
 		// Registered before the revocation check: a revocation the poller
 		// applies after this point finds the session and closes it.
-		b.admit(s)
-		if ref = b.checkRevoked(s); ref != nil {
+		ref = b.admit(s)
+		if ref == nil {
+			ref = b.checkRevoked(s)
+		}
+		if ref != nil {
 			b.mu.Lock()
 			b.releaseLocked(s)
 			delete(b.byConn, s.conn)
@@ -112,7 +118,12 @@ func (h *authHook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 		// Mochi maps only "bad username or password" to a 3.1.1 code; send
 		// 3.1.1's own "not authorized" (0x05) or v5's (0x87).
 		code := packets.ErrNotAuthorized
-		if cl.Properties.ProtocolVersion < 5 {
+		switch {
+		case ref.badID && cl.Properties.ProtocolVersion < 5:
+			code = packets.Err3ClientIdentifierNotValid
+		case ref.badID:
+			code = packets.ErrClientIdentifierNotValid
+		case cl.Properties.ProtocolVersion < 5:
 			code = packets.Err3NotAuthorized
 		}
 		_ = b.mochi.SendConnack(cl, code, false, nil) // the refusal stands even if the ack is lost
@@ -139,11 +150,11 @@ func (h *authHook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 func (b *Broker) identify(cl *mqtt.Client, pk packets.Packet) (*session, *refusal) {
 	tc, ok := cl.Net.Conn.(*tls.Conn)
 	if !ok {
-		return nil, &refusal{"not_tls", "connection is not TLS"}
+		return nil, &refusal{label: "not_tls", reason: "connection is not TLS"}
 	}
 	st := tc.ConnectionState()
 	if len(st.VerifiedChains) == 0 || len(st.VerifiedChains[0]) == 0 {
-		return nil, &refusal{"no_certificate", "no verified client certificate"}
+		return nil, &refusal{label: "no_certificate", reason: "no verified client certificate"}
 	}
 	chain := st.VerifiedChains[0]
 	leaf := chain[0]
@@ -159,11 +170,11 @@ func (b *Broker) identify(cl *mqtt.Client, pk packets.Packet) (*session, *refusa
 	}
 	switch {
 	case leaf.IsCA:
-		return s, &refusal{"ca_certificate", "client certificate is a CA certificate"}
+		return s, &refusal{label: "ca_certificate", reason: "client certificate is a CA certificate"}
 	case !slices.Contains(leaf.ExtKeyUsage, x509.ExtKeyUsageClientAuth):
-		return s, &refusal{"no_client_auth", "client certificate lacks EKU clientAuth"}
+		return s, &refusal{label: "no_client_auth", reason: "client certificate lacks EKU clientAuth"}
 	case len(chain)-2 > b.cfg.MaxIntermediates:
-		return s, &refusal{"chain_too_deep", fmt.Sprintf("certificate chain has %d intermediates (maximum %d)", len(chain)-2, b.cfg.MaxIntermediates)}
+		return s, &refusal{label: "chain_too_deep", reason: fmt.Sprintf("certificate chain has %d intermediates (maximum %d)", len(chain)-2, b.cfg.MaxIntermediates)}
 	}
 	// The same key rules as issuance, for the leaf and every intermediate
 	// (the root is the configured trust anchor).
@@ -173,21 +184,32 @@ func (b *Broker) identify(cl *mqtt.Client, pk packets.Packet) (*session, *refusa
 			if i > 0 {
 				what = fmt.Sprintf("intermediate %q", c.Subject.CommonName)
 			}
-			return s, &refusal{"weak_key", fmt.Sprintf("%s: %v", what, err)}
+			return s, &refusal{label: "weak_key", reason: fmt.Sprintf("%s: %v", what, err)}
 		}
 	}
 	if err := provisioning.CheckDeviceID(s.id.CN); err != nil {
-		return s, &refusal{"bad_cn", fmt.Sprintf("certificate CN %q is not a valid device ID", s.id.CN)}
-	}
-	if cl.ID != s.id.CN {
-		return s, &refusal{"client_id_mismatch", fmt.Sprintf("client ID %q is not the certificate CN %q", cl.ID, s.id.CN)}
+		return s, &refusal{label: "bad_cn", reason: fmt.Sprintf("certificate CN %q is not a valid device ID", s.id.CN)}
 	}
 	if time.Now().After(s.notAfter) {
-		return s, &refusal{"expired", "certificate expired"}
+		return s, &refusal{label: "expired", reason: "certificate expired"}
 	}
 	s.compile(b.policy.Load())
+	if pk.Connect.ClientIdentifier == "" {
+		ok, rule := s.perms().AssignedIDs()
+		if !ok {
+			return s, &refusal{label: "client_id_rejected", reason: "empty client ID (no rule allows assigned IDs)", badID: true}
+		}
+		// {cn}-<random> instead of Mochi's own assignment; v5 is told.
+		var r [8]byte
+		rand.Read(r[:])
+		cl.ID = s.id.CN + "-" + hex.EncodeToString(r[:])
+		cl.Properties.Props.AssignedClientID = cl.ID
+		b.log.Info("client ID assigned", "cn", s.id.CN, "client_id", cl.ID, "rule", rule)
+	} else if ok, _ := s.perms().AllowClientID(cl.ID); !ok {
+		return s, &refusal{label: "client_id_mismatch", reason: fmt.Sprintf("client ID %q not allowed for CN %q (policy client_ids; default: the CN)", cl.ID, s.id.CN)}
+	}
 	if pk.Connect.WillFlag && !s.perms().Allow(pk.Connect.WillTopic, policy.Publish) {
-		return s, &refusal{"will_denied", fmt.Sprintf("Will topic %q not allowed", pk.Connect.WillTopic)}
+		return s, &refusal{label: "will_denied", reason: fmt.Sprintf("Will topic %q not allowed", pk.Connect.WillTopic)}
 	}
 	return s, nil
 }
@@ -196,10 +218,10 @@ func (b *Broker) identify(cl *mqtt.Client, pk packets.Packet) (*session, *refusa
 // while the revocation data is unavailable unless configured otherwise.
 func (b *Broker) checkRevoked(s *session) *refusal {
 	if why := b.revoked.check(s.serial, s.issuer, s.id.CN); why != "" {
-		return &refusal{"revoked", why}
+		return &refusal{label: "revoked", reason: why}
 	}
 	if b.revoked.unavailable() && !b.cfg.AdmitWhenRegistryDown {
-		return &refusal{"registry_unavailable", "revocation data unavailable (registry unreadable); refusing new connections"}
+		return &refusal{label: "registry_unavailable", reason: "revocation data unavailable (registry unreadable); refusing new connections"}
 	}
 	return nil
 }
@@ -218,9 +240,25 @@ func identityOf(leaf *x509.Certificate) policy.Identity {
 	return id
 }
 
-// admit registers s so that revocations and policy reloads find it.
-func (b *Broker) admit(s *session) {
+// admit registers s so that revocations and policy reloads find it, or
+// refuses it when its certificate already has the sessions its policy
+// allows (max_sessions; a session with the same client ID is taken over,
+// not added).
+func (b *Broker) admit(s *session) *refusal {
 	b.mu.Lock()
+	if limit := s.perms().MaxSessions(); limit > 0 {
+		n := 0
+		for other, o := range b.bySerial[s.serial] {
+			if !o.ended && other.ID != s.cl.ID {
+				n++
+			}
+		}
+		if n >= limit {
+			b.mu.Unlock()
+			b.metrics.clones.Inc()
+			return &refusal{label: "max_sessions", reason: fmt.Sprintf("certificate already has %d live sessions (max_sessions %d)", n, limit)}
+		}
+	}
 	b.sessions[s.cl] = s
 	b.byConn[s.conn] = s
 	peers := b.bySerial[s.serial]
@@ -235,6 +273,7 @@ func (b *Broker) admit(s *session) {
 	if p := b.policy.Load(); s.c.Load().pol != p {
 		s.compile(p)
 	}
+	return nil
 }
 
 func (h *authHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
@@ -255,9 +294,9 @@ func (h *authHook) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 		prev.superseded, s.prev = true, prev
 	}
 	b.byID[cl.ID] = s
-	clones := 0
+	clones := 0 // the same certificate and client ID live twice
 	for other, o := range b.bySerial[s.serial] {
-		if other != cl && !o.ended && !other.Closed() {
+		if other != cl && other.ID == cl.ID && !o.ended && !other.Closed() {
 			clones++
 		}
 	}
@@ -423,13 +462,21 @@ func (h *authHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 			return false
 		}
 		ok = perms.Allow(topic, policy.Publish)
-	case strings.ContainsAny(topic, "+#"):
+	case strings.ContainsAny(topic, "+#") || strings.HasPrefix(topic, "$share/"):
 		action = "subscribe"
 		ok = perms.AllowFilter(topic)
+		if ok && perms.Filtering() && perms.OverlapsDeny(topic) {
+			h.b.log.Info("audit", "event", "subscription granted; denied topics withheld", "cn", s.id.CN, "serial", s.serial, "remote", s.remote, "topic", topic)
+		}
 	default:
 		// a delivery, or a filter without wildcards: the same question
 		action = "receive"
 		ok = !s.revoked.Load() && perms.Allow(topic, policy.Subscribe)
+		if !ok && perms.Filtering() {
+			// withheld under overlap: filter: counted, audited once at SUBSCRIBE
+			h.b.metrics.aclDenied.WithLabelValues("withheld").Inc()
+			return false
+		}
 	}
 	if !ok {
 		h.b.metrics.aclDenied.WithLabelValues(action).Inc()

@@ -189,3 +189,16 @@ func TestTopicAliases(t *testing.T) {
 	c.send(publish(4, 1, "", 2)) // alias 2 = devices/dev-b/x: still denied
 	expectAck(4, packets.ErrNotAuthorized.Code)
 }
+
+func rawDial(t *testing.T, env *brokertest.Env, d *brokertest.Device) *tls.Conn {
+	t.Helper()
+	conn, err := tls.Dial("tcp", env.Addr, env.TLS(t, d))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	return conn
+}
+
+func newReader(conn *tls.Conn) *bufio.Reader { return bufio.NewReader(conn) }
