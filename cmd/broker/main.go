@@ -30,6 +30,7 @@ commands:
   serve    run the broker: MQTT over mutual TLS, EST enrollment, metrics
   revoke   revoke every certificate of a device
   devices  list the registry
+  policy   check what a policy allows an identity (policy check)
 
 Run "broker <command> -h" for its flags.
 `
@@ -40,6 +41,7 @@ var commands = map[string]cli.Command{
 	"serve":   cmdServe,
 	"revoke":  cmdRevoke,
 	"devices": cmdDevices,
+	"policy":  cmdPolicy,
 }
 
 // run is main without the process: it returns the exit code.
