@@ -38,3 +38,13 @@ func OutboundLen(b *Broker, clientID string) int {
 	}
 	return int(outboundLen(cl))
 }
+
+// Subscribed reports whether client clientID holds subscription filter.
+func Subscribed(b *Broker, clientID, filter string) bool {
+	cl, ok := b.mochi.Clients.Get(clientID)
+	if !ok {
+		return false
+	}
+	_, ok = cl.State.Subscriptions.Get(filter)
+	return ok
+}

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"fmt"
 	"math/big"
 	"os/exec"
 	"strings"
@@ -268,4 +269,52 @@ func TestMosquittoEdges(t *testing.T) {
 			t.Errorf("chain_too_deep refusals = %v, want 1", got)
 		}
 	})
+}
+
+// Identities beyond one connection with mosquitto's clients: client-ID
+// patterns (-i) and a shared subscription split between two replicas of
+// one certificate. (mosquitto's clients cannot send an empty client ID:
+// "Invalid id"; TestEmptyClientID covers it with raw packets.)
+func TestMosquittoIdentities(t *testing.T) {
+	testtool.Require(t, "mosquitto_sub")
+	env := identitiesEnv(t)
+	svc := env.Device(t, "svc", 0, "backend")
+	for id, ok := range map[string]bool{"svc-1": true, "svc-replica-9": true, "myclientid": false, "svc1": false} {
+		out, code := mosq(t, env, svc, "mosquitto_pub", "-i", id, "-q", "1", "-t", "devices/dev-a/commands/x", "-m", "1")
+		if ok != (code == 0) {
+			t.Errorf("-i %s: exit %d %q, want allowed=%v", id, code, out, ok)
+		}
+	}
+	const filter = "$share/workers/devices/+/telemetry"
+	outs := make([]chan string, 2)
+	for i, id := range []string{"svc-a", "svc-b"} {
+		outs[i] = make(chan string, 1)
+		go func() {
+			out, _ := mosq(t, env, svc, "mosquitto_sub", "-V", "5", "-i", id, "-q", "1", "-t", filter, "-W", "8")
+			outs[i] <- out
+		}()
+		testtool.Eventually(t, 5*time.Second, id+" subscribed", func() bool { return broker.Subscribed(env.Broker, id, filter) })
+	}
+	dev := env.Device(t, "dev-a", 0)
+	for i := range 20 {
+		if out, code := mosq(t, env, dev, "mosquitto_pub", "-q", "1", "-t", "devices/dev-a/telemetry", "-m", fmt.Sprintf("m%02d", i)); code != 0 {
+			t.Fatalf("publish: exit %d %q", code, out)
+		}
+	}
+	seen := map[string]int{}
+	for _, ch := range outs {
+		for _, line := range strings.Fields(<-ch) {
+			if strings.HasPrefix(line, "m") { // not "Timed out" (-W)
+				seen[line]++
+			}
+		}
+	}
+	if len(seen) != 20 {
+		t.Fatalf("shared subscription delivered %d distinct messages, want 20: %v", len(seen), seen)
+	}
+	for m, n := range seen {
+		if n != 1 {
+			t.Errorf("%s delivered %d times", m, n)
+		}
+	}
 }
