@@ -128,3 +128,44 @@ func TestIdentityRuleErrors(t *testing.T) {
 		}
 	}
 }
+
+func TestGatewayChildren(t *testing.T) {
+	p, err := policy.Parse([]byte(`rules:
+  - name: own-namespace
+    match: {cn: "*"}
+    publish: ["devices/{cn}/#"]
+    subscribe: ["devices/{cn}/#"]
+  - name: gateways
+    match: {ou: "gateway"}
+    publish: ["devices/{child}/#"]
+    subscribe: ["devices/{child}/commands/#"]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := policy.Identity{CN: "gw-1", OUs: []string{"gateway"}, Children: []string{"c-1", "c-2", "bad/child", "+"}}
+	if !p.UsesChildren(id) || p.UsesChildren(policy.Identity{CN: "dev-a"}) {
+		t.Fatal("UsesChildren")
+	}
+	gw := p.Compile(id)
+	for _, tc := range []struct {
+		topic string
+		a     policy.Access
+		want  bool
+	}{
+		{"devices/c-1/telemetry", policy.Publish, true},
+		{"devices/c-2/status", policy.Publish, true},
+		{"devices/c-1/commands/reboot", policy.Subscribe, true},
+		{"devices/c-1/telemetry", policy.Subscribe, false}, // only their commands
+		{"devices/c-3/telemetry", policy.Publish, false},   // not a child
+		{"devices/gw-1/telemetry", policy.Publish, true},   // its own namespace
+		{"devices/bad/child/x", policy.Publish, false},     // unsafe child never substituted
+	} {
+		if got := gw.Allow(tc.topic, tc.a); got != tc.want {
+			t.Errorf("%s %s: %v, want %v", tc.a, tc.topic, got, tc.want)
+		}
+	}
+	if gw.AllowFilter("devices/+/commands/#") || !gw.AllowFilter("devices/c-2/commands/#") {
+		t.Error("gateway subscribe filters")
+	}
+}

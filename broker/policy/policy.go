@@ -45,6 +45,9 @@ type Identity struct {
 	CN   string   // device ID
 	OUs  []string // policy groups
 	SANs []string // DNS names, URIs, e-mail addresses, IP addresses
+	// Children are the device IDs the registry lists under this identity
+	// when it is a gateway; templates with {child} expand once per child.
+	Children []string
 }
 
 // Match selects identities. Empty fields match anything; all set fields
@@ -85,6 +88,25 @@ const (
 // Policy is an ordered list of rules.
 type Policy struct {
 	Rules []Rule
+}
+
+// UsesChildren reports whether some rule matching id has a {child}
+// template: the broker then needs the gateway's children from the
+// registry.
+func (p *Policy) UsesChildren(id Identity) bool {
+	for _, r := range p.Rules {
+		if !r.Match.matches(id) {
+			continue
+		}
+		for _, list := range [][]string{r.Publish, r.Subscribe, r.Deny} {
+			for _, t := range list {
+				if strings.Contains(t, "{child}") {
+					return true
+				}
+			}
+		}
+	}
+	return false
 }
 
 // Example is the policy of the README and deploy/policy.yaml: devices own
@@ -144,11 +166,20 @@ func safeValue(v string) bool {
 	return true
 }
 
-// expand substitutes {cn} and {ou} (once per OU) into templates. A
-// template whose values are unsafe or missing yields nothing.
+// expand substitutes {cn}, {ou} (once per OU) and {child} (once per
+// child) into templates. A template whose values are unsafe or missing
+// yields nothing.
 func expand(templates []string, id Identity) [][]string {
 	var out [][]string
 	for _, t := range templates {
+		if strings.Contains(t, "{child}") {
+			for _, c := range id.Children {
+				if safeValue(c) {
+					out = append(out, expand([]string{strings.ReplaceAll(t, "{child}", c)}, id)...)
+				}
+			}
+			continue
+		}
 		if strings.Contains(t, "{cn}") {
 			if !safeValue(id.CN) {
 				continue
@@ -424,15 +455,15 @@ func (r Rule) validate() error {
 }
 
 func checkTemplate(t string) error {
-	probe := strings.NewReplacer("{cn}", "x", "{ou}", "x").Replace(t)
+	probe := strings.NewReplacer("{cn}", "x", "{ou}", "x", "{child}", "x").Replace(t)
 	if strings.ContainsAny(probe, "{}") {
-		return fmt.Errorf("topic template %q: unknown placeholder (known: {cn}, {ou})", t)
+		return fmt.Errorf("topic template %q: unknown placeholder (known: {cn}, {ou}, {child})", t)
 	}
 	if checkFilter(probe) != nil {
 		return fmt.Errorf("topic template %q: not a valid MQTT topic filter ('#' only as the last level, '+' and '#' alone in their level)", t)
 	}
 	for _, l := range strings.Split(t, "/") {
-		if strings.Contains(l, "{") && l != "{cn}" && l != "{ou}" {
+		if strings.Contains(l, "{") && l != "{cn}" && l != "{ou}" && l != "{child}" {
 			return fmt.Errorf("topic template %q: a placeholder must fill a whole level", t)
 		}
 	}
