@@ -16,7 +16,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/mqtls/mqtls/broker/policy"
-	"github.com/mqtls/mqtls/provisioning/registry"
 )
 
 // Config configures a Broker. Zero values take the defaults noted.
@@ -36,8 +35,8 @@ type Config struct {
 	// Policy maps identities to topics (default policy.Default()).
 	Policy *policy.Policy
 	// Registry, if set, is polled for revocations every RevocationPoll
-	// (default 500ms).
-	Registry       *registry.Registry
+	// (default 500ms), and watched for changes if it can signal them.
+	Registry       Registry
 	RevocationPoll time.Duration
 	// CRLFile, if set, is a CRL (PEM or DER) reloaded when it changes; it
 	// must be signed by Root or by one of Issuers.

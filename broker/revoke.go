@@ -13,12 +13,26 @@ import (
 	"github.com/mqtls/mqtls/provisioning/registry"
 )
 
+// Registry is what the broker reads from the device registry
+// (provisioning/registry's backends implement it).
+type Registry interface {
+	// RevokedSince returns the certificates revoked at or after t.
+	RevokedSince(ctx context.Context, t time.Time) ([]registry.Cert, error)
+}
+
+// changeNotifier is a Registry that signals changes (PostgreSQL
+// LISTEN/NOTIFY): the broker polls at once instead of waiting for the
+// next tick. The channel is closed when ctx ends.
+type changeNotifier interface {
+	Changes(ctx context.Context) <-chan struct{}
+}
+
 // revocations tracks revoked certificates from the registry (serials of
 // our issuing CA) and from a CRL file (issuer + serial), and closes live
 // sessions when one appears.
 type revocations struct {
 	b       *Broker
-	reg     *registry.Registry
+	reg     Registry
 	crlFile string
 	issuers []*x509.Certificate
 
@@ -30,7 +44,7 @@ type revocations struct {
 	crlSize  int64
 }
 
-func newRevocations(b *Broker, reg *registry.Registry, crlFile string, issuers []*x509.Certificate) *revocations {
+func newRevocations(b *Broker, reg Registry, crlFile string, issuers []*x509.Certificate) *revocations {
 	return &revocations{b: b, reg: reg, crlFile: crlFile, issuers: issuers, serials: map[string]string{}, crl: map[string]string{}}
 }
 
@@ -60,11 +74,22 @@ func (r *revocations) check(serial string, issuer []byte) string {
 func (r *revocations) watch(stop <-chan struct{}, every time.Duration) {
 	t := time.NewTicker(every)
 	defer t.Stop()
+	var changes <-chan struct{}
+	if n, ok := r.reg.(changeNotifier); ok {
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		changes = n.Changes(ctx)
+	}
 	for {
 		select {
 		case <-stop:
 			return
 		case <-t.C:
+		case _, ok := <-changes:
+			if !ok {
+				changes = nil // the poll goes on
+				continue
+			}
 		}
 		if err := r.pollRegistry(); err != nil {
 			r.b.log.Error("revocation poll failed", "err", err)

@@ -31,6 +31,8 @@ import (
 // with flags overriding it. Empty addresses disable that listener.
 type serveConfig struct {
 	Data             string        `yaml:"data"`
+	Registry         string        `yaml:"registry"`               // sqlite:PATH or postgres://...
+	RegistryPassword string        `yaml:"registry_password_file"` // file holding the PostgreSQL password
 	MQTTAddr         string        `yaml:"mqtt_addr"`
 	ESTAddr          string        `yaml:"est_addr"`
 	MetricsAddr      string        `yaml:"metrics_addr"`
@@ -69,6 +71,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	cfg := defaultServeConfig()
 	configFile := fs.String("config", "", "YAML config file with the same settings (flags override it)")
 	fs.StringVar(&cfg.Data, "data", "", "data directory (CA, server certificate, registry)")
+	regFlags := addRegistryFlags(fs)
 	fs.StringVar(&cfg.MQTTAddr, "mqtt-addr", cfg.MQTTAddr, "MQTT over mutual TLS listen address")
 	fs.StringVar(&cfg.ESTAddr, "est-addr", cfg.ESTAddr, "EST (HTTPS) listen address; empty disables EST")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", cfg.MetricsAddr, "Prometheus /metrics listen address; empty disables it")
@@ -92,6 +95,8 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		flagCfg := cfg
 		cfg = fileCfg
 		override(&cfg.Data, flagCfg.Data, set["data"])
+		override(&regFlags.url, cfg.Registry, !set["registry"] && cfg.Registry != "")
+		override(&regFlags.passwordFile, cfg.RegistryPassword, !set["registry-password-file"] && cfg.RegistryPassword != "")
 		override(&cfg.MQTTAddr, flagCfg.MQTTAddr, set["mqtt-addr"])
 		override(&cfg.ESTAddr, flagCfg.ESTAddr, set["est-addr"])
 		override(&cfg.MetricsAddr, flagCfg.MetricsAddr, set["metrics-addr"])
@@ -105,7 +110,11 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err := needData(cfg.Data); err != nil {
 		return err
 	}
-	return serve(ctx, cfg, stderr)
+	loc, err := regFlags.location(cfg.Data)
+	if err != nil {
+		return err
+	}
+	return serve(ctx, cfg, loc, stderr)
 }
 
 func override[T any](dst *T, v T, set bool) {
@@ -114,7 +123,7 @@ func override[T any](dst *T, v T, set bool) {
 	}
 }
 
-func serve(ctx context.Context, cfg serveConfig, stderr io.Writer) error {
+func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io.Writer) error {
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(cfg.LogLevel)); err != nil {
 		return usageErr("log level %q: %v", cfg.LogLevel, err)
@@ -132,11 +141,21 @@ func serve(ctx context.Context, cfg serveConfig, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	reg, err := openRegistry(cfg.Data)
+	unlock, err := lockDataDir(cfg.Data)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	// Trust data fails closed: a missing, empty, damaged or foreign
+	// registry stops the server.
+	reg, err := loc.open(ctx)
 	if err != nil {
 		return err
 	}
 	defer reg.Close()
+	if err := reg.Check(ctx, ca.Fingerprint(c.Root)); err != nil {
+		return loc.explain(err)
+	}
 	pol := policy.Default()
 	if cfg.Policy != "" {
 		if pol, err = readPolicy(cfg.Policy); err != nil {

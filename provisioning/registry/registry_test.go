@@ -1,6 +1,8 @@
 package registry_test
 
 import (
+	"context"
+	"crypto/rand"
 	"database/sql"
 	"errors"
 	"os"
@@ -9,14 +11,17 @@ import (
 	"testing"
 	"time"
 
+	_ "github.com/jackc/pgx/v5/stdlib"
 	_ "modernc.org/sqlite"
 
+	"github.com/mqtls/mqtls/internal/pgtest"
 	"github.com/mqtls/mqtls/provisioning/registry"
+	"github.com/mqtls/mqtls/provisioning/registry/registrytest"
 )
 
-func open(t *testing.T, path string) *registry.Registry {
+func create(t *testing.T, path string) *registry.SQLite {
 	t.Helper()
-	r, err := registry.Open(path)
+	r, err := registry.CreateSQLite(t.Context(), path, registrytest.Root)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -24,9 +29,126 @@ func open(t *testing.T, path string) *registry.Registry {
 	return r
 }
 
-func TestOpenModeAndWAL(t *testing.T) {
+func sqliteBackend() registrytest.Backend {
+	return registrytest.Backend{Create: func(t *testing.T, root string) (registry.Registry, func(*testing.T) registry.Registry) {
+		path := filepath.Join(t.TempDir(), "registry.db")
+		r, err := registry.CreateSQLite(t.Context(), path, root)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { r.Close() })
+		return r, func(t *testing.T) registry.Registry {
+			o, err := registry.OpenSQLite(t.Context(), path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { o.Close() })
+			return o
+		}
+	}}
+}
+
+func TestConformanceSQLite(t *testing.T) { registrytest.Run(t, sqliteBackend()) }
+
+// The same suite on a real PostgreSQL server (Debian's postgresql package).
+func TestConformancePostgres(t *testing.T) {
+	srv := pgtest.Start(t)
+	registrytest.Run(t, registrytest.Backend{Create: func(t *testing.T, root string) (registry.Registry, func(*testing.T) registry.Registry) {
+		url := srv.URL(srv.NewDatabase(t))
+		r, err := registry.CreatePostgres(t.Context(), url, root)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { r.Close() })
+		return r, func(t *testing.T) registry.Registry {
+			o, err := registry.OpenPostgres(t.Context(), url)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { o.Close() })
+			return o
+		}
+	}})
+}
+
+func TestPostgresOpenCreateAndSchema(t *testing.T) {
+	srv := pgtest.Start(t)
+	ctx := t.Context()
+	db := srv.NewDatabase(t)
+	// Open never creates the schema
+	if _, err := registry.OpenPostgres(ctx, srv.URL(db)); !errors.Is(err, registry.ErrNotInitialised) {
+		t.Fatalf("OpenPostgres(empty database) = %v, want ErrNotInitialised", err)
+	}
+	// the password from an option, not the URL; a wrong one is refused
+	// without showing it
+	if _, err := registry.CreatePostgres(ctx, srv.URLNoPassword(db), registrytest.Root, registry.WithPassword("wrong-secret")); err == nil || strings.Contains(err.Error(), "wrong-secret") {
+		t.Fatalf("CreatePostgres(wrong password) = %v", err)
+	}
+	r, err := registry.CreatePostgres(ctx, srv.URLNoPassword(db), registrytest.Root, registry.WithPassword(srv.Password))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Close()
+	// init again with the same CA is fine, with another refused
+	if r, err = registry.CreatePostgres(ctx, srv.URL(db), registrytest.Root); err != nil {
+		t.Fatal(err)
+	}
+	r.Close()
+	if _, err := registry.CreatePostgres(ctx, srv.URL(db), "ff"+registrytest.Root[2:]); !errors.Is(err, registry.ErrForeign) {
+		t.Fatalf("CreatePostgres(another CA) = %v, want ErrForeign", err)
+	}
+	// a newer schema is refused with both versions
+	conn, _ := sql.Open("pgx", srv.URL(db))
+	defer conn.Close()
+	if _, err := conn.Exec("UPDATE schema_version SET version = 999"); err != nil {
+		t.Fatal(err)
+	}
+	_, err = registry.OpenPostgres(ctx, srv.URL(db))
+	if !errors.Is(err, registry.ErrNewerSchema) || !strings.Contains(err.Error(), "999") || !strings.Contains(err.Error(), "up to 1") {
+		t.Fatalf("OpenPostgres(newer schema) = %v", err)
+	}
+}
+
+// PostgreSQL announces revocations: Changes fires within a second.
+func TestPostgresChanges(t *testing.T) {
+	srv := pgtest.Start(t)
+	url := srv.URL(srv.NewDatabase(t))
+	r, err := registry.CreatePostgres(t.Context(), url, registrytest.Root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if _, err := r.CreateToken(t.Context(), "dev", "", time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	ch := r.Changes(ctx)
+	select { // the first signal says "listening"
+	case <-ch:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Changes: not listening within 10s")
+	}
+	other, err := registry.OpenPostgres(t.Context(), url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	if _, err := other.Revoke(t.Context(), "dev", "test"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-ch:
+	case <-time.After(time.Second):
+		t.Fatal("no change signalled within 1s of a revocation")
+	}
+	cancel()
+	for range ch { // closed when ctx ends
+	}
+}
+
+func TestCreateModeAndWAL(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "registry.db")
-	open(t, path)
+	create(t, path)
 	fi, err := os.Stat(path)
 	if err != nil {
 		t.Fatal(err)
@@ -40,27 +162,64 @@ func TestOpenModeAndWAL(t *testing.T) {
 	var version int
 	db.QueryRow("PRAGMA journal_mode").Scan(&mode)
 	db.QueryRow("PRAGMA user_version").Scan(&version)
-	if mode != "wal" || version < 1 {
-		t.Fatalf("journal_mode %q, user_version %d; want wal and a migrated schema", mode, version)
+	if mode != "wal" || version != 2 {
+		t.Fatalf("journal_mode %q, user_version %d; want wal and schema 2", mode, version)
+	}
+	if _, err := registry.CreateSQLite(t.Context(), path, registrytest.Root); !errors.Is(err, registry.ErrExists) {
+		t.Fatalf("CreateSQLite over an existing registry = %v, want ErrExists", err)
 	}
 }
 
 func TestNewerSchemaRefused(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "registry.db")
-	open(t, path).Close()
+	create(t, path).Close()
 	db, _ := sql.Open("sqlite", path)
 	db.Exec("PRAGMA user_version = 999")
 	db.Close()
-	_, err := registry.Open(path)
-	if err == nil || !strings.Contains(err.Error(), "newer than this program") {
+	_, err := registry.OpenSQLite(t.Context(), path)
+	if !errors.Is(err, registry.ErrNewerSchema) || !strings.Contains(err.Error(), "999") {
 		t.Fatalf("Open(newer schema) = %v", err)
+	}
+}
+
+// Issue 9 item 5: opening never creates a registry, and a damaged one is
+// refused by Open or Check.
+func TestOpenRefusesUntrustworthy(t *testing.T) {
+	ctx := t.Context()
+	dir := t.TempDir()
+	missing := filepath.Join(dir, "missing.db")
+	if _, err := registry.OpenSQLite(ctx, missing); !errors.Is(err, registry.ErrMissing) {
+		t.Errorf("Open(missing) = %v, want ErrMissing", err)
+	}
+	if _, err := os.Stat(missing); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("Open(missing) created %s", missing)
+	}
+	empty := filepath.Join(dir, "empty.db")
+	os.WriteFile(empty, nil, 0o600)
+	if _, err := registry.OpenSQLite(ctx, empty); !errors.Is(err, registry.ErrEmpty) {
+		t.Errorf("Open(0 bytes) = %v, want ErrEmpty", err)
+	}
+	garbage := filepath.Join(dir, "garbage.db")
+	junk := make([]byte, 8192)
+	rand.Read(junk)
+	os.WriteFile(garbage, junk, 0o600)
+	if _, err := registry.OpenSQLite(ctx, garbage); !errors.Is(err, registry.ErrCorrupt) {
+		t.Errorf("Open(random bytes) = %v, want ErrCorrupt", err)
+	}
+	// a plain SQLite database that is not a registry
+	plain := filepath.Join(dir, "plain.db")
+	db, _ := sql.Open("sqlite", plain)
+	db.Exec("CREATE TABLE x (y)")
+	db.Close()
+	if _, err := registry.OpenSQLite(ctx, plain); !errors.Is(err, registry.ErrNotInitialised) {
+		t.Errorf("Open(plain SQLite) = %v, want ErrNotInitialised", err)
 	}
 }
 
 // Tokens are stored hashed: the database never holds the token itself.
 func TestTokenStoredHashed(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "registry.db")
-	r := open(t, path)
+	r := create(t, path)
 	tok, err := r.CreateToken(t.Context(), "dev", "", time.Hour)
 	if err != nil {
 		t.Fatal(err)
@@ -71,67 +230,5 @@ func TestTokenStoredHashed(t *testing.T) {
 		if strings.Contains(string(data), tok) {
 			t.Fatalf("%s contains the token in clear", f)
 		}
-	}
-}
-
-func TestTokens(t *testing.T) {
-	r := open(t, filepath.Join(t.TempDir(), "registry.db"))
-	ctx := t.Context()
-	tok, _ := r.CreateToken(ctx, "dev", "g", time.Hour)
-	if _, err := r.CheckToken(ctx, "dev", tok+"x"); !errors.Is(err, registry.ErrTokenInvalid) {
-		t.Errorf("wrong token: %v", err)
-	}
-	if _, err := r.CheckToken(ctx, "other", tok); !errors.Is(err, registry.ErrTokenInvalid) {
-		t.Errorf("token of another device: %v", err)
-	}
-	g, err := r.CheckToken(ctx, "dev", tok)
-	if err != nil || g.Group != "g" {
-		t.Fatalf("CheckToken = %+v, %v", g, err)
-	}
-	cert := registry.Cert{Serial: "abc", DeviceID: "dev", SPKISHA256: "00", NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)}
-	if err := r.Enrolled(ctx, g, cert, "127.0.0.1:1"); err != nil {
-		t.Fatal(err)
-	}
-	if err := r.Enrolled(ctx, g, registry.Cert{Serial: "abd", DeviceID: "dev", SPKISHA256: "00"}, ""); !errors.Is(err, registry.ErrTokenUsed) {
-		t.Fatalf("second Enrolled with one grant = %v, want ErrTokenUsed", err)
-	}
-	if _, err := r.CheckToken(ctx, "dev", tok); !errors.Is(err, registry.ErrTokenUsed) {
-		t.Errorf("used token: %v", err)
-	}
-	short, _ := r.CreateToken(ctx, "dev2", "", time.Millisecond)
-	time.Sleep(5 * time.Millisecond)
-	if _, err := r.CheckToken(ctx, "dev2", short); !errors.Is(err, registry.ErrTokenExpired) {
-		t.Errorf("expired token: %v", err)
-	}
-	if _, err := r.CreateToken(ctx, "dev3", "", 0); err == nil {
-		t.Error("token with zero lifetime accepted")
-	}
-}
-
-// A revocation by another process (another Registry on the same file) is
-// seen at once.
-func TestRevokeAcrossProcesses(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "registry.db")
-	a, b := open(t, path), open(t, path)
-	ctx := t.Context()
-	tok, _ := a.CreateToken(ctx, "dev", "", time.Hour)
-	g, _ := a.CheckToken(ctx, "dev", tok)
-	if err := a.Enrolled(ctx, g, registry.Cert{Serial: "s1", DeviceID: "dev", SPKISHA256: "00", NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)}, ""); err != nil {
-		t.Fatal(err)
-	}
-	since := time.Now().Add(-time.Second)
-	if n, err := b.Revoke(ctx, "dev", "stolen"); err != nil || n != 1 {
-		t.Fatalf("Revoke = %d, %v", n, err)
-	}
-	c, err := a.Certificate(ctx, "s1")
-	if err != nil || c.Status != registry.StatusRevoked || c.RevocationReason != "stolen" {
-		t.Fatalf("certificate after revoke = %+v, %v", c, err)
-	}
-	revoked, err := a.RevokedSince(ctx, since)
-	if err != nil || len(revoked) != 1 || revoked[0].Serial != "s1" {
-		t.Fatalf("RevokedSince = %+v, %v", revoked, err)
-	}
-	if _, err := b.Revoke(ctx, "ghost", ""); !errors.Is(err, registry.ErrNotFound) {
-		t.Fatalf("Revoke(unknown) = %v", err)
 	}
 }
