@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -246,5 +247,48 @@ func liveRevocation(t *testing.T, data string, regArgs []string) {
 	cancel()
 	if code := <-served; code != 0 {
 		t.Fatalf("serve exit %d\n%s", code, logs.String())
+	}
+}
+
+// /readyz says 503 with the reason when the registry stops answering, and
+// /healthz still says the process is up.
+func TestReadyzPostgresDown(t *testing.T) {
+	srv := pgtest.Start(t)
+	data := filepath.Join(t.TempDir(), "data")
+	regArgs := []string{"--registry", srv.URL(srv.NewDatabase(t))}
+	if _, errs, code := brokerCLI(t, append([]string{"init", "--data", data}, regArgs...)...); code != 0 {
+		t.Fatal(errs)
+	}
+	metricsAddr := testtool.FreeAddr(t)
+	ctx, cancel := context.WithCancel(t.Context())
+	logs := &syncBuffer{}
+	served := make(chan int, 1)
+	go func() {
+		served <- run(ctx, append([]string{"serve", "--data", data, "--mqtt-addr", testtool.FreeAddr(t), "--est-addr", testtool.FreeAddr(t), "--metrics-addr", metricsAddr}, regArgs...), io.Discard, logs)
+	}()
+	testtool.Eventually(t, 10*time.Second, "serve listening", func() bool { return strings.Contains(logs.String(), "metrics listening") })
+	get := func(path string) (int, string) {
+		resp, err := http.Get("http://" + metricsAddr + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if code, body := get("/readyz"); code != 200 {
+		t.Fatalf("/readyz with PostgreSQL up: %d %s", code, body)
+	}
+	srv.Stop(t)
+	if code, body := get("/readyz"); code != 503 || !strings.Contains(body, "registry unreachable") || strings.Contains(body, srv.Password) {
+		t.Fatalf("/readyz with PostgreSQL down: %d %s", code, body)
+	}
+	if code, _ := get("/healthz"); code != 200 {
+		t.Fatalf("/healthz: %d", code)
+	}
+	cancel()
+	<-served
+	if strings.Contains(logs.String(), srv.Password) {
+		t.Fatal("the serve log holds the database password")
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -24,6 +25,7 @@ import (
 	"github.com/mqtls/mqtls/broker"
 	"github.com/mqtls/mqtls/broker/policy"
 	"github.com/mqtls/mqtls/provisioning/ca"
+	"github.com/mqtls/mqtls/provisioning/registry"
 	"github.com/mqtls/mqtls/provisioning/server"
 )
 
@@ -44,12 +46,15 @@ type serveConfig struct {
 	MaxPacketSize    uint32        `yaml:"max_packet_size"`
 	MinTLS           string        `yaml:"min_tls"` // "1.2" or "1.3"
 	LogLevel         string        `yaml:"log_level"`
+	AuditMaxRows     int           `yaml:"audit_max_rows"` // audit retention (negative: unbounded)
+	AuditMaxAge      time.Duration `yaml:"audit_max_age"`
 }
 
 func defaultServeConfig() serveConfig {
 	return serveConfig{
 		MQTTAddr: "127.0.0.1:8883", ESTAddr: "127.0.0.1:8443", MetricsAddr: "127.0.0.1:9464",
 		Validity: ca.DefaultDeviceValidity, HandshakeTimeout: 10 * time.Second, MinTLS: "1.2", LogLevel: "info",
+		AuditMaxRows: 1_000_000, AuditMaxAge: 90 * 24 * time.Hour,
 	}
 }
 
@@ -81,6 +86,8 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.DurationVar(&cfg.HandshakeTimeout, "handshake-timeout", cfg.HandshakeTimeout, "deadline for TLS handshake + MQTT CONNECT")
 	fs.StringVar(&cfg.MinTLS, "min-tls", cfg.MinTLS, "lowest TLS version for MQTT clients: 1.2 (constrained devices) or 1.3")
 	fs.StringVar(&cfg.LogLevel, "log-level", cfg.LogLevel, "debug, info, warn or error")
+	fs.IntVar(&cfg.AuditMaxRows, "audit-max-rows", cfg.AuditMaxRows, "keep at most this many audit records (negative: no bound)")
+	fs.DurationVar(&cfg.AuditMaxAge, "audit-max-age", cfg.AuditMaxAge, "delete audit records older than this (negative: no bound)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -106,6 +113,8 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		override(&cfg.HandshakeTimeout, flagCfg.HandshakeTimeout, set["handshake-timeout"])
 		override(&cfg.MinTLS, flagCfg.MinTLS, set["min-tls"])
 		override(&cfg.LogLevel, flagCfg.LogLevel, set["log-level"])
+		override(&cfg.AuditMaxRows, flagCfg.AuditMaxRows, set["audit-max-rows"])
+		override(&cfg.AuditMaxAge, flagCfg.AuditMaxAge, set["audit-max-age"])
 	}
 	if err := needData(cfg.Data); err != nil {
 		return err
@@ -189,7 +198,8 @@ func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io
 		}
 	}
 	if cfg.ESTAddr != "" {
-		est, err := server.New(server.Config{CA: c, Registry: reg, Validity: cfg.Validity, Logger: log})
+		est, err := server.New(server.Config{CA: c, Registry: reg, Validity: cfg.Validity, Logger: log, Metrics: metrics,
+			AuditMaxRows: cfg.AuditMaxRows, AuditMaxAge: cfg.AuditMaxAge})
 		if err != nil {
 			return err
 		}
@@ -207,6 +217,8 @@ func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io
 	if cfg.MetricsAddr != "" {
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", promhttp.HandlerFor(metrics, promhttp.HandlerOpts{}))
+		mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok\n") })
+		mux.HandleFunc("GET /readyz", readyz(c, reg))
 		hs, err := listenHTTP(cfg.MetricsAddr, mux, nil, log, errc)
 		if err != nil {
 			return fmt.Errorf("metrics listener: %w", err)
@@ -228,6 +240,28 @@ func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io
 		}
 	}
 	return err
+}
+
+// readyz answers 200 when the registry answers and the issuing CA is
+// loaded and valid, 503 with the reason otherwise.
+func readyz(c *ca.CA, reg registry.Registry) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		defer cancel()
+		var problems []string
+		if err := reg.Ping(ctx); err != nil {
+			problems = append(problems, "registry unreachable: "+err.Error())
+		}
+		if c == nil || c.Issuing == nil || time.Now().After(c.Issuing.NotAfter) {
+			problems = append(problems, "issuing CA not loaded or expired")
+		}
+		if len(problems) > 0 {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			io.WriteString(w, strings.Join(problems, "\n")+"\n")
+			return
+		}
+		io.WriteString(w, "ready\n")
+	}
 }
 
 // listenHTTP serves h on addr (TLS if tlsCfg is set) and reports a failure

@@ -88,9 +88,22 @@ func TestServe(t *testing.T) {
 	}
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	for _, want := range []string{"mqtls_connections 1", "mqtls_tls_handshake_seconds_count", "mqtls_connects_accepted_total 1", "go_goroutines"} {
+	for _, want := range []string{"mqtls_connections 1", "mqtls_tls_handshake_seconds_count", "mqtls_connects_accepted_total 1", "go_goroutines",
+		`mqtls_est_requests_total{kind="enroll",result="ok"} 1`, "mqtls_registry_errors_total 0"} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("/metrics lacks %q", want)
+		}
+	}
+
+	for path, want := range map[string]string{"/healthz": "ok\n", "/readyz": "ready\n"} {
+		resp, err := http.Get("http://" + metricsAddr + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || string(body) != want {
+			t.Errorf("GET %s: %d %q, want 200 %q", path, resp.StatusCode, body, want)
 		}
 	}
 

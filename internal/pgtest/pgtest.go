@@ -31,6 +31,8 @@ type Server struct {
 	User     string // superuser, "postgres"
 	Password string // the superuser's password (scram-sha-256 on TCP)
 	dbs      atomic.Int64
+	stop     func() error
+	stopped  atomic.Bool
 }
 
 // binDir finds the newest /usr/lib/postgresql/N/bin with initdb.
@@ -106,9 +108,18 @@ func Start(t testing.TB) *Server {
 		log, _ := os.ReadFile(logFile)
 		t.Fatalf("pgtest: pg_ctl start: %v\n%s\n%s", err, out, log)
 	}
-	t.Cleanup(func() {
+	s.stop = func() error {
+		if s.stopped.Swap(true) {
+			return nil
+		}
 		if out, err := run("pg_ctl", "stop", "-D", data, "-m", "fast", "-w").CombinedOutput(); err != nil {
-			t.Errorf("pgtest: pg_ctl stop: %v\n%s", err, out)
+			return fmt.Errorf("pgtest: pg_ctl stop: %v\n%s", err, out)
+		}
+		return nil
+	}
+	t.Cleanup(func() {
+		if err := s.stop(); err != nil {
+			t.Error(err)
 		}
 	})
 	// ready when a connection succeeds
@@ -128,6 +139,15 @@ func Start(t testing.TB) *Server {
 		time.Sleep(50 * time.Millisecond) // polling a server that is starting
 	}
 	return s
+}
+
+// Stop stops the server before the test ends (to test an unreachable
+// database).
+func (s *Server) Stop(t testing.TB) {
+	t.Helper()
+	if err := s.stop(); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // URL is the libpq URL of database db with the superuser's password.

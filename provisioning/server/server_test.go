@@ -23,6 +23,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/mqtls/mqtls/internal/esttest"
 	"github.com/mqtls/mqtls/internal/testpki"
 	"github.com/mqtls/mqtls/keystore"
@@ -639,4 +641,52 @@ func TestClientPinsRoot(t *testing.T) {
 	if _, err := provisioning.NewClient("http://127.0.0.1:1", env.CA.Root); err == nil {
 		t.Fatal("plain http EST URL accepted")
 	}
+}
+
+// Enrollments by result, refusals by reason and registry errors are counted.
+func TestMetrics(t *testing.T) {
+	m := prometheus.NewRegistry()
+	env := esttest.Start(t, func(c *server.Config) { c.Metrics = m })
+	enrolled(t, env, "dev")
+	raw(t, env, http.MethodPost, provisioning.PathSimpleEnroll, "dev2", "wrong", csrB64(t, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "dev2"}}, newKey(t)), nil)
+	rawType(t, env, provisioning.PathSimpleEnroll, "dev2", "wrong", []byte("x"), "text/plain")
+	for _, c := range []struct {
+		name   string
+		labels map[string]string
+		want   float64
+	}{
+		{"mqtls_est_requests_total", map[string]string{"kind": "enroll", "result": "ok"}, 1},
+		{"mqtls_est_requests_total", map[string]string{"kind": "enroll", "result": "refused"}, 2},
+		{"mqtls_est_refusals_total", map[string]string{"reason": "token_invalid"}, 1},
+		{"mqtls_est_refusals_total", map[string]string{"reason": "unsupported_media_type"}, 1},
+		{"mqtls_registry_errors_total", nil, 0},
+	} {
+		if got := metricValue(t, m, c.name, c.labels); got != c.want {
+			t.Errorf("%s%v = %v, want %v", c.name, c.labels, got, c.want)
+		}
+	}
+}
+
+func metricValue(t *testing.T, g prometheus.Gatherer, name string, labels map[string]string) float64 {
+	t.Helper()
+	families, err := g.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		if f.GetName() != name {
+			continue
+		}
+	next:
+		for _, m := range f.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if labels[l.GetName()] != l.GetValue() {
+					continue next
+				}
+			}
+			return m.GetCounter().GetValue()
+		}
+	}
+	t.Fatalf("no metric %s%v", name, labels)
+	return 0
 }
