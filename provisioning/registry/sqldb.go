@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/mqtls/mqtls/provisioning"
@@ -34,14 +35,17 @@ type dialect struct {
 	integrity func(ctx context.Context, db *sql.DB) error
 	// notify signals a change to listeners inside tx (PostgreSQL NOTIFY).
 	notify func(ctx context.Context, tx *sql.Tx) error
+	// oneWriter: the database runs one write transaction at a time.
+	oneWriter bool
 }
 
 // sqlDB implements Registry over database/sql for a dialect.
 type sqlDB struct {
-	db   *sql.DB
-	d    *dialect
-	name string // path or redacted URL, for errors
-	now  func() time.Time
+	writeMu sync.Mutex // see begin
+	db      *sql.DB
+	d       *dialect
+	name    string // path or redacted URL, for errors
+	now     func() time.Time
 }
 
 func (r *sqlDB) q(query string) string { return r.d.placeholder(query) }
@@ -62,22 +66,35 @@ func (r *sqlDB) Ping(ctx context.Context) error {
 	return nil
 }
 
-func (r *sqlDB) begin(ctx context.Context) (*sql.Tx, error) {
-	tx, err := r.db.BeginTx(ctx, nil)
-	if err != nil {
-		return nil, fmt.Errorf("registry: %w", err)
+// begin starts a write transaction; done rolls it back unless it was
+// committed. With a dialect that serialises writers (SQLite), writers of
+// this process queue on a mutex instead of sleeping in SQLite's busy
+// handler, which wastes the time the lock is free.
+func (r *sqlDB) begin(ctx context.Context) (tx *sql.Tx, done func(), err error) {
+	if r.d.oneWriter {
+		r.writeMu.Lock()
 	}
-	return tx, nil
+	unlock := func() {
+		if r.d.oneWriter {
+			r.writeMu.Unlock()
+		}
+	}
+	tx, err = r.db.BeginTx(ctx, nil)
+	if err != nil {
+		unlock()
+		return nil, nil, fmt.Errorf("registry: %w", err)
+	}
+	return tx, func() { tx.Rollback(); unlock() }, nil
 }
 
 // migrate brings the schema to the newest version. With create false a
 // registry without a schema is refused (ErrNotInitialised).
 func (r *sqlDB) migrate(ctx context.Context, create bool) error {
-	tx, err := r.begin(ctx)
+	tx, done, err := r.begin(ctx)
 	if err != nil {
 		return err
 	}
-	defer tx.Rollback()
+	defer done()
 	if r.d.lockMigrations != nil {
 		if err := r.d.lockMigrations(ctx, tx); err != nil {
 			return fmt.Errorf("registry: migrate %s: %w", r.name, err)
@@ -116,11 +133,11 @@ const metaRoot = "root_sha256"
 
 // bind records the root CA fingerprint, or checks it when one is there.
 func (r *sqlDB) bind(ctx context.Context, rootSHA256 string) error {
-	tx, err := r.begin(ctx)
+	tx, done, err := r.begin(ctx)
 	if err != nil {
 		return err
 	}
-	defer tx.Rollback()
+	defer done()
 	if _, err := r.exec(ctx, tx, `INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING`, metaRoot, rootSHA256); err != nil {
 		return fmt.Errorf("registry: bind %s: %w", r.name, err)
 	}
@@ -280,11 +297,11 @@ func (r *sqlDB) CreateTokens(ctx context.Context, deviceIDs []string, group stri
 	}
 	now := r.now()
 	expires := now.Add(ttl)
-	tx, err := r.begin(ctx)
+	tx, done, err := r.begin(ctx)
 	if err != nil {
 		return nil, err
 	}
-	defer tx.Rollback()
+	defer done()
 	tokens := make([]string, len(deviceIDs))
 	for i, id := range deviceIDs {
 		var raw [32]byte
@@ -333,11 +350,11 @@ func (r *sqlDB) lockDevice(ctx context.Context, tx *sql.Tx, id string) (string, 
 // Reinstate lets a revoked device enroll again.
 func (r *sqlDB) Reinstate(ctx context.Context, deviceID, reason string) error {
 	now := r.now()
-	tx, err := r.begin(ctx)
+	tx, done, err := r.begin(ctx)
 	if err != nil {
 		return err
 	}
-	defer tx.Rollback()
+	defer done()
 	status, err := r.lockDevice(ctx, tx, deviceID)
 	if err != nil {
 		return err
@@ -433,11 +450,11 @@ func (r *sqlDB) CheckToken(ctx context.Context, deviceID, token string) (Grant, 
 // Enrolled burns the token and records the certificate.
 func (r *sqlDB) Enrolled(ctx context.Context, g Grant, cert Cert, remote string) error {
 	now := r.now()
-	tx, err := r.begin(ctx)
+	tx, done, err := r.begin(ctx)
 	if err != nil {
 		return err
 	}
-	defer tx.Rollback()
+	defer done()
 	status, err := r.lockDevice(ctx, tx, g.DeviceID)
 	if err != nil {
 		return err
@@ -470,11 +487,11 @@ func (r *sqlDB) Enrolled(ctx context.Context, g Grant, cert Cert, remote string)
 // Replay returns the certificate a used token bought for the same key.
 func (r *sqlDB) Replay(ctx context.Context, deviceID, token, spkiSHA256, remote string) (Cert, error) {
 	now := r.now()
-	tx, err := r.begin(ctx)
+	tx, done, err := r.begin(ctx)
 	if err != nil {
 		return Cert{}, err
 	}
-	defer tx.Rollback()
+	defer done()
 	t, err := r.findToken(ctx, tx, deviceID, token)
 	if err != nil {
 		return Cert{}, err
@@ -515,11 +532,11 @@ func (r *sqlDB) Replay(ctx context.Context, deviceID, token, spkiSHA256, remote 
 // revoked.
 func (r *sqlDB) Reenrolled(ctx context.Context, prevSerial string, cert Cert, remote string) error {
 	now := r.now()
-	tx, err := r.begin(ctx)
+	tx, done, err := r.begin(ctx)
 	if err != nil {
 		return err
 	}
-	defer tx.Rollback()
+	defer done()
 	status, err := r.lockDevice(ctx, tx, cert.DeviceID)
 	if err != nil {
 		return err
@@ -617,11 +634,11 @@ func scanCert(s scanner) (Cert, error) {
 // Revoke revokes a device: certificates, unused tokens, status.
 func (r *sqlDB) Revoke(ctx context.Context, deviceID, reason string) (int, error) {
 	now := r.now()
-	tx, err := r.begin(ctx)
+	tx, done, err := r.begin(ctx)
 	if err != nil {
 		return 0, err
 	}
-	defer tx.Rollback()
+	defer done()
 	if _, err := r.lockDevice(ctx, tx, deviceID); err != nil {
 		return 0, err
 	}

@@ -75,6 +75,7 @@ var sqliteDialect = &dialect{
 			`CREATE INDEX audit_at ON audit(at)`},
 	},
 	placeholder: func(q string) string { return q },
+	oneWriter:   true,
 	version: func(ctx context.Context, tx *sql.Tx) (int, error) {
 		var v int
 		if err := tx.QueryRowContext(ctx, "PRAGMA user_version").Scan(&v); err != nil {
