@@ -12,9 +12,11 @@ func TestLimiterBounded(t *testing.T) {
 	l := &limiter{max: 3, window: time.Minute, maxKeys: 100, seen: map[string][]time.Time{}}
 	now := time.Now()
 	for i := range 10_000 {
-		l.fail(now, fmt.Sprint("10.0.", i/256, ".", i%256))
-		l.fail(now, "hammer")
+		at := now.Add(time.Duration(i) * 2 * time.Microsecond)
+		l.fail(at, fmt.Sprint("10.0.", i/256, ".", i%256))
+		l.fail(at.Add(time.Microsecond), "hammer") // never the stalest, so never forgotten
 	}
+	now = now.Add(time.Second)
 	if n := l.size(); n > 100 {
 		t.Fatalf("%d addresses tracked, want at most 100", n)
 	}
