@@ -41,6 +41,7 @@ func cmdInit(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs.StringVar(&cfg.IssuingKey, "issuing-key", "", "key of --issuing-cert")
 	regFlags := addRegistryFlags(fs)
 	registryOnly := fs.Bool("registry-only", false, "create only the registry, for the data directory's existing PKI (after losing the registry: every revocation is lost with it)")
+	bindRegistry := fs.Bool("bind-registry", false, "bind an existing registry made before registries were bound to their CA to the data directory's root CA")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -50,6 +51,9 @@ func cmdInit(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	loc, err := regFlags.location(*data)
 	if err != nil {
 		return err
+	}
+	if *bindRegistry {
+		return bindExisting(ctx, loc, *data, stdout)
 	}
 	cfg.Hosts = hosts
 	if !*registryOnly {
@@ -211,4 +215,28 @@ func cmdDevices(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\n", d.ID, group, d.Status, d.Certificates, until)
 	}
 	return tw.Flush()
+}
+
+// bindExisting binds an unbound registry to the data directory's root CA.
+func bindExisting(ctx context.Context, loc registryLocation, data string, stdout io.Writer) error {
+	c, err := ca.Load(data)
+	if err != nil {
+		return err
+	}
+	reg, err := loc.open(ctx)
+	if err != nil {
+		return err
+	}
+	defer reg.Close()
+	b, ok := reg.(interface {
+		Bind(ctx context.Context, rootSHA256 string) error
+	})
+	if !ok {
+		return fmt.Errorf("registry %s cannot be bound", loc)
+	}
+	if err := b.Bind(ctx, ca.Fingerprint(c.Root)); err != nil {
+		return loc.explain(err)
+	}
+	fmt.Fprintf(stdout, "registry %s bound to root CA sha256 %s\n", loc, ca.Fingerprint(c.Root))
+	return nil
 }

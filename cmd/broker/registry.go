@@ -158,6 +158,8 @@ func (l registryLocation) explain(err error) error {
 		}
 	case errors.Is(err, registry.ErrForeign):
 		fix = fmt.Sprintf("this registry was made by another `broker init`: give the registry of the CA in %s (--registry), or the data directory that goes with this registry (--data)", l.data)
+	case errors.Is(err, registry.ErrUnbound):
+		fix = fmt.Sprintf("if this registry belongs to the CA in %s, bind it: broker init --data %s%s --bind-registry", l.data, l.data, regArg)
 	case errors.Is(err, registry.ErrNotInitialised):
 		fix = "create it: " + recreate
 	case errors.Is(err, registry.ErrNewerSchema):

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/tls"
+	"database/sql"
 	"io"
 	"net/http"
 	"os"
@@ -290,5 +291,35 @@ func TestReadyzPostgresDown(t *testing.T) {
 	<-served
 	if strings.Contains(logs.String(), srv.Password) {
 		t.Fatal("the serve log holds the database password")
+	}
+}
+
+// A registry without a CA binding (an older release's) is refused by serve
+// with the command that binds it, and serve starts after it.
+func TestServeUnboundRegistry(t *testing.T) {
+	data := initData(t)
+	db, err := sql.Open("sqlite", filepath.Join(data, RegistryFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Exec("DELETE FROM meta"); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	var errs syncBuffer
+	if code := run(t.Context(), serveArgs(t, data), io.Discard, &errs); code != 1 || !strings.Contains(errs.String(), "--bind-registry") {
+		t.Fatalf("serve on an unbound registry: %d\n%s", code, errs.String())
+	}
+	if out, errs, code := brokerCLI(t, "init", "--data", data, "--bind-registry"); code != 0 || !strings.Contains(out, "bound to root CA") {
+		t.Fatalf("init --bind-registry: %d %s", code, errs)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	logs := &syncBuffer{}
+	served := make(chan int, 1)
+	go func() { served <- run(ctx, serveArgs(t, data), io.Discard, logs) }()
+	testtool.Eventually(t, 10*time.Second, "serve after binding", func() bool { return strings.Contains(logs.String(), "metrics listening") })
+	cancel()
+	if code := <-served; code != 0 {
+		t.Fatalf("serve exit %d\n%s", code, logs.String())
 	}
 }

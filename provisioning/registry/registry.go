@@ -60,6 +60,7 @@ var (
 	ErrEmpty          = errors.New("registry: empty (0 bytes)")
 	ErrCorrupt        = errors.New("registry: integrity check failed")
 	ErrForeign        = errors.New("registry: belongs to another CA")
+	ErrUnbound        = errors.New("registry: bound to no CA (made before registries were bound to their root CA)")
 	ErrNotInitialised = errors.New("registry: not initialised")
 	ErrExists         = errors.New("registry: already exists")
 	ErrNewerSchema    = errors.New("registry: schema newer than this program")
@@ -78,7 +79,7 @@ type Registry interface {
 	// Check verifies that the registry is intact (SQLite: quick_check;
 	// both: schema version) and bound to the root CA whose certificate
 	// has SHA-256 fingerprint rootSHA256 (hex). ErrCorrupt, ErrForeign,
-	// ErrNotInitialised.
+	// ErrUnbound, ErrNotInitialised.
 	Check(ctx context.Context, rootSHA256 string) error
 	// Ping reports whether the registry answers (for readiness).
 	Ping(ctx context.Context) error

@@ -232,3 +232,53 @@ func TestTokenStoredHashed(t *testing.T) {
 		}
 	}
 }
+
+// A registry made by the previous release (schema 1) is migrated with its
+// data, then refused as unbound until it is bound to its CA.
+func TestMigrateSchema1(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "registry.db")
+	db, err := sql.Open("sqlite", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range []string{
+		`CREATE TABLE devices (id TEXT PRIMARY KEY, grp TEXT NOT NULL DEFAULT '', status TEXT NOT NULL DEFAULT 'pending', created_at INTEGER NOT NULL, enrolled_at INTEGER)`,
+		`CREATE TABLE tokens (hash BLOB PRIMARY KEY, device_id TEXT NOT NULL REFERENCES devices(id), grp TEXT NOT NULL DEFAULT '', created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, used_at INTEGER)`,
+		`CREATE INDEX tokens_device ON tokens(device_id)`,
+		`CREATE TABLE certificates (serial TEXT PRIMARY KEY, device_id TEXT NOT NULL REFERENCES devices(id), spki_sha256 TEXT NOT NULL, not_before INTEGER NOT NULL, not_after INTEGER NOT NULL, issued_at INTEGER NOT NULL, status TEXT NOT NULL DEFAULT 'valid', revoked_at INTEGER, revocation_reason TEXT)`,
+		`CREATE INDEX certificates_device ON certificates(device_id)`,
+		`CREATE INDEX certificates_revoked ON certificates(revoked_at) WHERE revoked_at IS NOT NULL`,
+		`CREATE TABLE audit (id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, event TEXT NOT NULL, device_id TEXT NOT NULL DEFAULT '', serial TEXT NOT NULL DEFAULT '', remote TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '')`,
+		`INSERT INTO devices (id, status, created_at) VALUES ('old-dev', 'revoked', 1)`,
+		`INSERT INTO certificates (serial, device_id, spki_sha256, not_before, not_after, issued_at, status, revoked_at, revocation_reason) VALUES ('ab', 'old-dev', '00', 1, 2, 1, 'revoked', 5, 'lost')`,
+		`PRAGMA user_version = 1`,
+	} {
+		if _, err := db.Exec(q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	db.Close()
+	r, err := registry.OpenSQLite(t.Context(), path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if c, err := r.Certificate(t.Context(), "ab"); err != nil || c.Status != registry.StatusRevoked || c.RevocationReason != "lost" {
+		t.Fatalf("certificate after migration = %+v, %v", c, err)
+	}
+	if ids, _ := r.RevokedDevices(t.Context()); len(ids) != 1 || ids[0] != "old-dev" {
+		t.Fatalf("RevokedDevices after migration = %v", ids)
+	}
+	if err := r.Check(t.Context(), registrytest.Root); !errors.Is(err, registry.ErrUnbound) {
+		t.Fatalf("Check(unbound) = %v, want ErrUnbound", err)
+	}
+	if err := r.Bind(t.Context(), registrytest.Root); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Check(t.Context(), registrytest.Root); err != nil {
+		t.Fatalf("Check after Bind = %v", err)
+	}
+	if err := r.Bind(t.Context(), "ff"+registrytest.Root[2:]); !errors.Is(err, registry.ErrForeign) {
+		t.Fatalf("Bind(another CA) = %v, want ErrForeign", err)
+	}
+}

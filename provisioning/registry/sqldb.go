@@ -131,6 +131,11 @@ func (r *sqlDB) migrate(ctx context.Context, create bool) error {
 
 const metaRoot = "root_sha256"
 
+// Bind binds a registry made before registries were bound (ErrUnbound) to
+// the root CA with fingerprint rootSHA256; a registry bound to another CA
+// is refused with ErrForeign. Create binds new registries itself.
+func (r *sqlDB) Bind(ctx context.Context, rootSHA256 string) error { return r.bind(ctx, rootSHA256) }
+
 // bind records the root CA fingerprint, or checks it when one is there.
 func (r *sqlDB) bind(ctx context.Context, rootSHA256 string) error {
 	tx, done, err := r.begin(ctx)
@@ -176,7 +181,7 @@ func (r *sqlDB) Check(ctx context.Context, rootSHA256 string) error {
 	var got string
 	err = tx.QueryRowContext(ctx, r.q(`SELECT value FROM meta WHERE key = ?`), metaRoot).Scan(&got)
 	if errors.Is(err, sql.ErrNoRows) {
-		return fmt.Errorf("%w: %s is bound to no root CA (made by an older broker init)", ErrForeign, r.name)
+		return fmt.Errorf("%w: %s", ErrUnbound, r.name)
 	}
 	if err != nil {
 		return fmt.Errorf("%w: %s: %v", ErrCorrupt, r.name, err)
