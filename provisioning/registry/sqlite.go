@@ -197,3 +197,55 @@ func isNotADatabase(err error) bool {
 	c := e.Code() & 0xff
 	return c == corrupt || c == notADB
 }
+
+// ChangePoll is how often SQLite.Changes looks for commits by others.
+const ChangePoll = 100 * time.Millisecond
+
+// Changes returns a channel that receives a value soon (within
+// ChangePoll) after another connection or process commits to the
+// registry, and is closed when ctx ends. It asks SQLite's PRAGMA
+// data_version on one connection, which changes exactly when someone
+// else committed: the cheap cross-process signal SQLite has. Signals may
+// be coalesced; one is sent at the start.
+func (r *SQLite) Changes(ctx context.Context) <-chan struct{} {
+	ch := make(chan struct{}, 1)
+	signal := func() {
+		select {
+		case ch <- struct{}{}:
+		default:
+		}
+	}
+	go func() {
+		defer close(ch)
+		t := time.NewTicker(ChangePoll)
+		defer t.Stop()
+		var conn *sql.Conn
+		defer func() {
+			if conn != nil {
+				conn.Close()
+			}
+		}()
+		last := int64(-1)
+		for {
+			if conn == nil {
+				conn, _ = r.db.Conn(ctx) // retried at the next tick
+			}
+			if conn != nil {
+				var v int64
+				if err := conn.QueryRowContext(ctx, "PRAGMA data_version").Scan(&v); err != nil {
+					conn.Close()
+					conn = nil
+				} else if v != last {
+					last = v
+					signal()
+				}
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	return ch
+}

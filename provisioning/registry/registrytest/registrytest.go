@@ -6,6 +6,7 @@
 package registrytest
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"slices"
@@ -41,6 +42,7 @@ func Run(t *testing.T, b Backend) {
 		{"Replay", testReplay},
 		{"AuditAggregationAndRetention", testAudit},
 		{"CABinding", testBinding},
+		{"ChangesSignalRevocation", testChanges},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) { tc.fn(t, b) })
@@ -439,5 +441,49 @@ func testBinding(t *testing.T, b Backend) {
 	}
 	if err := r.Ping(t.Context()); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A backend that signals changes (optional capability) does so within a
+// second of a revocation by another handle.
+func testChanges(t *testing.T, b Backend) {
+	r, reopen := b.Create(t, Root)
+	n, ok := r.(interface {
+		Changes(ctx context.Context) <-chan struct{}
+	})
+	if !ok {
+		t.Skip("backend does not signal changes (the broker polls it)")
+	}
+	other := reopen(t)
+	if _, err := r.CreateToken(t.Context(), "dev", "", time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	ch := n.Changes(ctx)
+	select { // the first signal: watching
+	case <-ch:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Changes: no first signal within 10s")
+	}
+	drain := time.After(300 * time.Millisecond) // let a signal from the CreateToken commit pass
+	for done := false; !done; {
+		select {
+		case <-ch:
+		case <-drain:
+			done = true
+		}
+	}
+	start := time.Now()
+	if _, err := other.Revoke(t.Context(), "dev", "test"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-ch:
+		t.Logf("change signalled %v after the revocation committed", time.Since(start))
+	case <-time.After(time.Second):
+		t.Fatal("no change signalled within 1s of a revocation")
+	}
+	cancel()
+	for range ch { // closed when ctx ends
 	}
 }
