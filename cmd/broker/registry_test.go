@@ -323,3 +323,26 @@ func TestServeUnboundRegistry(t *testing.T) {
 		t.Fatalf("serve exit %d\n%s", code, logs.String())
 	}
 }
+
+// The config file's registry key is honoured (and a flag overrides it).
+func TestServeConfigRegistry(t *testing.T) {
+	data := initData(t)
+	other := filepath.Join(t.TempDir(), "elsewhere.db")
+	configFile := filepath.Join(t.TempDir(), "broker.yaml")
+	os.WriteFile(configFile, []byte("data: "+data+"\nregistry: sqlite:"+other+"\nmqtt_addr: "+testtool.FreeAddr(t)+"\nest_addr: \"\"\nmetrics_addr: \"\"\n"), 0o600)
+	var errs syncBuffer
+	if code := run(t.Context(), []string{"serve", "--config", configFile}, io.Discard, &errs); code != 1 || !strings.Contains(errs.String(), other+" does not exist") {
+		t.Fatalf("serve with registry: sqlite:%s in the config: %d\n%s", other, code, errs.String())
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	logs := &syncBuffer{}
+	served := make(chan int, 1)
+	go func() {
+		served <- run(ctx, []string{"serve", "--config", configFile, "--registry", "sqlite:" + filepath.Join(data, RegistryFile)}, io.Discard, logs)
+	}()
+	testtool.Eventually(t, 10*time.Second, "serve with --registry overriding the config", func() bool { return strings.Contains(logs.String(), "MQTT listening") })
+	cancel()
+	if code := <-served; code != 0 {
+		t.Fatalf("serve exit %d\n%s", code, logs.String())
+	}
+}
