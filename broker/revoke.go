@@ -21,8 +21,9 @@ type Registry interface {
 }
 
 // changeNotifier is a Registry that signals changes (PostgreSQL
-// LISTEN/NOTIFY): the broker polls at once instead of waiting for the
-// next tick. The channel is closed when ctx ends.
+// LISTEN/NOTIFY, SQLite's data_version): the broker polls at once instead
+// of waiting for the next tick, which stays as the fallback. The channel
+// is closed when ctx ends.
 type changeNotifier interface {
 	Changes(ctx context.Context) <-chan struct{}
 }

@@ -161,9 +161,9 @@ func openPostgres(ctx context.Context, url string, create bool, opts []PostgresO
 	db.SetMaxIdleConns(32)
 	db.SetConnMaxIdleTime(5 * time.Minute)
 	r := &Postgres{sqlDB: sqlDB{db: db, d: postgresDialect, name: name, now: time.Now}, conn: cfg}
-	if err := r.Ping(ctx); err != nil {
+	if err := db.PingContext(ctx); err != nil {
 		db.Close()
-		return nil, err
+		return nil, fmt.Errorf("registry: %s: %w", name, err)
 	}
 	if err := r.migrate(ctx, create); err != nil {
 		db.Close()

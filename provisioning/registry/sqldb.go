@@ -57,10 +57,10 @@ func (r *sqlDB) exec(ctx context.Context, tx *sql.Tx, query string, args ...any)
 // Close closes the database.
 func (r *sqlDB) Close() error { return r.db.Close() }
 
-// Ping reports whether the database answers.
+// Ping reports whether the database answers with the registry's data.
 func (r *sqlDB) Ping(ctx context.Context) error {
-	var one int
-	if err := r.db.QueryRowContext(ctx, "SELECT 1").Scan(&one); err != nil {
+	var n int
+	if err := r.db.QueryRowContext(ctx, "SELECT COUNT(*) FROM meta").Scan(&n); err != nil {
 		return fmt.Errorf("registry: %s: %w", r.name, err)
 	}
 	return nil
