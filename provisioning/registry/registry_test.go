@@ -88,6 +88,15 @@ func TestPostgresOpenCreateAndSchema(t *testing.T) {
 		t.Fatal(err)
 	}
 	r.Close()
+	// or from PGPASSFILE
+	pass := filepath.Join(t.TempDir(), "pgpass")
+	host, port, _ := strings.Cut(srv.Addr, ":")
+	os.WriteFile(pass, []byte(host+":"+port+":*:"+srv.User+":"+srv.Password+"\n"), 0o600)
+	t.Setenv("PGPASSFILE", pass)
+	if r, err = registry.OpenPostgres(ctx, srv.URLNoPassword(db)); err != nil {
+		t.Fatalf("OpenPostgres with the password in PGPASSFILE: %v", err)
+	}
+	r.Close()
 	// init again with the same CA is fine, with another refused
 	if r, err = registry.CreatePostgres(ctx, srv.URL(db), registrytest.Root); err != nil {
 		t.Fatal(err)
