@@ -192,26 +192,35 @@ func (r *sqlDB) Check(ctx context.Context, rootSHA256 string) error {
 	return nil
 }
 
-// Audit appends an event, or folds an aggregated one into its twin.
+// Audit appends an event, or folds an aggregated one into its twin, in
+// one transaction.
 func (r *sqlDB) Audit(ctx context.Context, e Event) error {
 	now := r.now()
 	if e.At.IsZero() {
 		e.At = now
 	}
+	tx, done, err := r.begin(ctx)
+	if err != nil {
+		return err
+	}
+	defer done()
+	folded := false
 	if e.Aggregate {
-		res, err := r.db.ExecContext(ctx, r.q(`UPDATE audit SET count = count + 1, last_at = ? WHERE id = (
-			SELECT MAX(id) FROM audit WHERE event = ? AND device_id = ? AND remote = ? AND reason = ? AND serial = ? AND at >= ?)`),
+		res, err := r.exec(ctx, tx, `UPDATE audit SET count = count + 1, last_at = ? WHERE id = (
+			SELECT MAX(id) FROM audit WHERE event = ? AND device_id = ? AND remote = ? AND reason = ? AND serial = ? AND at >= ?)`,
 			e.At.UnixMilli(), e.Event, e.DeviceID, e.Remote, e.Reason, e.Serial, e.At.Add(-AggregateWindow).UnixMilli())
 		if err != nil {
 			return fmt.Errorf("registry: audit: %w", err)
 		}
-		if n, _ := res.RowsAffected(); n > 0 {
-			return nil
+		n, _ := res.RowsAffected()
+		folded = n > 0
+	}
+	if !folded {
+		if err := r.auditTx(ctx, tx, now, e); err != nil {
+			return err
 		}
 	}
-	_, err := r.db.ExecContext(ctx, r.q(`INSERT INTO audit (at, event, device_id, serial, remote, reason) VALUES (?, ?, ?, ?, ?, ?)`),
-		e.At.UnixMilli(), e.Event, e.DeviceID, e.Serial, e.Remote, e.Reason)
-	if err != nil {
+	if err := tx.Commit(); err != nil {
 		return fmt.Errorf("registry: audit: %w", err)
 	}
 	return nil
@@ -256,9 +265,14 @@ func (r *sqlDB) Events(ctx context.Context, afterID int64, limit int) ([]Event, 
 
 // PruneAudit enforces the audit retention.
 func (r *sqlDB) PruneAudit(ctx context.Context, maxRows int, maxAge time.Duration) (int, error) {
+	tx, done, err := r.begin(ctx)
+	if err != nil {
+		return 0, err
+	}
+	defer done()
 	var n int64
 	if maxAge > 0 {
-		res, err := r.db.ExecContext(ctx, r.q(`DELETE FROM audit WHERE at < ?`), r.now().Add(-maxAge).UnixMilli())
+		res, err := r.exec(ctx, tx, `DELETE FROM audit WHERE at < ?`, r.now().Add(-maxAge).UnixMilli())
 		if err != nil {
 			return 0, fmt.Errorf("registry: prune audit: %w", err)
 		}
@@ -266,12 +280,15 @@ func (r *sqlDB) PruneAudit(ctx context.Context, maxRows int, maxAge time.Duratio
 		n += k
 	}
 	if maxRows > 0 {
-		res, err := r.db.ExecContext(ctx, r.q(`DELETE FROM audit WHERE id <= (SELECT id FROM audit ORDER BY id DESC LIMIT 1 OFFSET ?)`), maxRows)
+		res, err := r.exec(ctx, tx, `DELETE FROM audit WHERE id <= (SELECT id FROM audit ORDER BY id DESC LIMIT 1 OFFSET ?)`, maxRows)
 		if err != nil {
 			return 0, fmt.Errorf("registry: prune audit: %w", err)
 		}
 		k, _ := res.RowsAffected()
 		n += k
+	}
+	if err := tx.Commit(); err != nil {
+		return 0, fmt.Errorf("registry: prune audit: %w", err)
 	}
 	return int(n), nil
 }
