@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"crypto/rand"
-	"crypto/tls"
 	"database/sql"
 	"io"
 	"net/http"
@@ -14,13 +13,8 @@ import (
 	"testing"
 	"time"
 
-	paho "github.com/eclipse/paho.mqtt.golang"
-
-	"github.com/mqtls/mqtls/device"
 	"github.com/mqtls/mqtls/internal/pgtest"
 	"github.com/mqtls/mqtls/internal/testtool"
-	"github.com/mqtls/mqtls/keystore"
-	"github.com/mqtls/mqtls/provisioning/ca"
 )
 
 // initData runs broker init in a new directory and mints one token.
@@ -215,26 +209,7 @@ func liveRevocation(t *testing.T, data string, regArgs []string) {
 		served <- run(ctx, append([]string{"serve", "--data", data, "--mqtt-addr", mqttAddr, "--est-addr", estAddr, "--metrics-addr", ""}, regArgs...), io.Discard, logs)
 	}()
 	testtool.Eventually(t, 10*time.Second, "serve listening", func() bool { return strings.Contains(logs.String(), "EST listening") })
-	c, _ := ca.Load(data)
-	idDir := filepath.Join(t.TempDir(), "id")
-	store, err := keystore.NewFile(idDir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer store.Close()
-	id, err := device.Enroll(t.Context(), device.EnrollConfig{Dir: idDir, DeviceID: "dev-1", Token: strings.TrimSpace(tok), EST: "https://" + estAddr, Root: c.Root, Store: store, Keystore: "file"})
-	if err != nil {
-		t.Fatalf("enroll: %v\n%s", err, logs.String())
-	}
-	cert, _ := id.TLSCertificate()
-	lost := make(chan error, 1)
-	cl := paho.NewClient(paho.NewClientOptions().AddBroker("ssl://" + mqttAddr).SetClientID("dev-1").
-		SetTLSConfig(&tls.Config{RootCAs: id.RootPool(), Certificates: []tls.Certificate{cert}}).SetProtocolVersion(4).SetAutoReconnect(false).
-		SetConnectionLostHandler(func(_ paho.Client, err error) { lost <- err }))
-	if tk := cl.Connect(); !tk.WaitTimeout(10*time.Second) || tk.Error() != nil {
-		t.Fatalf("connect: %v", tk.Error())
-	}
-	defer cl.Disconnect(0)
+	_, lost := enrollAndConnect(t, data, "dev-1", tok, estAddr, mqttAddr)
 	start := time.Now()
 	if out, errs, code := brokerCLI(t, append([]string{"revoke", "--data", data, "--device", "dev-1"}, regArgs...)...); code != 0 {
 		t.Fatalf("revoke: %s %s", out, errs)

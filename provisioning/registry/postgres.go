@@ -178,22 +178,12 @@ func openPostgres(ctx context.Context, url string, create bool, opts []PostgresO
 // Signals may be coalesced and a reconnect sends one, so the receiver
 // reloads what it needs; it should keep polling slowly as well.
 func (r *Postgres) Changes(ctx context.Context) <-chan struct{} {
-	ch := make(chan struct{}, 1)
-	signal := func() {
-		select {
-		case ch <- struct{}{}:
-		default:
-		}
-	}
-	go func() {
-		defer close(ch)
+	return changes(func(signal func()) {
 		backoff := 100 * time.Millisecond
-		for ctx.Err() == nil {
-			err := r.listen(ctx, signal)
-			if ctx.Err() != nil {
-				return
-			}
-			_ = err // the receiver's slow poll covers the gap; the next attempt says more
+		for {
+			// listen returns when its connection fails (or ctx ends): the
+			// receiver's slow poll covers the gap until it listens again.
+			r.listen(ctx, signal)
 			t := time.NewTimer(backoff)
 			select {
 			case <-ctx.Done():
@@ -203,27 +193,25 @@ func (r *Postgres) Changes(ctx context.Context) <-chan struct{} {
 			}
 			backoff = min(2*backoff, 5*time.Second)
 		}
-	}()
-	return ch
+	})
 }
 
-func (r *Postgres) listen(ctx context.Context, signal func()) error {
+// listen signals every notification on NotifyChannel until its connection
+// fails or ctx ends.
+func (r *Postgres) listen(ctx context.Context, signal func()) {
 	conn, err := pgx.ConnectConfig(ctx, r.conn.Copy())
 	if err != nil {
-		return err
+		return
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 	if _, err := conn.Exec(ctx, "LISTEN "+pgx.Identifier{NotifyChannel}.Sanitize()); err != nil {
-		return err
+		return
 	}
 	signal() // anything missed while not listening
 	for {
-		n, err := conn.WaitForNotification(ctx)
-		if err != nil {
-			return err
+		if _, err := conn.WaitForNotification(ctx); err != nil {
+			return
 		}
-		if n != nil {
-			signal()
-		}
+		signal()
 	}
 }

@@ -757,6 +757,24 @@ func (r *sqlDB) devices(ctx context.Context, where string, args ...any) ([]Devic
 	return out, rows.Err()
 }
 
+// changes runs watch in a goroutine, giving it a signal that never blocks
+// (signals coalesce in a channel of one), and returns that channel, closed
+// when watch returns.
+func changes(watch func(signal func())) <-chan struct{} {
+	ch := make(chan struct{}, 1)
+	signal := func() {
+		select {
+		case ch <- struct{}{}:
+		default:
+		}
+	}
+	go func() {
+		defer close(ch)
+		watch(signal)
+	}()
+	return ch
+}
+
 // dollarPlaceholders rewrites ? to $1, $2, ... (the queries hold no ? in
 // literals).
 func dollarPlaceholders(q string) string {

@@ -208,15 +208,7 @@ const ChangePoll = 100 * time.Millisecond
 // else committed: the cheap cross-process signal SQLite has. Signals may
 // be coalesced; one is sent at the start.
 func (r *SQLite) Changes(ctx context.Context) <-chan struct{} {
-	ch := make(chan struct{}, 1)
-	signal := func() {
-		select {
-		case ch <- struct{}{}:
-		default:
-		}
-	}
-	go func() {
-		defer close(ch)
+	return changes(func(signal func()) {
 		t := time.NewTicker(ChangePoll)
 		defer t.Stop()
 		var conn *sql.Conn
@@ -228,7 +220,7 @@ func (r *SQLite) Changes(ctx context.Context) <-chan struct{} {
 		last := int64(-1)
 		for {
 			if conn == nil {
-				conn, _ = r.db.Conn(ctx) // retried at the next tick
+				conn, _ = r.db.Conn(ctx) // nil on failure: retried at the next tick
 			}
 			if conn != nil {
 				var v int64
@@ -246,6 +238,5 @@ func (r *SQLite) Changes(ctx context.Context) <-chan struct{} {
 			case <-t.C:
 			}
 		}
-	}()
-	return ch
+	})
 }
