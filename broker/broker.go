@@ -36,7 +36,8 @@ type Config struct {
 	// Policy maps identities to topics (default policy.Default()).
 	Policy *policy.Policy
 	// Registry, if set, is polled for revoked certificates and device IDs
-	// every RevocationPoll (default 500ms).
+	// every RevocationPoll (default 500ms), and watched for changes if it
+	// can signal them.
 	Registry       Registry
 	RevocationPoll time.Duration
 	// AdmitWhenRegistryDown admits new CONNECTs (checked against the last

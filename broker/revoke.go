@@ -13,12 +13,21 @@ import (
 	"github.com/mqtls/mqtls/provisioning/registry"
 )
 
-// Registry is what the broker reads from the device registry.
+// Registry is what the broker reads from the device registry
+// (provisioning/registry's backends implement it).
 type Registry interface {
 	// RevokedSince returns the certificates revoked at or after t.
 	RevokedSince(ctx context.Context, t time.Time) ([]registry.Cert, error)
 	// RevokedDevices returns the device IDs revoked now.
 	RevokedDevices(ctx context.Context) ([]string, error)
+}
+
+// changeNotifier is a Registry that signals changes (PostgreSQL
+// LISTEN/NOTIFY, SQLite's data_version): the broker polls at once instead
+// of waiting for the next tick, which stays as the fallback. The channel
+// is closed when ctx ends.
+type changeNotifier interface {
+	Changes(ctx context.Context) <-chan struct{}
 }
 
 // revocations tracks revoked certificates from the registry (serials of
@@ -103,11 +112,22 @@ func (r *revocations) setFailing(err error) {
 func (r *revocations) watch(stop <-chan struct{}, every time.Duration) {
 	t := time.NewTicker(every)
 	defer t.Stop()
+	var changes <-chan struct{}
+	if n, ok := r.reg.(changeNotifier); ok {
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		changes = n.Changes(ctx)
+	}
 	for {
 		select {
 		case <-stop:
 			return
 		case <-t.C:
+		case _, ok := <-changes:
+			if !ok {
+				changes = nil // the poll goes on
+				continue
+			}
 		}
 		if r.reg != nil {
 			r.setFailing(r.pollRegistry())

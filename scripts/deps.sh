@@ -6,28 +6,36 @@ set -eu
 
 # program:package pairs
 tools="swtpm:swtpm swtpm_setup:swtpm-tools tpm2_load:tpm2-tools openssl:openssl curl:curl
-mosquitto:mosquitto mosquitto_pub:mosquitto-clients"
+mosquitto:mosquitto mosquitto_pub:mosquitto-clients runuser:util-linux"
 # openssl's tpm2 provider is a library, not a program
 provider=/usr/lib/$(uname -m)-linux-gnu/ossl-modules/tpm2.so
 
-missing=""
-for pair in $tools; do
-	command -v "${pair%%:*}" >/dev/null 2>&1 || missing="$missing ${pair#*:}"
-done
-[ -e "$provider" ] || missing="$missing tpm2-openssl"
-# mosquitto lives in /usr/sbin, which is not on every PATH
-[ -x /usr/sbin/mosquitto ] && missing=$(echo "$missing" | sed 's/ mosquitto\( \|$\)/ /')
+check() {
+	missing=""
+	for pair in $tools; do
+		command -v "${pair%%:*}" >/dev/null 2>&1 || missing="$missing ${pair#*:}"
+	done
+	[ -e "$provider" ] || missing="$missing tpm2-openssl"
+	# mosquitto lives in /usr/sbin, which is not on every PATH
+	[ -x /usr/sbin/mosquitto ] && missing=$(echo "$missing" | sed 's/ mosquitto\( \|$\)/ /')
+	# the PostgreSQL server (internal/pgtest) is not on PATH either
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$missing postgresql"
+	missing=$(echo "$missing" | xargs -n1 2>/dev/null | sort -u | xargs)
+}
 
-missing=$(echo "$missing" | xargs -n1 2>/dev/null | sort -u | xargs)
+check
 [ -z "$missing" ] && exit 0
 
 if [ "$(id -u)" = 0 ]; then
 	echo "deps: installing $missing" >&2
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
-	exit 0
+	check
+	[ -z "$missing" ] && exit 0
+	echo "deps: still missing after apt-get install: $missing" >&2
+else
+	echo "deps: missing Debian packages: $missing (run as root, or: sudo apt-get install $missing)" >&2
 fi
-echo "deps: missing Debian packages: $missing (run as root, or: sudo apt-get install $missing)" >&2
 if [ "${CI:-}" = true ]; then
 	exit 1
 fi

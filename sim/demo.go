@@ -63,7 +63,7 @@ func Demo(ctx context.Context, cfg DemoConfig) (err error) {
 	if err != nil {
 		return err
 	}
-	reg, err := registry.Open(filepath.Join(data, "registry.db"))
+	reg, err := registry.CreateSQLite(ctx, filepath.Join(data, "registry.db"), ca.Fingerprint(c.Root))
 	if err != nil {
 		return err
 	}

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"testing"
+	"time"
 
 	"github.com/mqtls/mqtls/broker/policy"
 )
@@ -14,7 +15,7 @@ func TestDeployExamples(t *testing.T) {
 	if err := loadServeConfig("../../deploy/broker.yaml", &cfg); err != nil {
 		t.Fatal(err)
 	}
-	if cfg.Data != "/var/lib/mqtls" || cfg.Policy == "" || cfg.MaxWritesPending != 64 {
+	if cfg.Data != "/var/lib/mqtls" || cfg.Policy == "" || cfg.MaxWritesPending != 64 || cfg.AuditMaxRows != 1_000_000 || cfg.AuditMaxAge != 2160*time.Hour {
 		t.Fatalf("deploy/broker.yaml read as %+v", cfg)
 	}
 	data, err := os.ReadFile("../../deploy/policy.yaml")

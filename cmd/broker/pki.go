@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -28,10 +29,6 @@ func needData(dir string) error {
 	return nil
 }
 
-func openRegistry(dir string) (*registry.Registry, error) {
-	return registry.Open(filepath.Join(dir, RegistryFile))
-}
-
 func cmdInit(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("init", stderr)
 	data := dataFlag(fs)
@@ -42,30 +39,49 @@ func cmdInit(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs.StringVar(&cfg.RootKey, "root-key", "", "key of --root-cert (needed to create the issuing CA)")
 	fs.StringVar(&cfg.IssuingCert, "issuing-cert", "", "adopt this issuing CA certificate (PEM), signed by --root-cert")
 	fs.StringVar(&cfg.IssuingKey, "issuing-key", "", "key of --issuing-cert")
+	regFlags := addRegistryFlags(fs)
+	registryOnly := fs.Bool("registry-only", false, "create only the registry, for the data directory's existing PKI (after losing the registry: every revocation is lost with it)")
+	bindRegistry := fs.Bool("bind-registry", false, "bind an existing registry made before registries were bound to their CA to the data directory's root CA")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
 	if err := needData(*data); err != nil {
 		return err
 	}
-	cfg.Hosts = hosts
-	if err := ca.Init(*data, cfg); err != nil {
+	loc, err := regFlags.location(*data)
+	if err != nil {
 		return err
 	}
-	reg, err := openRegistry(*data)
+	if *bindRegistry {
+		return bindExisting(ctx, loc, *data, stdout)
+	}
+	cfg.Hosts = hosts
+	if !*registryOnly {
+		if err := ca.Init(*data, cfg); err != nil {
+			if errors.Is(err, ca.ErrExists) && loc.missing() {
+				return fmt.Errorf("%w\n  the registry is missing: restore it from a backup, or create an empty one (every revocation is lost): broker init --data %s --registry-only", err, *data)
+			}
+			return err
+		}
+	}
+	c, err := ca.Load(*data)
+	if err != nil {
+		return err
+	}
+	reg, err := loc.create(ctx, ca.Fingerprint(c.Root))
 	if err != nil {
 		return err
 	}
 	if err := reg.Close(); err != nil {
 		return err
 	}
-	c, err := ca.Load(*data)
-	if err != nil {
-		return err
+	what := "PKI and registry"
+	if *registryOnly {
+		what = "registry"
 	}
-	fmt.Fprintf(stdout, "created PKI and registry in %s\n  root CA:    %s (SPKI sha256 %s)\n  issuing CA: %s\n  server:     %s\n  registry:   %s\n",
-		*data, filepath.Join(*data, ca.RootCertFile), ca.SPKIFingerprint(c.Root), filepath.Join(*data, ca.IssuingCertFile),
-		filepath.Join(*data, ca.ServerCertFile), filepath.Join(*data, RegistryFile))
+	fmt.Fprintf(stdout, "created %s in %s\n  root CA:    %s (SPKI sha256 %s)\n  issuing CA: %s\n  server:     %s\n  registry:   %s (bound to root sha256 %s)\n",
+		what, *data, filepath.Join(*data, ca.RootCertFile), ca.SPKIFingerprint(c.Root), filepath.Join(*data, ca.IssuingCertFile),
+		filepath.Join(*data, ca.ServerCertFile), loc, ca.Fingerprint(c.Root))
 	return nil
 }
 
@@ -77,6 +93,9 @@ func cmdToken(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	prefix := fs.String("prefix", "dev", "device ID prefix for --count")
 	ttl := fs.Duration("ttl", 24*time.Hour, "token lifetime")
 	group := fs.String("group", "", "policy group: the devices' certificates carry OU=GROUP")
+	reinstate := fs.Bool("reinstate", false, "mint a token for a revoked device, letting it enroll again (audited)")
+	reason := fs.String("reason", "reinstated by operator", "with --reinstate: the reason recorded in the audit trail")
+	regFlags := addRegistryFlags(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -97,12 +116,22 @@ func cmdToken(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			ids[i] = fmt.Sprintf("%s-%0*d", *prefix, width, i+1)
 		}
 	}
-	reg, err := openRegistry(*data)
+	reg, err := regFlags.open(ctx, *data)
 	if err != nil {
 		return err
 	}
 	defer reg.Close()
+	if *reinstate {
+		for _, id := range ids {
+			if err := reg.Reinstate(ctx, id, *reason); err != nil && !errors.Is(err, registry.ErrNotFound) {
+				return err
+			}
+		}
+	}
 	tokens, err := reg.CreateTokens(ctx, ids, *group, *ttl)
+	if errors.Is(err, registry.ErrRevoked) {
+		return fmt.Errorf("%w\n  to let it enroll again: broker token --data %s --device ID --reinstate --reason WHY", err, *data)
+	}
 	if err != nil {
 		return err
 	}
@@ -121,6 +150,7 @@ func cmdRevoke(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	data := dataFlag(fs)
 	id := fs.String("device", "", "device ID")
 	reason := fs.String("reason", "unspecified", "revocation reason (recorded and shown to the device)")
+	regFlags := addRegistryFlags(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -130,7 +160,7 @@ func cmdRevoke(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if *id == "" {
 		return usageErr("--device ID is required")
 	}
-	reg, err := openRegistry(*data)
+	reg, err := regFlags.open(ctx, *data)
 	if err != nil {
 		return err
 	}
@@ -147,13 +177,14 @@ func cmdDevices(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	fs := newFlags("devices", stderr)
 	data := dataFlag(fs)
 	asJSON := fs.Bool("json", false, "print JSON")
+	regFlags := addRegistryFlags(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
 	if err := needData(*data); err != nil {
 		return err
 	}
-	reg, err := openRegistry(*data)
+	reg, err := regFlags.open(ctx, *data)
 	if err != nil {
 		return err
 	}
@@ -184,4 +215,28 @@ func cmdDevices(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\n", d.ID, group, d.Status, d.Certificates, until)
 	}
 	return tw.Flush()
+}
+
+// bindExisting binds an unbound registry to the data directory's root CA.
+func bindExisting(ctx context.Context, loc registryLocation, data string, stdout io.Writer) error {
+	c, err := ca.Load(data)
+	if err != nil {
+		return err
+	}
+	reg, err := loc.open(ctx)
+	if err != nil {
+		return err
+	}
+	defer reg.Close()
+	b, ok := reg.(interface {
+		Bind(ctx context.Context, rootSHA256 string) error
+	})
+	if !ok {
+		return fmt.Errorf("registry %s cannot be bound", loc)
+	}
+	if err := b.Bind(ctx, ca.Fingerprint(c.Root)); err != nil {
+		return loc.explain(err)
+	}
+	fmt.Fprintf(stdout, "registry %s bound to root CA sha256 %s\n", loc, ca.Fingerprint(c.Root))
+	return nil
 }

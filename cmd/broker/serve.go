@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -24,6 +25,7 @@ import (
 	"github.com/mqtls/mqtls/broker"
 	"github.com/mqtls/mqtls/broker/policy"
 	"github.com/mqtls/mqtls/provisioning/ca"
+	"github.com/mqtls/mqtls/provisioning/registry"
 	"github.com/mqtls/mqtls/provisioning/server"
 )
 
@@ -31,6 +33,8 @@ import (
 // with flags overriding it. Empty addresses disable that listener.
 type serveConfig struct {
 	Data             string        `yaml:"data"`
+	Registry         string        `yaml:"registry"`               // sqlite:PATH or postgres://...
+	RegistryPassword string        `yaml:"registry_password_file"` // file holding the PostgreSQL password
 	MQTTAddr         string        `yaml:"mqtt_addr"`
 	ESTAddr          string        `yaml:"est_addr"`
 	MetricsAddr      string        `yaml:"metrics_addr"`
@@ -42,12 +46,15 @@ type serveConfig struct {
 	MaxPacketSize    uint32        `yaml:"max_packet_size"`
 	MinTLS           string        `yaml:"min_tls"` // "1.2" or "1.3"
 	LogLevel         string        `yaml:"log_level"`
+	AuditMaxRows     int           `yaml:"audit_max_rows"` // audit retention (negative: unbounded)
+	AuditMaxAge      time.Duration `yaml:"audit_max_age"`
 }
 
 func defaultServeConfig() serveConfig {
 	return serveConfig{
 		MQTTAddr: "127.0.0.1:8883", ESTAddr: "127.0.0.1:8443", MetricsAddr: "127.0.0.1:9464",
 		Validity: ca.DefaultDeviceValidity, HandshakeTimeout: 10 * time.Second, MinTLS: "1.2", LogLevel: "info",
+		AuditMaxRows: 1_000_000, AuditMaxAge: 90 * 24 * time.Hour,
 	}
 }
 
@@ -69,6 +76,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	cfg := defaultServeConfig()
 	configFile := fs.String("config", "", "YAML config file with the same settings (flags override it)")
 	fs.StringVar(&cfg.Data, "data", "", "data directory (CA, server certificate, registry)")
+	regFlags := addRegistryFlags(fs)
 	fs.StringVar(&cfg.MQTTAddr, "mqtt-addr", cfg.MQTTAddr, "MQTT over mutual TLS listen address")
 	fs.StringVar(&cfg.ESTAddr, "est-addr", cfg.ESTAddr, "EST (HTTPS) listen address; empty disables EST")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", cfg.MetricsAddr, "Prometheus /metrics listen address; empty disables it")
@@ -78,6 +86,8 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.DurationVar(&cfg.HandshakeTimeout, "handshake-timeout", cfg.HandshakeTimeout, "deadline for TLS handshake + MQTT CONNECT")
 	fs.StringVar(&cfg.MinTLS, "min-tls", cfg.MinTLS, "lowest TLS version for MQTT clients: 1.2 (constrained devices) or 1.3")
 	fs.StringVar(&cfg.LogLevel, "log-level", cfg.LogLevel, "debug, info, warn or error")
+	fs.IntVar(&cfg.AuditMaxRows, "audit-max-rows", cfg.AuditMaxRows, "keep at most this many audit records (negative: no bound)")
+	fs.DurationVar(&cfg.AuditMaxAge, "audit-max-age", cfg.AuditMaxAge, "delete audit records older than this (negative: no bound)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -92,6 +102,8 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		flagCfg := cfg
 		cfg = fileCfg
 		override(&cfg.Data, flagCfg.Data, set["data"])
+		override(&regFlags.url, cfg.Registry, !set["registry"] && cfg.Registry != "")
+		override(&regFlags.passwordFile, cfg.RegistryPassword, !set["registry-password-file"] && cfg.RegistryPassword != "")
 		override(&cfg.MQTTAddr, flagCfg.MQTTAddr, set["mqtt-addr"])
 		override(&cfg.ESTAddr, flagCfg.ESTAddr, set["est-addr"])
 		override(&cfg.MetricsAddr, flagCfg.MetricsAddr, set["metrics-addr"])
@@ -101,11 +113,17 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		override(&cfg.HandshakeTimeout, flagCfg.HandshakeTimeout, set["handshake-timeout"])
 		override(&cfg.MinTLS, flagCfg.MinTLS, set["min-tls"])
 		override(&cfg.LogLevel, flagCfg.LogLevel, set["log-level"])
+		override(&cfg.AuditMaxRows, flagCfg.AuditMaxRows, set["audit-max-rows"])
+		override(&cfg.AuditMaxAge, flagCfg.AuditMaxAge, set["audit-max-age"])
 	}
 	if err := needData(cfg.Data); err != nil {
 		return err
 	}
-	return serve(ctx, cfg, stderr)
+	loc, err := regFlags.location(cfg.Data)
+	if err != nil {
+		return err
+	}
+	return serve(ctx, cfg, loc, stderr)
 }
 
 func override[T any](dst *T, v T, set bool) {
@@ -114,7 +132,7 @@ func override[T any](dst *T, v T, set bool) {
 	}
 }
 
-func serve(ctx context.Context, cfg serveConfig, stderr io.Writer) error {
+func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io.Writer) error {
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(cfg.LogLevel)); err != nil {
 		return usageErr("log level %q: %v", cfg.LogLevel, err)
@@ -132,11 +150,21 @@ func serve(ctx context.Context, cfg serveConfig, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	reg, err := openRegistry(cfg.Data)
+	unlock, err := lockDataDir(cfg.Data)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	// Trust data fails closed: a missing, empty, damaged or foreign
+	// registry stops the server.
+	reg, err := loc.open(ctx)
 	if err != nil {
 		return err
 	}
 	defer reg.Close()
+	if err := reg.Check(ctx, ca.Fingerprint(c.Root)); err != nil {
+		return loc.explain(err)
+	}
 	pol := policy.Default()
 	if cfg.Policy != "" {
 		if pol, err = readPolicy(cfg.Policy); err != nil {
@@ -170,7 +198,8 @@ func serve(ctx context.Context, cfg serveConfig, stderr io.Writer) error {
 		}
 	}
 	if cfg.ESTAddr != "" {
-		est, err := server.New(server.Config{CA: c, Registry: reg, Validity: cfg.Validity, Logger: log})
+		est, err := server.New(server.Config{CA: c, Registry: reg, Validity: cfg.Validity, Logger: log, Metrics: metrics,
+			AuditMaxRows: cfg.AuditMaxRows, AuditMaxAge: cfg.AuditMaxAge})
 		if err != nil {
 			return err
 		}
@@ -188,6 +217,8 @@ func serve(ctx context.Context, cfg serveConfig, stderr io.Writer) error {
 	if cfg.MetricsAddr != "" {
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", promhttp.HandlerFor(metrics, promhttp.HandlerOpts{}))
+		mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok\n") })
+		mux.HandleFunc("GET /readyz", readyz(c, reg))
 		hs, err := listenHTTP(cfg.MetricsAddr, mux, nil, log, errc)
 		if err != nil {
 			return fmt.Errorf("metrics listener: %w", err)
@@ -209,6 +240,28 @@ func serve(ctx context.Context, cfg serveConfig, stderr io.Writer) error {
 		}
 	}
 	return err
+}
+
+// readyz answers 200 when the registry answers and the issuing CA is
+// loaded and valid, 503 with the reason otherwise.
+func readyz(c *ca.CA, reg registry.Registry) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		defer cancel()
+		var problems []string
+		if err := reg.Ping(ctx); err != nil {
+			problems = append(problems, "registry unreachable: "+err.Error())
+		}
+		if c == nil || c.Issuing == nil || time.Now().After(c.Issuing.NotAfter) {
+			problems = append(problems, "issuing CA not loaded or expired")
+		}
+		if len(problems) > 0 {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			io.WriteString(w, strings.Join(problems, "\n")+"\n")
+			return
+		}
+		io.WriteString(w, "ready\n")
+	}
 }
 
 // listenHTTP serves h on addr (TLS if tlsCfg is set) and reports a failure

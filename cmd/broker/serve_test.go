@@ -60,27 +60,8 @@ func TestServe(t *testing.T) {
 	testtool.Eventually(t, 10*time.Second, "serve listening", func() bool { return strings.Contains(logs.String(), "metrics listening") })
 
 	// enroll over EST
-	c, _ := ca.Load(data)
 	tok, _, _ := brokerCLI(t, "token", "--data", data, "--device", "dev-1")
-	idDir := filepath.Join(t.TempDir(), "id")
-	store, err := keystore.NewFile(idDir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer store.Close()
-	id, err := device.Enroll(t.Context(), device.EnrollConfig{Dir: idDir, DeviceID: "dev-1", Token: strings.TrimSpace(tok), EST: "https://" + estAddr, Root: c.Root, Store: store, Keystore: "file"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := id.TLSCertificate()
-	lost := make(chan error, 1)
-	cl := paho.NewClient(paho.NewClientOptions().AddBroker("ssl://" + mqttAddr).SetClientID("dev-1").
-		SetTLSConfig(&tls.Config{RootCAs: id.RootPool(), Certificates: []tls.Certificate{cert}}).SetProtocolVersion(4).SetAutoReconnect(false).
-		SetConnectionLostHandler(func(_ paho.Client, err error) { lost <- err }))
-	if tk := cl.Connect(); !tk.WaitTimeout(10*time.Second) || tk.Error() != nil {
-		t.Fatalf("connect: %v", tk.Error())
-	}
-	defer cl.Disconnect(0)
+	cl, lost := enrollAndConnect(t, data, "dev-1", tok, estAddr, mqttAddr)
 
 	resp, err := http.Get("http://" + metricsAddr + "/metrics")
 	if err != nil {
@@ -88,9 +69,22 @@ func TestServe(t *testing.T) {
 	}
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	for _, want := range []string{"mqtls_connections 1", "mqtls_tls_handshake_seconds_count", "mqtls_connects_accepted_total 1", "go_goroutines"} {
+	for _, want := range []string{"mqtls_connections 1", "mqtls_tls_handshake_seconds_count", "mqtls_connects_accepted_total 1", "go_goroutines",
+		`mqtls_est_requests_total{kind="enroll",result="ok"} 1`, "mqtls_registry_errors_total 0"} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("/metrics lacks %q", want)
+		}
+	}
+
+	for path, want := range map[string]string{"/healthz": "ok\n", "/readyz": "ready\n"} {
+		resp, err := http.Get("http://" + metricsAddr + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || string(body) != want {
+			t.Errorf("GET %s: %d %q, want 200 %q", path, resp.StatusCode, body, want)
 		}
 	}
 
@@ -128,4 +122,34 @@ func TestServe(t *testing.T) {
 	case <-time.After(15 * time.Second):
 		t.Fatal("serve did not stop")
 	}
+}
+
+// enrollAndConnect enrolls id over EST with token and connects it over
+// MQTT (3.1.1, no auto-reconnect); lost receives the connection's end.
+func enrollAndConnect(t *testing.T, data, id, token, estAddr, mqttAddr string) (cl paho.Client, lost <-chan error) {
+	t.Helper()
+	c, err := ca.Load(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	idDir := filepath.Join(t.TempDir(), "id")
+	store, err := keystore.NewFile(idDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	ident, err := device.Enroll(t.Context(), device.EnrollConfig{Dir: idDir, DeviceID: id, Token: strings.TrimSpace(token), EST: "https://" + estAddr, Root: c.Root, Store: store, Keystore: "file"})
+	if err != nil {
+		t.Fatalf("enroll %s: %v", id, err)
+	}
+	cert, _ := ident.TLSCertificate()
+	lostc := make(chan error, 1)
+	cl = paho.NewClient(paho.NewClientOptions().AddBroker("ssl://" + mqttAddr).SetClientID(id).
+		SetTLSConfig(&tls.Config{RootCAs: ident.RootPool(), Certificates: []tls.Certificate{cert}}).SetProtocolVersion(4).SetAutoReconnect(false).
+		SetConnectionLostHandler(func(_ paho.Client, err error) { lostc <- err }))
+	if tk := cl.Connect(); !tk.WaitTimeout(10*time.Second) || tk.Error() != nil {
+		t.Fatalf("connect %s: %v", id, tk.Error())
+	}
+	t.Cleanup(func() { cl.Disconnect(0) })
+	return cl, lostc
 }

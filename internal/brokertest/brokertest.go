@@ -30,7 +30,7 @@ import (
 type Env struct {
 	Dir      string
 	CA       *ca.CA
-	Registry *registry.Registry
+	Registry registry.Registry
 	Broker   *broker.Broker
 	Metrics  *prometheus.Registry
 	Addr     string // 127.0.0.1:PORT
@@ -45,7 +45,11 @@ func Start(t testing.TB, tweak func(*broker.Config)) *Env {
 	if err := ca.Init(dir, ca.InitConfig{}); err != nil {
 		t.Fatal(err)
 	}
-	reg, err := registry.Open(filepath.Join(dir, "registry.db"))
+	root, err := ca.Load(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg, err := registry.CreateSQLite(t.Context(), filepath.Join(dir, "registry.db"), ca.Fingerprint(root.Root))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -55,7 +59,7 @@ func Start(t testing.TB, tweak func(*broker.Config)) *Env {
 
 // StartOn runs a broker over an existing data directory and registry (for
 // example an esttest.Env's, so devices enroll over EST and then connect).
-func StartOn(t testing.TB, dir string, reg *registry.Registry, tweak func(*broker.Config)) *Env {
+func StartOn(t testing.TB, dir string, reg registry.Registry, tweak func(*broker.Config)) *Env {
 	t.Helper()
 	c, err := ca.Load(dir)
 	if err != nil {

@@ -22,7 +22,7 @@ import (
 type Env struct {
 	Dir      string // data directory (ca/, tls/, registry.db)
 	CA       *ca.CA
-	Registry *registry.Registry
+	Registry registry.Registry
 	Server   *server.Server
 	URL      string // https://127.0.0.1:PORT
 }
@@ -39,14 +39,14 @@ func Start(t testing.TB, tweak func(*server.Config)) *Env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	reg, err := registry.Open(filepath.Join(dir, "registry.db"))
+	reg, err := registry.CreateSQLite(t.Context(), filepath.Join(dir, "registry.db"), ca.Fingerprint(c.Root))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { reg.Close() })
 	cfg := server.Config{CA: c, Registry: reg}
 	if tweak != nil {
-		tweak(&cfg)
+		tweak(&cfg) // may put another registry in place
 	}
 	srv, err := server.New(cfg)
 	if err != nil {
@@ -70,7 +70,7 @@ func Start(t testing.TB, tweak func(*server.Config)) *Env {
 			t.Errorf("EST server: %v", err)
 		}
 	})
-	return &Env{Dir: dir, CA: c, Registry: reg, Server: srv, URL: "https://" + ln.Addr().String()}
+	return &Env{Dir: dir, CA: c, Registry: cfg.Registry, Server: srv, URL: "https://" + ln.Addr().String()}
 }
 
 // Token mints an enrollment token for id.

@@ -5,6 +5,8 @@
 package testtool
 
 import (
+	"crypto/rand"
+	"encoding/hex"
 	"net"
 	"os"
 	"os/exec"
@@ -24,6 +26,7 @@ var packages = map[string]string{
 	"mosquitto":          "mosquitto",
 	"mosquitto_pub":      "mosquitto-clients",
 	"mosquitto_sub":      "mosquitto-clients",
+	"runuser":            "util-linux",
 }
 
 // Require returns the path of program, or stops the test: Fatal under
@@ -41,11 +44,25 @@ func Require(t testing.TB, program string) string {
 	if pkg == "" {
 		pkg = program
 	}
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("%s not found (CI=true: missing tools are failures): apt-get install %s", program, pkg)
-	}
-	t.Skipf("SKIP: %s not found: apt-get install %s (or run the README's test command, which installs it)", program, pkg)
+	Missing(t, program, pkg)
 	return ""
+}
+
+// Missing stops the test for a missing tool (what) that Debian package pkg
+// provides: Fatal under CI=true, Skip otherwise.
+func Missing(t testing.TB, what, pkg string) {
+	t.Helper()
+	if os.Getenv("CI") == "true" {
+		t.Fatalf("%s not found (CI=true: missing tools are failures): apt-get install %s", what, pkg)
+	}
+	t.Skipf("SKIP: %s not found: apt-get install %s (or run the README's test command, which installs it)", what, pkg)
+}
+
+// RandomHex returns n random bytes in hex (test passwords).
+func RandomHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b) // crypto/rand.Read never fails
+	return hex.EncodeToString(b)
 }
 
 // Eventually polls cond every 20 ms and fails the test if it does not hold

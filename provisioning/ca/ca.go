@@ -411,6 +411,13 @@ func create(tmpl, parent *x509.Certificate, pub crypto.PublicKey, signer crypto.
 	return x509.ParseCertificate(der)
 }
 
+// Fingerprint is the hex SHA-256 of a certificate (its DER): what binds a
+// registry to its root CA.
+func Fingerprint(c *x509.Certificate) string {
+	sum := sha256.Sum256(c.Raw)
+	return fmt.Sprintf("%x", sum)
+}
+
 // SPKIFingerprint is the hex SHA-256 of a certificate's public key info:
 // what logs and the registry show instead of the certificate.
 func SPKIFingerprint(c *x509.Certificate) string {

@@ -1,6 +1,7 @@
 package registry_test
 
 import (
+	"crypto/rand"
 	"database/sql"
 	"errors"
 	"os"
@@ -9,14 +10,17 @@ import (
 	"testing"
 	"time"
 
+	_ "github.com/jackc/pgx/v5/stdlib"
 	_ "modernc.org/sqlite"
 
+	"github.com/mqtls/mqtls/internal/pgtest"
 	"github.com/mqtls/mqtls/provisioning/registry"
+	"github.com/mqtls/mqtls/provisioning/registry/registrytest"
 )
 
-func open(t *testing.T, path string) *registry.Registry {
+func create(t *testing.T, path string) *registry.SQLite {
 	t.Helper()
-	r, err := registry.Open(path)
+	r, err := registry.CreateSQLite(t.Context(), path, registrytest.Root)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -24,9 +28,98 @@ func open(t *testing.T, path string) *registry.Registry {
 	return r
 }
 
-func TestOpenModeAndWAL(t *testing.T) {
+func sqliteBackend() registrytest.Backend {
+	return registrytest.Backend{Create: func(t *testing.T, root string) (registry.Registry, func(*testing.T) registry.Registry) {
+		path := filepath.Join(t.TempDir(), "registry.db")
+		r, err := registry.CreateSQLite(t.Context(), path, root)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { r.Close() })
+		return r, func(t *testing.T) registry.Registry {
+			o, err := registry.OpenSQLite(t.Context(), path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { o.Close() })
+			return o
+		}
+	}}
+}
+
+func TestConformanceSQLite(t *testing.T) { registrytest.Run(t, sqliteBackend()) }
+
+// The same suite on a real PostgreSQL server (Debian's postgresql package).
+func TestConformancePostgres(t *testing.T) {
+	srv := pgtest.Start(t)
+	registrytest.Run(t, registrytest.Backend{Create: func(t *testing.T, root string) (registry.Registry, func(*testing.T) registry.Registry) {
+		url := srv.URL(srv.NewDatabase(t))
+		r, err := registry.CreatePostgres(t.Context(), url, root)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { r.Close() })
+		return r, func(t *testing.T) registry.Registry {
+			o, err := registry.OpenPostgres(t.Context(), url)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { o.Close() })
+			return o
+		}
+	}})
+}
+
+func TestPostgresOpenCreateAndSchema(t *testing.T) {
+	srv := pgtest.Start(t)
+	ctx := t.Context()
+	db := srv.NewDatabase(t)
+	// Open never creates the schema
+	if _, err := registry.OpenPostgres(ctx, srv.URL(db)); !errors.Is(err, registry.ErrNotInitialised) {
+		t.Fatalf("OpenPostgres(empty database) = %v, want ErrNotInitialised", err)
+	}
+	// the password from an option, not the URL; a wrong one is refused
+	// without showing it
+	if _, err := registry.CreatePostgres(ctx, srv.URLNoPassword(db), registrytest.Root, registry.WithPassword("wrong-secret")); err == nil || strings.Contains(err.Error(), "wrong-secret") {
+		t.Fatalf("CreatePostgres(wrong password) = %v", err)
+	}
+	r, err := registry.CreatePostgres(ctx, srv.URLNoPassword(db), registrytest.Root, registry.WithPassword(srv.Password))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Close()
+	// or from PGPASSFILE
+	pass := filepath.Join(t.TempDir(), "pgpass")
+	host, port, _ := strings.Cut(srv.Addr, ":")
+	os.WriteFile(pass, []byte(host+":"+port+":*:"+srv.User+":"+srv.Password+"\n"), 0o600)
+	t.Setenv("PGPASSFILE", pass)
+	if r, err = registry.OpenPostgres(ctx, srv.URLNoPassword(db)); err != nil {
+		t.Fatalf("OpenPostgres with the password in PGPASSFILE: %v", err)
+	}
+	r.Close()
+	// init again with the same CA is fine, with another refused
+	if r, err = registry.CreatePostgres(ctx, srv.URL(db), registrytest.Root); err != nil {
+		t.Fatal(err)
+	}
+	r.Close()
+	if _, err := registry.CreatePostgres(ctx, srv.URL(db), "ff"+registrytest.Root[2:]); !errors.Is(err, registry.ErrForeign) {
+		t.Fatalf("CreatePostgres(another CA) = %v, want ErrForeign", err)
+	}
+	// a newer schema is refused with both versions
+	conn, _ := sql.Open("pgx", srv.URL(db))
+	defer conn.Close()
+	if _, err := conn.Exec("UPDATE schema_version SET version = 999"); err != nil {
+		t.Fatal(err)
+	}
+	_, err = registry.OpenPostgres(ctx, srv.URL(db))
+	if !errors.Is(err, registry.ErrNewerSchema) || !strings.Contains(err.Error(), "999") || !strings.Contains(err.Error(), "up to 1") {
+		t.Fatalf("OpenPostgres(newer schema) = %v", err)
+	}
+}
+
+func TestCreateModeAndWAL(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "registry.db")
-	open(t, path)
+	create(t, path)
 	fi, err := os.Stat(path)
 	if err != nil {
 		t.Fatal(err)
@@ -40,27 +133,64 @@ func TestOpenModeAndWAL(t *testing.T) {
 	var version int
 	db.QueryRow("PRAGMA journal_mode").Scan(&mode)
 	db.QueryRow("PRAGMA user_version").Scan(&version)
-	if mode != "wal" || version < 1 {
-		t.Fatalf("journal_mode %q, user_version %d; want wal and a migrated schema", mode, version)
+	if mode != "wal" || version != 2 {
+		t.Fatalf("journal_mode %q, user_version %d; want wal and schema 2", mode, version)
+	}
+	if _, err := registry.CreateSQLite(t.Context(), path, registrytest.Root); !errors.Is(err, registry.ErrExists) {
+		t.Fatalf("CreateSQLite over an existing registry = %v, want ErrExists", err)
 	}
 }
 
 func TestNewerSchemaRefused(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "registry.db")
-	open(t, path).Close()
+	create(t, path).Close()
 	db, _ := sql.Open("sqlite", path)
 	db.Exec("PRAGMA user_version = 999")
 	db.Close()
-	_, err := registry.Open(path)
-	if err == nil || !strings.Contains(err.Error(), "newer than this program") {
+	_, err := registry.OpenSQLite(t.Context(), path)
+	if !errors.Is(err, registry.ErrNewerSchema) || !strings.Contains(err.Error(), "999") {
 		t.Fatalf("Open(newer schema) = %v", err)
+	}
+}
+
+// Issue 9 item 5: opening never creates a registry, and a damaged one is
+// refused by Open or Check.
+func TestOpenRefusesUntrustworthy(t *testing.T) {
+	ctx := t.Context()
+	dir := t.TempDir()
+	missing := filepath.Join(dir, "missing.db")
+	if _, err := registry.OpenSQLite(ctx, missing); !errors.Is(err, registry.ErrMissing) {
+		t.Errorf("Open(missing) = %v, want ErrMissing", err)
+	}
+	if _, err := os.Stat(missing); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("Open(missing) created %s", missing)
+	}
+	empty := filepath.Join(dir, "empty.db")
+	os.WriteFile(empty, nil, 0o600)
+	if _, err := registry.OpenSQLite(ctx, empty); !errors.Is(err, registry.ErrEmpty) {
+		t.Errorf("Open(0 bytes) = %v, want ErrEmpty", err)
+	}
+	garbage := filepath.Join(dir, "garbage.db")
+	junk := make([]byte, 8192)
+	rand.Read(junk)
+	os.WriteFile(garbage, junk, 0o600)
+	if _, err := registry.OpenSQLite(ctx, garbage); !errors.Is(err, registry.ErrCorrupt) {
+		t.Errorf("Open(random bytes) = %v, want ErrCorrupt", err)
+	}
+	// a plain SQLite database that is not a registry
+	plain := filepath.Join(dir, "plain.db")
+	db, _ := sql.Open("sqlite", plain)
+	db.Exec("CREATE TABLE x (y)")
+	db.Close()
+	if _, err := registry.OpenSQLite(ctx, plain); !errors.Is(err, registry.ErrNotInitialised) {
+		t.Errorf("Open(plain SQLite) = %v, want ErrNotInitialised", err)
 	}
 }
 
 // Tokens are stored hashed: the database never holds the token itself.
 func TestTokenStoredHashed(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "registry.db")
-	r := open(t, path)
+	r := create(t, path)
 	tok, err := r.CreateToken(t.Context(), "dev", "", time.Hour)
 	if err != nil {
 		t.Fatal(err)
@@ -74,64 +204,52 @@ func TestTokenStoredHashed(t *testing.T) {
 	}
 }
 
-func TestTokens(t *testing.T) {
-	r := open(t, filepath.Join(t.TempDir(), "registry.db"))
-	ctx := t.Context()
-	tok, _ := r.CreateToken(ctx, "dev", "g", time.Hour)
-	if _, err := r.CheckToken(ctx, "dev", tok+"x"); !errors.Is(err, registry.ErrTokenInvalid) {
-		t.Errorf("wrong token: %v", err)
-	}
-	if _, err := r.CheckToken(ctx, "other", tok); !errors.Is(err, registry.ErrTokenInvalid) {
-		t.Errorf("token of another device: %v", err)
-	}
-	g, err := r.CheckToken(ctx, "dev", tok)
-	if err != nil || g.Group != "g" {
-		t.Fatalf("CheckToken = %+v, %v", g, err)
-	}
-	cert := registry.Cert{Serial: "abc", DeviceID: "dev", SPKISHA256: "00", NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)}
-	if err := r.Enrolled(ctx, g, cert, "127.0.0.1:1"); err != nil {
-		t.Fatal(err)
-	}
-	if err := r.Enrolled(ctx, g, registry.Cert{Serial: "abd", DeviceID: "dev", SPKISHA256: "00"}, ""); !errors.Is(err, registry.ErrTokenUsed) {
-		t.Fatalf("second Enrolled with one grant = %v, want ErrTokenUsed", err)
-	}
-	if _, err := r.CheckToken(ctx, "dev", tok); !errors.Is(err, registry.ErrTokenUsed) {
-		t.Errorf("used token: %v", err)
-	}
-	short, _ := r.CreateToken(ctx, "dev2", "", time.Millisecond)
-	time.Sleep(5 * time.Millisecond)
-	if _, err := r.CheckToken(ctx, "dev2", short); !errors.Is(err, registry.ErrTokenExpired) {
-		t.Errorf("expired token: %v", err)
-	}
-	if _, err := r.CreateToken(ctx, "dev3", "", 0); err == nil {
-		t.Error("token with zero lifetime accepted")
-	}
-}
-
-// A revocation by another process (another Registry on the same file) is
-// seen at once.
-func TestRevokeAcrossProcesses(t *testing.T) {
+// A registry made by the previous release (schema 1) is migrated with its
+// data, then refused as unbound until it is bound to its CA.
+func TestMigrateSchema1(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "registry.db")
-	a, b := open(t, path), open(t, path)
-	ctx := t.Context()
-	tok, _ := a.CreateToken(ctx, "dev", "", time.Hour)
-	g, _ := a.CheckToken(ctx, "dev", tok)
-	if err := a.Enrolled(ctx, g, registry.Cert{Serial: "s1", DeviceID: "dev", SPKISHA256: "00", NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)}, ""); err != nil {
+	db, err := sql.Open("sqlite", path)
+	if err != nil {
 		t.Fatal(err)
 	}
-	since := time.Now().Add(-time.Second)
-	if n, err := b.Revoke(ctx, "dev", "stolen"); err != nil || n != 1 {
-		t.Fatalf("Revoke = %d, %v", n, err)
+	for _, q := range []string{
+		`CREATE TABLE devices (id TEXT PRIMARY KEY, grp TEXT NOT NULL DEFAULT '', status TEXT NOT NULL DEFAULT 'pending', created_at INTEGER NOT NULL, enrolled_at INTEGER)`,
+		`CREATE TABLE tokens (hash BLOB PRIMARY KEY, device_id TEXT NOT NULL REFERENCES devices(id), grp TEXT NOT NULL DEFAULT '', created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, used_at INTEGER)`,
+		`CREATE INDEX tokens_device ON tokens(device_id)`,
+		`CREATE TABLE certificates (serial TEXT PRIMARY KEY, device_id TEXT NOT NULL REFERENCES devices(id), spki_sha256 TEXT NOT NULL, not_before INTEGER NOT NULL, not_after INTEGER NOT NULL, issued_at INTEGER NOT NULL, status TEXT NOT NULL DEFAULT 'valid', revoked_at INTEGER, revocation_reason TEXT)`,
+		`CREATE INDEX certificates_device ON certificates(device_id)`,
+		`CREATE INDEX certificates_revoked ON certificates(revoked_at) WHERE revoked_at IS NOT NULL`,
+		`CREATE TABLE audit (id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, event TEXT NOT NULL, device_id TEXT NOT NULL DEFAULT '', serial TEXT NOT NULL DEFAULT '', remote TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '')`,
+		`INSERT INTO devices (id, status, created_at) VALUES ('old-dev', 'revoked', 1)`,
+		`INSERT INTO certificates (serial, device_id, spki_sha256, not_before, not_after, issued_at, status, revoked_at, revocation_reason) VALUES ('ab', 'old-dev', '00', 1, 2, 1, 'revoked', 5, 'lost')`,
+		`PRAGMA user_version = 1`,
+	} {
+		if _, err := db.Exec(q); err != nil {
+			t.Fatal(err)
+		}
 	}
-	c, err := a.Certificate(ctx, "s1")
-	if err != nil || c.Status != registry.StatusRevoked || c.RevocationReason != "stolen" {
-		t.Fatalf("certificate after revoke = %+v, %v", c, err)
+	db.Close()
+	r, err := registry.OpenSQLite(t.Context(), path)
+	if err != nil {
+		t.Fatal(err)
 	}
-	revoked, err := a.RevokedSince(ctx, since)
-	if err != nil || len(revoked) != 1 || revoked[0].Serial != "s1" {
-		t.Fatalf("RevokedSince = %+v, %v", revoked, err)
+	defer r.Close()
+	if c, err := r.Certificate(t.Context(), "ab"); err != nil || c.Status != registry.StatusRevoked || c.RevocationReason != "lost" {
+		t.Fatalf("certificate after migration = %+v, %v", c, err)
 	}
-	if _, err := b.Revoke(ctx, "ghost", ""); !errors.Is(err, registry.ErrNotFound) {
-		t.Fatalf("Revoke(unknown) = %v", err)
+	if ids, _ := r.RevokedDevices(t.Context()); len(ids) != 1 || ids[0] != "old-dev" {
+		t.Fatalf("RevokedDevices after migration = %v", ids)
+	}
+	if err := r.Check(t.Context(), registrytest.Root); !errors.Is(err, registry.ErrUnbound) {
+		t.Fatalf("Check(unbound) = %v, want ErrUnbound", err)
+	}
+	if err := r.Bind(t.Context(), registrytest.Root); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Check(t.Context(), registrytest.Root); err != nil {
+		t.Fatalf("Check after Bind = %v", err)
+	}
+	if err := r.Bind(t.Context(), "ff"+registrytest.Root[2:]); !errors.Is(err, registry.ErrForeign) {
+		t.Fatalf("Bind(another CA) = %v, want ErrForeign", err)
 	}
 }

@@ -6,14 +6,19 @@
 // # Security
 //
 // Tokens are compared in constant time against stored hashes and burned in
-// the same transaction that records the certificate. Failed token attempts
-// are rate limited per client address and per device ID. Request bodies
-// are size limited. Every refusal is logged and written to the audit trail
-// with the device ID, serial, remote address and reason — never the token,
-// the request or a whole certificate.
+// the same transaction that records the certificate. A correct token always
+// enrolls: only failures are limited, per client address, with bounded
+// memory (a source past the limit gets 429 and Retry-After for its failed
+// attempts). An enrollment retried with the same token and key gets the
+// certificate already issued. Request bodies are size limited. Every
+// refusal is logged and written to the audit trail with the device ID,
+// serial, remote address and reason — never the token, the request or a
+// whole certificate; repeated refusals fold into one record with a count,
+// and the trail is pruned to AuditMaxRows and AuditMaxAge.
 package server
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/tls"
@@ -23,11 +28,16 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"mime"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/mqtls/mqtls/provisioning"
 	"github.com/mqtls/mqtls/provisioning/ca"
@@ -36,18 +46,30 @@ import (
 
 // Config configures a Server. Zero values take the defaults shown.
 type Config struct {
-	CA       *ca.CA             // required
-	Registry *registry.Registry // required
+	CA       *ca.CA            // required
+	Registry registry.Registry // required
 	// Validity of issued device certificates (default 30 days).
 	Validity time.Duration
 	// MaxBodyBytes bounds a request body (default 32 KiB).
 	MaxBodyBytes int64
-	// FailureLimit failed token attempts from one address or for one
-	// device ID within FailureWindow get 429 until the window passes
-	// (defaults 5 and 15 minutes).
+	// A client address with FailureLimit failed token attempts within
+	// FailureWindow gets 429 (with Retry-After) for further failed
+	// attempts until the oldest leaves the window (defaults 10 and 1
+	// minute). A correct token is never refused by the limit.
 	FailureLimit  int
 	FailureWindow time.Duration
-	Logger        *slog.Logger // default: discard
+	// MaxTrackedSources bounds the limiter's memory (default 65536
+	// addresses; past it the stalest are forgotten).
+	MaxTrackedSources int
+	// AuditMaxRows and AuditMaxAge bound the audit trail, enforced by the
+	// server at most once a minute (defaults 1,000,000 records and 90
+	// days; negative: no bound).
+	AuditMaxRows int
+	AuditMaxAge  time.Duration
+	// Metrics, if set, gets the mqtls_est_* and mqtls_registry_errors_total
+	// metrics.
+	Metrics prometheus.Registerer
+	Logger  *slog.Logger // default: discard
 }
 
 // Server serves EST. Use Handler with an http.Server whose TLS config is
@@ -59,6 +81,35 @@ type Server struct {
 	inter   *x509.CertPool
 	cacerts []byte
 	limit   *limiter
+	m       *metrics
+
+	pruneMu   sync.Mutex
+	lastPrune atomic.Int64 // unix ms
+}
+
+type metrics struct {
+	results  *prometheus.CounterVec // kind, result
+	refusals *prometheus.CounterVec // reason
+	regErrs  prometheus.Counter
+}
+
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	m := &metrics{
+		results: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mqtls_est_requests_total",
+			Help: "EST enrollments (enroll, replay) and re-enrollments by result (ok, refused, error)."}, []string{"kind", "result"}),
+		refusals: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mqtls_est_refusals_total",
+			Help: "EST refusals by reason."}, []string{"reason"}),
+		regErrs: prometheus.NewCounter(prometheus.CounterOpts{Name: "mqtls_registry_errors_total",
+			Help: "Registry operations of the EST server that failed (storage, not refusals)."}),
+	}
+	if reg != nil {
+		for _, c := range []prometheus.Collector{m.results, m.refusals, m.regErrs} {
+			if err := reg.Register(c); err != nil {
+				return nil, fmt.Errorf("server: metrics: %w", err)
+			}
+		}
+	}
+	return m, nil
 }
 
 // New validates cfg and returns a Server.
@@ -76,25 +127,40 @@ func New(cfg Config) (*Server, error) {
 		cfg.MaxBodyBytes = 32 << 10
 	}
 	if cfg.FailureLimit == 0 {
-		cfg.FailureLimit = 5
+		cfg.FailureLimit = 10
 	}
 	if cfg.FailureWindow == 0 {
-		cfg.FailureWindow = 15 * time.Minute
+		cfg.FailureWindow = time.Minute
+	}
+	if cfg.MaxTrackedSources == 0 {
+		cfg.MaxTrackedSources = 1 << 16
+	}
+	if cfg.AuditMaxRows == 0 {
+		cfg.AuditMaxRows = 1_000_000
+	}
+	if cfg.AuditMaxAge == 0 {
+		cfg.AuditMaxAge = 90 * 24 * time.Hour
 	}
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	cacerts, err := provisioning.EncodeCertsOnly([]*x509.Certificate{cfg.CA.Issuing, cfg.CA.Root})
+	cacerts, err := encodeCerts(cfg.CA.Issuing, cfg.CA.Root)
+	if err != nil {
+		return nil, err
+	}
+	m, err := newMetrics(cfg.Metrics)
 	if err != nil {
 		return nil, err
 	}
 	inter := x509.NewCertPool()
 	inter.AddCert(cfg.CA.Issuing)
-	return &Server{
-		cfg: cfg, log: log, roots: cfg.CA.Pool(), inter: inter, cacerts: cacerts,
-		limit: &limiter{max: cfg.FailureLimit, window: cfg.FailureWindow, seen: make(map[string][]time.Time)},
-	}, nil
+	s := &Server{
+		cfg: cfg, log: log, roots: cfg.CA.Pool(), inter: inter, cacerts: cacerts, m: m,
+		limit: &limiter{max: cfg.FailureLimit, window: cfg.FailureWindow, maxKeys: cfg.MaxTrackedSources, seen: make(map[string][]time.Time)},
+	}
+	s.lastPrune.Store(time.Now().UnixMilli() - time.Minute.Milliseconds()) // prune on the first write
+	return s, nil
 }
 
 // TLSConfig returns the EST listener's TLS configuration: the broker's
@@ -151,20 +217,35 @@ func (s *Server) csrAttrs(w http.ResponseWriter, r *http.Request) {
 	_, _ = w.Write(provisioning.EncodeBase64(der)) // a failed write is the client's problem
 }
 
-// refusal is one denied request.
+// refusal is one denied request: its status, a metric label and the
+// reason the client, the log and the audit trail get.
 type refusal struct {
 	status int
+	label  string
 	reason string
+	// audit is the reason recorded when it differs from reason (one that
+	// must fold into one record, e.g. without the Retry-After wait).
+	audit string
 }
 
 func (s *Server) refuse(w http.ResponseWriter, r *http.Request, event, deviceID, serial string, f refusal) {
-	remote := remoteAddr(r)
-	s.log.Info("est refused", "event", event, "cn", deviceID, "serial", serial, "remote", remote, "status", f.status, "reason", f.reason)
-	if err := s.cfg.Registry.Audit(context.WithoutCancel(r.Context()), registry.Event{
-		Event: event, DeviceID: deviceID, Serial: serial, Remote: remote, Reason: f.reason,
-	}); err != nil {
-		s.log.Error("audit write failed", "err", err)
+	remote := remoteHost(r)
+	kind := "enroll"
+	if event == "reenroll_refused" {
+		kind = "reenroll"
 	}
+	result := "refused"
+	if f.status >= 500 {
+		result = "error"
+	}
+	s.m.results.WithLabelValues(kind, result).Inc()
+	s.m.refusals.WithLabelValues(f.label).Inc()
+	s.log.Info("est refused", "event", event, "cn", deviceID, "serial", serial, "remote", remoteAddr(r), "status", f.status, "reason", f.reason)
+	reason := f.reason
+	if f.audit != "" {
+		reason = f.audit
+	}
+	s.audit(r.Context(), registry.Event{Event: event, DeviceID: deviceID, Serial: serial, Remote: remote, Reason: reason, Aggregate: true})
 	if f.status == http.StatusUnauthorized {
 		w.Header().Set("WWW-Authenticate", `Basic realm="mqtls EST"`)
 	}
@@ -173,22 +254,73 @@ func (s *Server) refuse(w http.ResponseWriter, r *http.Request, event, deviceID,
 	_, _ = io.WriteString(w, f.reason+"\n")
 }
 
+// audit writes e and enforces the retention at most once a minute.
+func (s *Server) audit(ctx context.Context, e registry.Event) {
+	ctx = context.WithoutCancel(ctx)
+	if err := s.cfg.Registry.Audit(ctx, e); err != nil {
+		s.m.regErrs.Inc()
+		s.log.Error("audit write failed", "err", err)
+	}
+	s.prune(ctx)
+}
+
+func (s *Server) prune(ctx context.Context) {
+	now := time.Now().UnixMilli()
+	if now-s.lastPrune.Load() < time.Minute.Milliseconds() || !s.pruneMu.TryLock() {
+		return
+	}
+	defer s.pruneMu.Unlock()
+	s.lastPrune.Store(now)
+	if _, err := s.PruneAudit(ctx); err != nil {
+		s.log.Error("audit retention failed", "err", err)
+	}
+}
+
+// PruneAudit enforces the audit retention now (the server also does it at
+// most once a minute as it writes the trail) and returns how many records
+// it deleted.
+func (s *Server) PruneAudit(ctx context.Context) (int, error) {
+	n, err := s.cfg.Registry.PruneAudit(ctx, max(s.cfg.AuditMaxRows, 0), max(s.cfg.AuditMaxAge, 0))
+	if err != nil {
+		s.m.regErrs.Inc()
+		return 0, err
+	}
+	if n > 0 {
+		s.log.Info("audit retention", "deleted", n, "max_rows", s.cfg.AuditMaxRows, "max_age", s.cfg.AuditMaxAge)
+	}
+	return n, nil
+}
+
+func (s *Server) registryFailed(w http.ResponseWriter, r *http.Request, event, id, serial, what string, err error) {
+	s.m.regErrs.Inc()
+	s.log.Error(what, "cn", id, "err", err)
+	s.refuse(w, r, event, id, serial, refusal{http.StatusInternalServerError, "registry_error", "registry unavailable", ""})
+}
+
+// checkContentType refuses a body that is not application/pkcs10.
+func checkContentType(r *http.Request) *refusal {
+	mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
+	if err != nil || mt != provisioning.TypePKCS10 {
+		return &refusal{http.StatusUnsupportedMediaType, "unsupported_media_type",
+			fmt.Sprintf("Content-Type %q: send the base64 CSR as %s", r.Header.Get("Content-Type"), provisioning.TypePKCS10), ""}
+	}
+	return nil
+}
+
 func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 	const event = "enroll_refused"
 	id, token, ok := r.BasicAuth()
 	if !ok {
-		s.refuse(w, r, event, "", "", refusal{http.StatusUnauthorized, "missing HTTP Basic credentials (device ID and enrollment token)"})
+		s.refuse(w, r, event, "", "", refusal{http.StatusUnauthorized, "no_credentials", "missing HTTP Basic credentials (device ID and enrollment token)", ""})
+		return
+	}
+	if f := checkContentType(r); f != nil {
+		s.refuse(w, r, event, "", "", *f)
 		return
 	}
 	host := remoteHost(r)
-	if wait := s.limit.blocked(time.Now(), "ip:"+host, "id:"+id); wait > 0 {
-		w.Header().Set("Retry-After", strconv.Itoa(int(wait.Seconds())+1))
-		s.refuse(w, r, event, id, "", refusal{http.StatusTooManyRequests, fmt.Sprintf("too many failed token attempts: retry in %s", wait.Round(time.Second))})
-		return
-	}
 	if err := provisioning.CheckDeviceID(id); err != nil {
-		s.limit.fail(time.Now(), "ip:"+host)
-		s.refuse(w, r, event, "", "", refusal{http.StatusUnauthorized, err.Error()})
+		s.tokenFailed(w, r, "", host, refusal{http.StatusUnauthorized, "bad_device_id", err.Error(), ""})
 		return
 	}
 	der, f := s.readCSR(w, r)
@@ -197,13 +329,16 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	grant, err := s.cfg.Registry.CheckToken(r.Context(), id, token)
+	if errors.Is(err, registry.ErrTokenUsed) {
+		s.replay(w, r, id, token, der, err)
+		return
+	}
 	if err != nil {
-		s.limit.fail(time.Now(), "ip:"+host, "id:"+id)
-		status := http.StatusUnauthorized
-		if !errors.Is(err, registry.ErrTokenInvalid) && !errors.Is(err, registry.ErrTokenUsed) && !errors.Is(err, registry.ErrTokenExpired) {
-			status = http.StatusInternalServerError
+		if label := tokenLabel(err); label != "" {
+			s.tokenFailed(w, r, id, host, refusal{http.StatusUnauthorized, label, "token refused: " + err.Error(), ""})
+			return
 		}
-		s.refuse(w, r, event, id, "", refusal{status, "token refused: " + err.Error()})
+		s.registryFailed(w, r, event, id, "", "check token", err)
 		return
 	}
 	csr, f := parseCSR(der, id)
@@ -221,24 +356,90 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	err = s.cfg.Registry.Enrolled(r.Context(), grant, record(cert), remoteAddr(r))
-	if errors.Is(err, registry.ErrTokenUsed) {
-		s.refuse(w, r, event, id, "", refusal{http.StatusUnauthorized, "token refused: " + err.Error()})
+	switch {
+	case errors.Is(err, registry.ErrTokenUsed):
+		// used meanwhile: by this device with this key (a retry racing
+		// the first attempt) the answer is the certificate recorded
+		s.replay(w, r, id, token, der, err)
+		return
+	case errors.Is(err, registry.ErrRevoked):
+		s.refuse(w, r, event, id, "", refusal{http.StatusUnauthorized, "device_revoked", "token refused: " + err.Error(), ""})
+		return
+	case err != nil:
+		s.registryFailed(w, r, event, id, "", "record enrollment", err)
 		return
 	}
-	if err != nil {
-		s.refuse(w, r, event, id, "", refusal{http.StatusInternalServerError, "registry unavailable"})
-		s.log.Error("record enrollment", "cn", id, "err", err)
-		return
-	}
-	s.limit.reset("id:" + id)
+	s.m.results.WithLabelValues("enroll", "ok").Inc()
 	s.log.Info("enrolled", "cn", id, "serial", serialHex(cert), "spki_sha256", ca.SPKIFingerprint(cert), "remote", remoteAddr(r))
+	s.issued(w, cert)
+}
+
+// tokenLabel names a token refusal, or "" for a storage failure.
+func tokenLabel(err error) string {
+	for _, e := range []struct {
+		err   error
+		label string
+	}{
+		{registry.ErrTokenInvalid, "token_invalid"}, {registry.ErrTokenUsed, "token_used"},
+		{registry.ErrTokenExpired, "token_expired"}, {registry.ErrTokenRevoked, "token_revoked"},
+		{registry.ErrKeyMismatch, "key_mismatch"},
+	} {
+		if errors.Is(err, e.err) {
+			return e.label
+		}
+	}
+	return ""
+}
+
+// tokenFailed counts a failed token attempt against the client address
+// and refuses it: 429 with Retry-After once the address is over the limit.
+func (s *Server) tokenFailed(w http.ResponseWriter, r *http.Request, id, host string, f refusal) {
+	if wait := s.limit.fail(time.Now(), host); wait > 0 {
+		secs := int((wait + time.Second - 1) / time.Second)
+		w.Header().Set("Retry-After", strconv.Itoa(secs))
+		f = refusal{http.StatusTooManyRequests, "rate_limited",
+			fmt.Sprintf("too many failed token attempts from %s: retry in %ds (%s)", host, secs, f.reason),
+			"too many failed token attempts (" + f.reason + ")"}
+	}
+	s.refuse(w, r, "enroll_refused", id, "", f)
+}
+
+// replay answers an enrollment whose token is used: with the same key
+// within the token's lifetime, the certificate already issued.
+func (s *Server) replay(w http.ResponseWriter, r *http.Request, id, token string, der []byte, used error) {
+	const event = "enroll_refused"
+	csr, f := parseCSR(der, id)
+	if f != nil {
+		s.tokenFailed(w, r, id, remoteHost(r), refusal{http.StatusUnauthorized, "token_used", "token refused: " + used.Error(), ""})
+		return
+	}
+	spki := ca.SPKIFingerprint(&x509.Certificate{RawSubjectPublicKeyInfo: csr.RawSubjectPublicKeyInfo})
+	rec, err := s.cfg.Registry.Replay(r.Context(), id, token, spki, remoteAddr(r))
+	switch {
+	case errors.Is(err, registry.ErrRevoked):
+		s.refuse(w, r, event, id, "", refusal{http.StatusUnauthorized, "device_revoked", "token refused: " + err.Error(), ""})
+		return
+	case err != nil && tokenLabel(err) != "":
+		s.tokenFailed(w, r, id, remoteHost(r), refusal{http.StatusUnauthorized, tokenLabel(err), "token refused: " + err.Error(), ""})
+		return
+	case err != nil:
+		s.registryFailed(w, r, event, id, "", "replay enrollment", err)
+		return
+	}
+	cert, err := x509.ParseCertificate(rec.DER)
+	if err != nil {
+		s.registryFailed(w, r, event, id, rec.Serial, "replay enrollment", err)
+		return
+	}
+	s.m.results.WithLabelValues("replay", "ok").Inc()
+	s.log.Info("enrollment replayed", "cn", id, "serial", rec.Serial, "remote", remoteAddr(r))
 	s.issued(w, cert)
 }
 
 func (s *Server) reenroll(w http.ResponseWriter, r *http.Request) {
 	const event = "reenroll_refused"
 	if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
-		s.refuse(w, r, event, "", "", refusal{http.StatusUnauthorized, "re-enrollment needs the current device certificate as TLS client certificate"})
+		s.refuse(w, r, event, "", "", refusal{http.StatusUnauthorized, "no_client_certificate", "re-enrollment needs the current device certificate as TLS client certificate", ""})
 		return
 	}
 	leaf := r.TLS.PeerCertificates[0]
@@ -249,28 +450,34 @@ func (s *Server) reenroll(w http.ResponseWriter, r *http.Request) {
 	}
 	now := time.Now()
 	if _, err := leaf.Verify(x509.VerifyOptions{Roots: s.roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}, CurrentTime: now}); err != nil {
-		reason := "client certificate not issued by this CA: " + err.Error()
+		f := refusal{http.StatusUnauthorized, "cert_untrusted", "client certificate not issued by this CA: " + err.Error(), ""}
 		var invalid x509.CertificateInvalidError
 		if errors.As(err, &invalid) && invalid.Reason == x509.Expired {
-			reason = "client certificate expired at " + leaf.NotAfter.UTC().Format(time.RFC3339) + ": enroll again with a new token"
+			f = refusal{http.StatusUnauthorized, "cert_expired", "client certificate expired at " + leaf.NotAfter.UTC().Format(time.RFC3339) + ": enroll again with a new token", ""}
 		}
-		s.refuse(w, r, event, id, serial, refusal{http.StatusUnauthorized, reason})
+		s.refuse(w, r, event, id, serial, f)
 		return
 	}
 	if leaf.IsCA {
-		s.refuse(w, r, event, id, serial, refusal{http.StatusUnauthorized, "client certificate is a CA certificate"})
+		s.refuse(w, r, event, id, serial, refusal{http.StatusUnauthorized, "cert_untrusted", "client certificate is a CA certificate", ""})
 		return
 	}
+	if f := checkContentType(r); f != nil {
+		s.refuse(w, r, event, id, serial, *f)
+		return
+	}
+	// Early answers with a clear reason; Reenrolled checks again in the
+	// transaction that records the new certificate.
 	rec, err := s.cfg.Registry.Certificate(r.Context(), serial)
 	switch {
 	case errors.Is(err, registry.ErrNotFound):
-		s.refuse(w, r, event, id, serial, refusal{http.StatusForbidden, "client certificate unknown to the registry"})
+		s.refuse(w, r, event, id, serial, refusal{http.StatusForbidden, "cert_unknown", "client certificate unknown to the registry", ""})
 		return
 	case err != nil:
-		s.refuse(w, r, event, id, serial, refusal{http.StatusInternalServerError, "registry unavailable"})
+		s.registryFailed(w, r, event, id, serial, "certificate lookup", err)
 		return
 	case rec.Status == registry.StatusRevoked:
-		s.refuse(w, r, event, id, serial, refusal{http.StatusUnauthorized, fmt.Sprintf("client certificate revoked at %s (%s)", rec.RevokedAt.UTC().Format(time.RFC3339), rec.RevocationReason)})
+		s.refuse(w, r, event, id, serial, refusal{http.StatusUnauthorized, "cert_revoked", fmt.Sprintf("client certificate revoked at %s (%s)", rec.RevokedAt.UTC().Format(time.RFC3339), rec.RevocationReason), ""})
 		return
 	}
 	der, f := s.readCSR(w, r)
@@ -285,7 +492,7 @@ func (s *Server) reenroll(w http.ResponseWriter, r *http.Request) {
 	}
 	dev, err := s.cfg.Registry.Device(r.Context(), id)
 	if err != nil {
-		s.refuse(w, r, event, id, serial, refusal{http.StatusInternalServerError, "registry unavailable"})
+		s.registryFailed(w, r, event, id, serial, "device lookup", err)
 		return
 	}
 	var groups []string
@@ -297,11 +504,19 @@ func (s *Server) reenroll(w http.ResponseWriter, r *http.Request) {
 		s.refuse(w, r, event, id, serial, policyRefusal(err))
 		return
 	}
-	if err := s.cfg.Registry.Reenrolled(r.Context(), record(cert), remoteAddr(r)); err != nil {
-		s.refuse(w, r, event, id, serial, refusal{http.StatusInternalServerError, "registry unavailable"})
-		s.log.Error("record re-enrollment", "cn", id, "err", err)
+	err = s.cfg.Registry.Reenrolled(r.Context(), serial, record(cert), remoteAddr(r))
+	switch {
+	case errors.Is(err, registry.ErrRevoked):
+		s.refuse(w, r, event, id, serial, refusal{http.StatusUnauthorized, "cert_revoked", "re-enrollment refused: " + err.Error(), ""})
+		return
+	case errors.Is(err, registry.ErrNotFound):
+		s.refuse(w, r, event, id, serial, refusal{http.StatusForbidden, "cert_unknown", "client certificate unknown to the registry", ""})
+		return
+	case err != nil:
+		s.registryFailed(w, r, event, id, serial, "record re-enrollment", err)
 		return
 	}
+	s.m.results.WithLabelValues("reenroll", "ok").Inc()
 	s.log.Info("re-enrolled", "cn", id, "serial", serialHex(cert), "previous_serial", serial, "rekey", !csr.PublicKey.(interface{ Equal(crypto.PublicKey) bool }).Equal(leaf.PublicKey), "remote", remoteAddr(r))
 	s.issued(w, cert)
 }
@@ -311,14 +526,14 @@ func (s *Server) readCSR(w http.ResponseWriter, r *http.Request) ([]byte, *refus
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, s.cfg.MaxBodyBytes))
 	var tooBig *http.MaxBytesError
 	if errors.As(err, &tooBig) {
-		return nil, &refusal{http.StatusRequestEntityTooLarge, fmt.Sprintf("request body larger than %d bytes", s.cfg.MaxBodyBytes)}
+		return nil, &refusal{http.StatusRequestEntityTooLarge, "body_too_large", fmt.Sprintf("request body larger than %d bytes", s.cfg.MaxBodyBytes), ""}
 	}
 	if err != nil {
-		return nil, &refusal{http.StatusBadRequest, "read request body: " + err.Error()}
+		return nil, &refusal{http.StatusBadRequest, "bad_request", "read request body: " + err.Error(), ""}
 	}
 	der, err := provisioning.DecodeBase64(body)
 	if err != nil {
-		return nil, &refusal{http.StatusBadRequest, "CSR: " + err.Error()}
+		return nil, &refusal{http.StatusBadRequest, "bad_csr", "CSR: " + err.Error(), ""}
 	}
 	return der, nil
 }
@@ -327,26 +542,26 @@ func (s *Server) readCSR(w http.ResponseWriter, r *http.Request) ([]byte, *refus
 func parseCSR(der []byte, deviceID string) (*x509.CertificateRequest, *refusal) {
 	csr, err := x509.ParseCertificateRequest(der)
 	if err != nil {
-		return nil, &refusal{http.StatusBadRequest, "malformed CSR: " + err.Error()}
+		return nil, &refusal{http.StatusBadRequest, "bad_csr", "malformed CSR: " + err.Error(), ""}
 	}
 	if err := csr.CheckSignature(); err != nil {
-		return nil, &refusal{http.StatusBadRequest, "invalid CSR signature: " + err.Error()}
+		return nil, &refusal{http.StatusBadRequest, "bad_csr", "invalid CSR signature: " + err.Error(), ""}
 	}
 	if csr.Subject.CommonName != deviceID {
-		return nil, &refusal{http.StatusForbidden, fmt.Sprintf("CSR common name %q does not match device ID %q", csr.Subject.CommonName, deviceID)}
+		return nil, &refusal{http.StatusForbidden, "cn_mismatch", fmt.Sprintf("CSR common name %q does not match device ID %q", csr.Subject.CommonName, deviceID), ""}
 	}
 	return csr, nil
 }
 
 func policyRefusal(err error) refusal {
 	if errors.Is(err, ca.ErrPolicy) {
-		return refusal{http.StatusForbidden, err.Error()}
+		return refusal{http.StatusForbidden, "key_policy", err.Error(), ""}
 	}
-	return refusal{http.StatusInternalServerError, "issuance failed"}
+	return refusal{http.StatusInternalServerError, "issuance_error", "issuance failed", ""}
 }
 
 func (s *Server) issued(w http.ResponseWriter, cert *x509.Certificate) {
-	body, err := provisioning.EncodeCertsOnly([]*x509.Certificate{cert, s.cfg.CA.Issuing})
+	body, err := encodeCerts(cert, s.cfg.CA.Issuing)
 	if err != nil {
 		http.Error(w, "internal error", http.StatusInternalServerError)
 		return
@@ -360,10 +575,37 @@ func writeCerts(w http.ResponseWriter, body []byte) {
 	_, _ = w.Write(body) // a failed write is the client's problem
 }
 
+// encodeCerts is the certs-only body with the certificates in DER order:
+// a SET OF is sorted by the encodings of its elements (X.690 11.6).
+func encodeCerts(certs ...*x509.Certificate) ([]byte, error) {
+	certs = slices.Clone(certs)
+	slices.SortFunc(certs, func(a, b *x509.Certificate) int { return compareDER(a.Raw, b.Raw) })
+	return provisioning.EncodeCertsOnly(certs)
+}
+
+// compareDER orders encodings as X.690 11.6 does: as octet strings, the
+// shorter one padded with trailing zero octets.
+func compareDER(a, b []byte) int {
+	n := min(len(a), len(b))
+	if c := bytes.Compare(a[:n], b[:n]); c != 0 {
+		return c
+	}
+	rest, sign := b[n:], -1
+	if len(a) > len(b) {
+		rest, sign = a[n:], 1
+	}
+	for _, x := range rest {
+		if x != 0 {
+			return sign
+		}
+	}
+	return 0
+}
+
 func record(c *x509.Certificate) registry.Cert {
 	return registry.Cert{
 		Serial: serialHex(c), DeviceID: c.Subject.CommonName, SPKISHA256: ca.SPKIFingerprint(c),
-		NotBefore: c.NotBefore, NotAfter: c.NotAfter,
+		NotBefore: c.NotBefore, NotAfter: c.NotAfter, DER: c.Raw,
 	}
 }
 
@@ -379,46 +621,54 @@ func remoteHost(r *http.Request) string {
 	return h
 }
 
-// limiter counts failed token attempts per key in a sliding window.
+// limiter counts failed token attempts per client address in a sliding
+// window. Memory is bounded: at most max timestamps per address and
+// maxKeys addresses (past that, the address whose newest failure is the
+// oldest is forgotten).
 type limiter struct {
-	mu     sync.Mutex
-	max    int
-	window time.Duration
-	seen   map[string][]time.Time
+	mu      sync.Mutex
+	max     int
+	window  time.Duration
+	maxKeys int
+	seen    map[string][]time.Time
 }
 
-// blocked returns how long the first blocked key stays blocked, or 0.
-func (l *limiter) blocked(now time.Time, keys ...string) time.Duration {
+// fail records a failure of key and returns how long key stays over the
+// limit (0: it is not).
+func (l *limiter) fail(now time.Time, key string) time.Duration {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	for _, k := range keys {
-		ts := l.prune(now, k)
-		if len(ts) >= l.max {
-			return ts[0].Add(l.window).Sub(now)
-		}
+	ts := l.prune(now, key)
+	if ts == nil && len(l.seen) >= l.maxKeys {
+		l.evict(now)
+	}
+	ts = append(ts, now)
+	if len(ts) > l.max {
+		ts = ts[len(ts)-l.max:]
+	}
+	l.seen[key] = ts
+	if len(ts) >= l.max {
+		return ts[0].Add(l.window).Sub(now)
 	}
 	return 0
 }
 
-func (l *limiter) fail(now time.Time, keys ...string) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if len(l.seen) > 100_000 { // bound memory under a distributed attack
-		for k := range l.seen {
-			if len(l.prune(now, k)) == 0 {
-				delete(l.seen, k)
-			}
+// evict drops expired entries, and if none was, the stalest one.
+func (l *limiter) evict(now time.Time) {
+	var stalest string
+	var at time.Time
+	for k, ts := range l.seen {
+		if now.Sub(ts[len(ts)-1]) >= l.window {
+			delete(l.seen, k)
+			continue
+		}
+		if stalest == "" || ts[len(ts)-1].Before(at) {
+			stalest, at = k, ts[len(ts)-1]
 		}
 	}
-	for _, k := range keys {
-		l.seen[k] = append(l.prune(now, k), now)
+	if len(l.seen) >= l.maxKeys {
+		delete(l.seen, stalest)
 	}
-}
-
-func (l *limiter) reset(key string) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	delete(l.seen, key)
 }
 
 func (l *limiter) prune(now time.Time, k string) []time.Time {
@@ -432,6 +682,12 @@ func (l *limiter) prune(now time.Time, k string) []time.Time {
 		delete(l.seen, k)
 		return nil
 	}
-	l.seen[k] = ts
 	return ts
+}
+
+// size is the number of tracked addresses (for tests).
+func (l *limiter) size() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.seen)
 }

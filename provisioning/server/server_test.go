@@ -2,6 +2,7 @@ package server_test
 
 import (
 	"bytes"
+	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -21,6 +22,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/mqtls/mqtls/internal/esttest"
 	"github.com/mqtls/mqtls/internal/testpki"
@@ -105,8 +108,12 @@ func TestCACertsAndCSRAttrs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(certs) != 2 || !certs[0].Equal(env.CA.Issuing) || !certs[1].Equal(env.CA.Root) {
+	if len(certs) != 2 || !slices.ContainsFunc(certs, env.CA.Issuing.Equal) || !slices.ContainsFunc(certs, env.CA.Root.Equal) {
 		t.Fatalf("cacerts = %d certificates, want issuing + root", len(certs))
+	}
+	// Issue 10 item 6: a SET OF in DER is sorted by the elements' encodings.
+	if bytes.Compare(certs[0].Raw, certs[1].Raw) > 0 {
+		t.Fatal("cacerts: the certificates SET is not in DER order")
 	}
 	resp := raw(t, env, http.MethodGet, provisioning.PathCSRAttrs, "", "", nil, nil)
 	if resp.status != 200 || resp.header.Get("Content-Type") != provisioning.TypeCSRAttrs {
@@ -271,29 +278,211 @@ func TestCSRExtrasIgnored(t *testing.T) {
 	}
 }
 
+// Issue 10 item 3: only failures are limited, per source; a correct token
+// always enrolls, even from a source over the limit, even for a device ID
+// somebody hammered with wrong tokens.
 func TestRateLimit(t *testing.T) {
-	env := esttest.Start(t, nil) // default: 5 failures per 15 minutes
+	env := esttest.Start(t, nil) // default: 10 failures per minute and source
 	key := newKey(t)
 	tok := env.Token(t, "victim", "", time.Hour)
 	body := csrB64(t, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "victim"}}, key)
 	var statuses []int
-	for range 10 {
+	for range 12 {
 		statuses = append(statuses, raw(t, env, http.MethodPost, provisioning.PathSimpleEnroll, "victim", "wrong", body, nil).status)
 	}
-	want := []int{401, 401, 401, 401, 401, 429, 429, 429, 429, 429}
+	want := []int{401, 401, 401, 401, 401, 401, 401, 401, 401, 429, 429, 429}
 	if !slices.Equal(statuses, want) {
-		t.Fatalf("ten wrong tokens: statuses %v, want %v", statuses, want)
+		t.Fatalf("twelve wrong tokens: statuses %v, want %v", statuses, want)
 	}
-	resp := raw(t, env, http.MethodPost, provisioning.PathSimpleEnroll, "victim", tok, body, nil)
-	if resp.status != 429 || resp.header.Get("Retry-After") == "" {
-		t.Fatalf("right token while limited: %d (Retry-After %q), want 429", resp.status, resp.header.Get("Retry-After"))
+	limited := raw(t, env, http.MethodPost, provisioning.PathSimpleEnroll, "other", "wrong", body, nil)
+	if limited.status != 429 || limited.header.Get("Retry-After") == "" || !strings.Contains(string(limited.body), "retry in") {
+		t.Fatalf("wrong token from a limited source: %d (Retry-After %q) %s", limited.status, limited.header.Get("Retry-After"), limited.body)
 	}
 	if e := lastEvent(t, env); e.Event != "enroll_refused" || !strings.Contains(e.Reason, "too many failed token attempts") {
 		t.Fatalf("audit = %+v", e)
 	}
-	_, err := client(t, env).Enroll(t.Context(), key, "victim", tok)
-	if !errors.Is(err, provisioning.ErrRateLimited) {
-		t.Fatalf("client error = %v, want ErrRateLimited", err)
+	_, err := client(t, env).Enroll(t.Context(), newKey(t), "victim", "wrong")
+	if !errors.Is(err, provisioning.ErrRateLimited) || !strings.Contains(err.Error(), "retry in") {
+		t.Fatalf("client error = %v, want ErrRateLimited naming the wait", err)
+	}
+	if _, err := client(t, env).Enroll(t.Context(), key, "victim", tok); err != nil {
+		t.Fatalf("right token from a source over the limit: %v", err)
+	}
+}
+
+// Issue 10 item 4: an enrollment whose answer was lost is retried with the
+// same token and key and gets the same certificate; another key is refused.
+func TestEnrollReplay(t *testing.T) {
+	env := esttest.Start(t, nil)
+	key := newKey(t)
+	tok := env.Token(t, "dev", "", time.Hour)
+	body := csrB64(t, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "dev"}}, key)
+	first := raw(t, env, http.MethodPost, provisioning.PathSimpleEnroll, "dev", tok, body, nil)
+	if first.status != 200 {
+		t.Fatalf("enroll: %d %s", first.status, first.body)
+	}
+	// the answer is "lost"; the device retries
+	chain, err := client(t, env).Enroll(t.Context(), key, "dev", tok)
+	if err != nil {
+		t.Fatalf("retry with the same token and key: %v", err)
+	}
+	issued, _ := provisioning.ParseCertsOnly(first.body)
+	if !slices.ContainsFunc(issued, chain[0].Equal) {
+		t.Fatal("the retry got another certificate than the one issued")
+	}
+	if e := lastEvent(t, env); e.Event != "enroll_replay" || e.Serial != chain[0].SerialNumber.Text(16) {
+		t.Fatalf("audit = %+v, want enroll_replay", e)
+	}
+	other := raw(t, env, http.MethodPost, provisioning.PathSimpleEnroll, "dev", tok, csrB64(t, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "dev"}}, newKey(t)), nil)
+	if other.status != 401 || !strings.Contains(string(other.body), "another key") {
+		t.Fatalf("same token, another key: %d %s", other.status, other.body)
+	}
+	if certs, _ := env.Registry.Certificates(t.Context(), "dev"); len(certs) != 1 {
+		t.Fatalf("registry holds %d certificates, want 1", len(certs))
+	}
+}
+
+// Issue 10 item 1: a token minted before a revocation does not enroll the
+// revoked device, and the device stays revoked.
+func TestTokenOfRevokedDevice(t *testing.T) {
+	env := esttest.Start(t, nil)
+	enrolled(t, env, "dev")
+	tok := env.Token(t, "dev", "", time.Hour)
+	if _, err := env.Registry.Revoke(t.Context(), "dev", "stolen"); err != nil {
+		t.Fatal(err)
+	}
+	_, err := client(t, env).Enroll(t.Context(), newKey(t), "dev", tok)
+	if !errors.Is(err, provisioning.ErrUnauthorized) || !strings.Contains(err.Error(), "revocation") {
+		t.Fatalf("enroll with a token minted before the revocation: %v", err)
+	}
+	if d, _ := env.Registry.Device(t.Context(), "dev"); d.Status != "revoked" {
+		t.Fatalf("device status %q, want revoked", d.Status)
+	}
+}
+
+// Issue 10 item 6: a body that is not application/pkcs10 gets 415.
+func TestContentType(t *testing.T) {
+	env := esttest.Start(t, nil)
+	tok := env.Token(t, "dev", "", time.Hour)
+	body := csrB64(t, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "dev"}}, newKey(t))
+	for _, ct := range []string{"", "text/plain", "application/json", "application/pkcs10x"} {
+		resp := rawType(t, env, provisioning.PathSimpleEnroll, "dev", tok, body, ct)
+		if resp.status != http.StatusUnsupportedMediaType || !strings.Contains(string(resp.body), provisioning.TypePKCS10) {
+			t.Errorf("Content-Type %q: %d %s, want 415", ct, resp.status, resp.body)
+		}
+	}
+	if resp := rawType(t, env, provisioning.PathSimpleEnroll, "dev", tok, body, "application/pkcs10; charset=us-ascii"); resp.status != 200 {
+		t.Errorf("application/pkcs10 with a parameter: %d %s", resp.status, resp.body)
+	}
+}
+
+func rawType(t *testing.T, env *esttest.Env, path, id, token string, body []byte, contentType string) response {
+	t.Helper()
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: env.CA.Pool()}}}
+	req, _ := http.NewRequest(http.MethodPost, env.URL+path, bytes.NewReader(body))
+	req.SetBasicAuth(id, token)
+	if contentType != "" {
+		req.Header.Set("Content-Type", contentType)
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return response{resp.StatusCode, resp.Header, b}
+}
+
+// Issue 10 item 5: repeated refusals fold into one audit record, and the
+// server enforces the retention.
+func TestAuditBounded(t *testing.T) {
+	env := esttest.Start(t, func(c *server.Config) { c.FailureLimit = 1000; c.AuditMaxRows = 5 })
+	body := csrB64(t, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "dev"}}, newKey(t))
+	for range 20 {
+		env.Token(t, "dev", "", time.Hour) // 20 "token" records
+	}
+	for range 200 {
+		if resp := raw(t, env, http.MethodPost, provisioning.PathSimpleEnroll, "dev", "wrong", body, nil); resp.status != 401 {
+			t.Fatalf("wrong token: %d", resp.status)
+		}
+	}
+	ev := env.Events(t)
+	if len(ev) > 5 {
+		t.Fatalf("%d audit records, want at most 5 (AuditMaxRows)", len(ev))
+	}
+	last := ev[len(ev)-1]
+	if last.Event != "enroll_refused" || last.Count != 200 {
+		t.Fatalf("200 identical refusals: last record %+v, want one with count 200", last)
+	}
+}
+
+// Issue 10 item 2, with an injected pause: a revocation that lands between
+// the server's check of the presented certificate and the record of the
+// new one must not leave a valid certificate.
+func TestReenrollRacingRevoke(t *testing.T) {
+	var env *esttest.Env
+	env = esttest.Start(t, func(c *server.Config) {
+		c.Registry = revokeBeforeRecord{Registry: c.Registry, revoke: func() {
+			if _, err := env.Registry.Revoke(context.Background(), "dev", "stolen"); err != nil {
+				t.Error(err)
+			}
+		}}
+	})
+	cert, key := enrolled(t, env, "dev")
+	_, err := client(t, env).Reenroll(t.Context(), cert, key)
+	if !errors.Is(err, provisioning.ErrUnauthorized) || !strings.Contains(err.Error(), "revoked") {
+		t.Fatalf("re-enroll racing a revocation: %v, want 401 revoked", err)
+	}
+	assertNoValid(t, env, "dev")
+}
+
+// 20 concurrent re-enrollments racing one revocation: afterwards no
+// certificate of the device is valid.
+func TestReenrollConcurrentRevoke(t *testing.T) {
+	env := esttest.Start(t, nil)
+	cert, key := enrolled(t, env, "dev")
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for range 20 {
+		wg.Go(func() {
+			<-start
+			_, err := client(t, env).Reenroll(t.Context(), cert, key)
+			if err != nil && !errors.Is(err, provisioning.ErrUnauthorized) {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Go(func() {
+		<-start
+		if _, err := env.Registry.Revoke(t.Context(), "dev", "stolen"); err != nil {
+			t.Error(err)
+		}
+	})
+	close(start)
+	wg.Wait()
+	assertNoValid(t, env, "dev")
+}
+
+type revokeBeforeRecord struct {
+	registry.Registry
+	revoke func()
+}
+
+func (r revokeBeforeRecord) Reenrolled(ctx context.Context, prev string, c registry.Cert, remote string) error {
+	r.revoke()
+	return r.Registry.Reenrolled(ctx, prev, c, remote)
+}
+
+func assertNoValid(t *testing.T, env *esttest.Env, id string) {
+	t.Helper()
+	certs, err := env.Registry.Certificates(t.Context(), id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range certs {
+		if c.Status != registry.StatusRevoked {
+			t.Errorf("certificate %s of revoked device %s is %s", c.Serial, id, c.Status)
+		}
 	}
 }
 
@@ -452,4 +641,52 @@ func TestClientPinsRoot(t *testing.T) {
 	if _, err := provisioning.NewClient("http://127.0.0.1:1", env.CA.Root); err == nil {
 		t.Fatal("plain http EST URL accepted")
 	}
+}
+
+// Enrollments by result, refusals by reason and registry errors are counted.
+func TestMetrics(t *testing.T) {
+	m := prometheus.NewRegistry()
+	env := esttest.Start(t, func(c *server.Config) { c.Metrics = m })
+	enrolled(t, env, "dev")
+	raw(t, env, http.MethodPost, provisioning.PathSimpleEnroll, "dev2", "wrong", csrB64(t, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "dev2"}}, newKey(t)), nil)
+	rawType(t, env, provisioning.PathSimpleEnroll, "dev2", "wrong", []byte("x"), "text/plain")
+	for _, c := range []struct {
+		name   string
+		labels map[string]string
+		want   float64
+	}{
+		{"mqtls_est_requests_total", map[string]string{"kind": "enroll", "result": "ok"}, 1},
+		{"mqtls_est_requests_total", map[string]string{"kind": "enroll", "result": "refused"}, 2},
+		{"mqtls_est_refusals_total", map[string]string{"reason": "token_invalid"}, 1},
+		{"mqtls_est_refusals_total", map[string]string{"reason": "unsupported_media_type"}, 1},
+		{"mqtls_registry_errors_total", nil, 0},
+	} {
+		if got := metricValue(t, m, c.name, c.labels); got != c.want {
+			t.Errorf("%s%v = %v, want %v", c.name, c.labels, got, c.want)
+		}
+	}
+}
+
+func metricValue(t *testing.T, g prometheus.Gatherer, name string, labels map[string]string) float64 {
+	t.Helper()
+	families, err := g.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		if f.GetName() != name {
+			continue
+		}
+	next:
+		for _, m := range f.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if labels[l.GetName()] != l.GetValue() {
+					continue next
+				}
+			}
+			return m.GetCounter().GetValue()
+		}
+	}
+	t.Fatalf("no metric %s%v", name, labels)
+	return 0
 }

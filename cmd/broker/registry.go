@@ -1,0 +1,180 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/mqtls/mqtls/provisioning/registry"
+)
+
+// registryFlags are --registry and --registry-password-file, on every
+// command that opens the registry.
+type registryFlags struct {
+	url          string
+	passwordFile string
+}
+
+func addRegistryFlags(fs *flag.FlagSet) *registryFlags {
+	f := &registryFlags{}
+	fs.StringVar(&f.url, "registry", "", "registry: sqlite:PATH (default sqlite:DATA/registry.db) or postgres://USER@HOST:PORT/DB?sslmode=... (password from --registry-password-file, PGPASSFILE or the URL)")
+	fs.StringVar(&f.passwordFile, "registry-password-file", "", "file holding the PostgreSQL password (mode 0600)")
+	return f
+}
+
+// registryLocation is a parsed --registry.
+type registryLocation struct {
+	data     string
+	sqlite   string // path, or "" for PostgreSQL
+	postgres string // URL
+	password *string
+}
+
+func (f *registryFlags) location(data string) (registryLocation, error) {
+	loc := registryLocation{data: data}
+	switch u := f.url; {
+	case u == "":
+		loc.sqlite = filepath.Join(data, RegistryFile)
+	case strings.HasPrefix(u, "sqlite:"):
+		loc.sqlite = strings.TrimPrefix(strings.TrimPrefix(u, "sqlite:"), "//")
+		if loc.sqlite == "" {
+			return loc, usageErr("--registry sqlite:PATH needs a path")
+		}
+	case strings.HasPrefix(u, "postgres://"), strings.HasPrefix(u, "postgresql://"):
+		loc.postgres = u
+	default:
+		return loc, usageErr("--registry %q: want sqlite:PATH or postgres://USER@HOST:PORT/DB", redactURL(u))
+	}
+	if f.passwordFile != "" {
+		if loc.postgres == "" {
+			return loc, usageErr("--registry-password-file is for a postgres:// registry")
+		}
+		fi, err := os.Stat(f.passwordFile)
+		if err != nil {
+			return loc, fmt.Errorf("registry password file: %w", err)
+		}
+		if fi.Mode().Perm()&0o077 != 0 {
+			return loc, fmt.Errorf("registry password file %s has mode %04o: other users can read it; fix: chmod 600 %s", f.passwordFile, fi.Mode().Perm(), f.passwordFile)
+		}
+		b, err := os.ReadFile(f.passwordFile)
+		if err != nil {
+			return loc, fmt.Errorf("registry password file: %w", err)
+		}
+		pw := strings.TrimRight(string(b), "\r\n")
+		clear(b)
+		loc.password = &pw
+	}
+	return loc, nil
+}
+
+// String names the registry without its password.
+func (l registryLocation) String() string {
+	if l.sqlite != "" {
+		return l.sqlite
+	}
+	return redactURL(l.postgres)
+}
+
+func (l registryLocation) missing() bool {
+	if l.sqlite == "" {
+		return false
+	}
+	_, err := os.Stat(l.sqlite)
+	return errors.Is(err, os.ErrNotExist)
+}
+
+func (l registryLocation) pgOptions() []registry.PostgresOption {
+	if l.password == nil {
+		return nil
+	}
+	return []registry.PostgresOption{registry.WithPassword(*l.password)}
+}
+
+// create makes a new registry bound to the root CA (broker init only).
+func (l registryLocation) create(ctx context.Context, rootSHA256 string) (registry.Registry, error) {
+	if l.sqlite != "" {
+		r, err := registry.CreateSQLite(ctx, l.sqlite, rootSHA256)
+		if errors.Is(err, registry.ErrExists) {
+			return nil, fmt.Errorf("%w (refusing to overwrite it)", err)
+		}
+		if err != nil {
+			return nil, err
+		}
+		return r, nil
+	}
+	r, err := registry.CreatePostgres(ctx, l.postgres, rootSHA256, l.pgOptions()...)
+	if err != nil {
+		return nil, l.explain(err)
+	}
+	return r, nil
+}
+
+// open opens an existing registry; it never creates one.
+func (l registryLocation) open(ctx context.Context) (registry.Registry, error) {
+	if l.sqlite != "" {
+		r, err := registry.OpenSQLite(ctx, l.sqlite)
+		if err != nil {
+			return nil, l.explain(err)
+		}
+		return r, nil
+	}
+	r, err := registry.OpenPostgres(ctx, l.postgres, l.pgOptions()...)
+	if err != nil {
+		return nil, l.explain(err)
+	}
+	return r, nil
+}
+
+func (f *registryFlags) open(ctx context.Context, data string) (registry.Registry, error) {
+	loc, err := f.location(data)
+	if err != nil {
+		return nil, err
+	}
+	return loc.open(ctx)
+}
+
+// explain adds the command that fixes a registry that cannot be trusted.
+func (l registryLocation) explain(err error) error {
+	regArg := ""
+	if l.postgres != "" {
+		regArg = " --registry " + redactURL(l.postgres)
+	}
+	recreate := fmt.Sprintf("broker init --data %s%s --registry-only", l.data, regArg)
+	var fix string
+	switch {
+	case errors.Is(err, registry.ErrMissing):
+		fix = "restore it from a backup; only if none exists, create an empty one (every revocation is lost): " + recreate
+	case errors.Is(err, registry.ErrEmpty):
+		fix = fmt.Sprintf("restore it from a backup; only if none exists (every revocation is lost): rm %s && %s", l.sqlite, recreate)
+	case errors.Is(err, registry.ErrCorrupt):
+		fix = "restore it from a backup (the broker will not serve from a damaged registry)"
+		if l.sqlite != "" {
+			fix += fmt.Sprintf("; sqlite3 %s .recover may salvage rows", l.sqlite)
+		}
+	case errors.Is(err, registry.ErrForeign):
+		fix = fmt.Sprintf("this registry was made by another `broker init`: give the registry of the CA in %s (--registry), or the data directory that goes with this registry (--data)", l.data)
+	case errors.Is(err, registry.ErrUnbound):
+		fix = fmt.Sprintf("if this registry belongs to the CA in %s, bind it: broker init --data %s%s --bind-registry", l.data, l.data, regArg)
+	case errors.Is(err, registry.ErrNotInitialised):
+		fix = "create it: " + recreate
+	case errors.Is(err, registry.ErrNewerSchema):
+		fix = "run a newer broker"
+	default:
+		return err
+	}
+	return fmt.Errorf("%w\n  fix: %s", err, fix)
+}
+
+// redactURL hides a password in a URL.
+func redactURL(s string) string {
+	u, err := url.Parse(s)
+	if err != nil {
+		return "(unparsable URL)"
+	}
+	return u.Redacted()
+}
