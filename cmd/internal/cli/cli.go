@@ -26,9 +26,9 @@ func Usagef(format string, a ...any) error {
 // Besides commands, every prog answers "version", "--version" and
 // "-version" (see Version).
 func Run(ctx context.Context, prog, usage string, commands map[string]Command, args []string, stdout, stderr io.Writer) int {
-	usage += fmt.Sprintf("%q or %q prints the version, VCS revision and Go version.\n", prog+" version", prog+" --version")
 	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
 		fmt.Fprint(stdout, usage)
+		fmt.Fprintf(stdout, "%q or %q prints the version, VCS revision and Go version.\n", prog+" version", prog+" --version")
 		return 0
 	}
 	cmd, ok := commands[args[0]]
