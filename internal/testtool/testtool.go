@@ -16,6 +16,7 @@ import (
 
 // packages maps a program to the Debian package that provides it.
 var packages = map[string]string{
+	"systemd-analyze":    "systemd",
 	"swtpm":              "swtpm",
 	"swtpm_setup":        "swtpm-tools",
 	"tpm2_load":          "tpm2-tools",

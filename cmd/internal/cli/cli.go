@@ -23,12 +23,18 @@ func Usagef(format string, a ...any) error {
 }
 
 // Run dispatches args to a command of prog and returns the exit code.
+// Besides commands, every prog answers "version", "--version" and
+// "-version" (see Version).
 func Run(ctx context.Context, prog, usage string, commands map[string]Command, args []string, stdout, stderr io.Writer) int {
 	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
 		fmt.Fprint(stdout, usage)
+		fmt.Fprintf(stdout, "%q or %q prints the version, VCS revision and Go version.\n", prog+" version", prog+" --version")
 		return 0
 	}
 	cmd, ok := commands[args[0]]
+	if !ok && isVersion(args[0]) {
+		cmd, ok = versionCommand(prog), true
+	}
 	if !ok {
 		fmt.Fprintf(stderr, "%s: unknown command %q\n%s", prog, args[0], usage)
 		return 2
