@@ -98,7 +98,9 @@ type Broker struct {
 	sessions map[*mqtt.Client]*session            // live and offline sessions
 	bySerial map[string]map[*mqtt.Client]*session // by certificate serial
 	byConn   map[net.Conn]*session                // admitted connections until Mochi is done with them
-	byID     map[string]*session                  // the newest session of each client ID
+	byID     map[string]*session                  // the session Mochi holds (or is about to) for each client ID
+	claimed  map[string]*session                  // the newest admitted session of each client ID
+	idLocks  map[string]*idLock                   // per client ID: one session establishment at a time
 
 	connectPause func() // tests: runs after a CONNECT's revocation check
 	dropLog      rateLog
@@ -180,6 +182,8 @@ func New(cfg Config) (*Broker, error) {
 		bySerial: make(map[string]map[*mqtt.Client]*session),
 		byConn:   make(map[net.Conn]*session),
 		byID:     make(map[string]*session),
+		claimed:  make(map[string]*session),
+		idLocks:  make(map[string]*idLock),
 		stop:     make(chan struct{}),
 		metrics:  newMetrics(),
 	}
@@ -264,7 +268,18 @@ func (b *Broker) Addr() net.Addr { return b.ln.Addr() }
 func (b *Broker) Close() error {
 	b.closeOnce.Do(func() {
 		close(b.stop)
+		// Mochi's Close writes a DISCONNECT to every client and would wait
+		// forever on one that stopped reading (TestStalledV5ClientBlocksClose):
+		// after a second, close what is left.
+		cut := time.AfterFunc(time.Second, func() {
+			b.mu.RLock()
+			defer b.mu.RUnlock()
+			for cl := range b.sessions {
+				cl.Stop(errors.New("broker shutting down"))
+			}
+		})
 		b.closeErr = b.mochi.Close()
+		cut.Stop()
 		b.wg.Wait()
 	})
 	return b.closeErr
@@ -337,14 +352,29 @@ func (b *Broker) revoke(s *session, reason string) {
 
 // disconnect ends a session's connection for reason (revoked, expired,
 // stalled).
+//
+// It does not block its caller (the revocation poller, a publisher's read
+// loop): a v5 client is sent DISCONNECT first, but Mochi's writer holds
+// the client's write lock while blocked on a client that stopped reading,
+// so the connection is closed after a second whether or not the DISCONNECT
+// went out (TestStalledV5ClientBlocksRevocationsIndefinitely).
 func (b *Broker) disconnect(s *session, reason string) {
 	b.audit("session closed", s, reason)
 	b.metrics.kicked.WithLabelValues(reasonLabel(reason)).Inc()
 	cl := s.cl
-	if cl.Properties.ProtocolVersion == 5 {
-		_ = b.mochi.DisconnectClient(cl, packets.ErrNotAuthorized) // closes too
-	}
-	cl.Stop(errors.New(reason))
+	go func() {
+		if cl.Properties.ProtocolVersion == 5 && !cl.Closed() {
+			sent := make(chan struct{})
+			go func() { _ = b.mochi.DisconnectClient(cl, packets.ErrNotAuthorized); close(sent) }()
+			t := time.NewTimer(time.Second)
+			select {
+			case <-sent:
+			case <-t.C:
+			}
+			t.Stop()
+		}
+		cl.Stop(errors.New(reason)) // also ends a DisconnectClient still waiting
+	}()
 }
 
 func (b *Broker) audit(event string, s *session, reason string) {

@@ -48,3 +48,37 @@ func Subscribed(b *Broker, clientID, filter string) bool {
 	_, ok = cl.State.Subscriptions.Get(filter)
 	return ok
 }
+func SessionConsistency(b *Broker) (lost, leaked int) {
+	b.mu.RLock()
+	defer b.mu.RUnlock()
+	for id, cl := range b.mochi.Clients.GetAll() {
+		if b.sessions[cl] == nil {
+			lost++
+			_ = id
+		}
+	}
+	for cl := range b.sessions {
+		if cur, ok := b.mochi.Clients.Get(cl.ID); !ok || cur != cl {
+			leaked++
+		}
+	}
+	return lost, leaked
+}
+
+// Inflight is the number of QoS 1/2 messages Mochi holds for clientID.
+func Inflight(b *Broker, clientID string) int {
+	cl, ok := b.mochi.Clients.Get(clientID)
+	if !ok {
+		return -1
+	}
+	return cl.State.Inflight.Len()
+}
+
+// RetainedPayload is the retained message's payload on topic ("" if none).
+func RetainedPayload(b *Broker, topic string) string {
+	pk, ok := b.mochi.Topics.Retained.Get(topic)
+	if !ok {
+		return ""
+	}
+	return string(pk.Payload)
+}

@@ -43,12 +43,16 @@ func outboundLen(cl *mqtt.Client) int32 {
 // its queue by publishers (as subscriber), and the reservations it holds
 // (as publisher, one publish at a time).
 type flowState struct {
-	reserved  atomic.Int32
-	fullSince atomic.Int64  // unix ns since QoS 0 deliveries found the queue full, 0 if not
-	drained   chan struct{} // signalled when the client's writer sends a PUBLISH
-	mu        sync.Mutex
-	holding   []*session  // subscribers this client's current publish reserved
-	retained  []parentSub // retained parents to deliver after the next SUBACK
+	reserved   atomic.Int32
+	publishing atomic.Bool   // between OnPublish and OnPublished of a QoS>0 publish
+	ackStalled atomic.Bool   // its unacknowledged messages are full and it stopped acknowledging
+	acks       atomic.Int64  // acknowledgements received from it
+	lastAck    atomic.Uint32 // 1<<16 | packet ID of the PUBACK/PUBCOMP being processed, 0: none
+	fullSince  atomic.Int64  // unix ns since QoS 0 deliveries found the queue full, 0 if not
+	drained    chan struct{} // signalled when the client's writer sends a PUBLISH
+	mu         sync.Mutex
+	holding    []*session  // subscribers this client's current publish reserved
+	retained   []parentSub // retained parents to deliver after the next SUBACK
 }
 
 // parentSub is the parent topic X of a new "X/#" subscription and its QoS.
@@ -68,7 +72,24 @@ func (h *flowHook) ID() string { return "mqtls-flow" }
 
 func (h *flowHook) Provides(b byte) bool {
 	return b == mqtt.OnPublish || b == mqtt.OnPublished || b == mqtt.OnPublishDropped ||
-		b == mqtt.OnSubscribe || b == mqtt.OnPacketSent || b == mqtt.OnPacketEncode || b == mqtt.OnSelectSubscribers
+		b == mqtt.OnSubscribe || b == mqtt.OnPacketSent || b == mqtt.OnPacketEncode || b == mqtt.OnSelectSubscribers ||
+		b == mqtt.OnQosComplete
+}
+
+// OnQosComplete counts a subscriber's acknowledgements (PUBACK, PUBCOMP):
+// publishers waiting for room in its store of unacknowledged messages
+// judge its progress by them.
+func (h *flowHook) OnQosComplete(cl *mqtt.Client, pk packets.Packet) {
+	// Mochi also calls it for the client's own inbound QoS 1 publishes:
+	// only an acknowledgement the client sent (noted by OnPacketRead)
+	// counts, or a device could fake progress by publishing.
+	if s := h.b.session(cl); s != nil && s.flow.lastAck.CompareAndSwap(1<<16|uint32(pk.PacketID), 0) {
+		s.flow.acks.Add(1)
+		select {
+		case s.flow.drained <- struct{}{}:
+		default:
+		}
+	}
 }
 
 // OnSelectSubscribers picks the member of each shared subscription group
@@ -110,10 +131,15 @@ func (h *flowHook) OnSelectSubscribers(subs *mqtt.Subscribers, pk packets.Packet
 		if best == nil {
 			continue
 		}
-		if pk.FixedHeader.Qos > 0 && bestSub.Qos > 0 && pub != nil && !best.cl.Closed() {
-			if !b.reserve(best, limit) {
+		// Reserve only inside OnPublish..OnPublished: Wills (delayed ones
+		// from Mochi's event loop too) never reach OnPublished, and a slot
+		// reserved for them would never be released.
+		if pk.FixedHeader.Qos > 0 && bestSub.Qos > 0 && pub != nil && pub.flow.publishing.Load() && !best.cl.Closed() {
+			ok, stalled := b.reserve(best, limit)
+			if stalled {
 				b.disconnect(best, fmt.Sprintf("subscriber stalled: outbound queue full for %s", b.cfg.StallTimeout))
-			} else {
+			}
+			if ok {
 				pub.flow.mu.Lock()
 				pub.flow.holding = append(pub.flow.holding, best)
 				pub.flow.mu.Unlock()
@@ -148,12 +174,15 @@ func (h *flowHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 		return pk, nil
 	}
 	if pk.FixedHeader.Qos == 0 {
-		if !b.roomForQoS0(pk.TopicName) {
+		// A retained one is routed anyway: the retained store must change
+		// even if no subscriber has room (TestQoS0RejectLosesRetainedUpdate).
+		if !pk.FixedHeader.Retain && !b.roomForQoS0(pk.TopicName) {
 			return pk, packets.ErrRejectPacket // dropped before any routing work
 		}
 		return pk, nil
 	}
 	b.flowRelease(pub) // a previous publish that failed before routing
+	pub.flow.publishing.Store(true)
 	limit := b.cfg.MaxWritesPending - 1
 	subs := b.mochi.Topics.Subscribers(pk.TopicName)
 	for id, sub := range subs.Subscriptions {
@@ -177,8 +206,11 @@ func (h *flowHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 			}
 			continue
 		}
-		if !b.reserve(s, limit) {
+		ok, stalled := b.reserve(s, limit)
+		if stalled {
 			b.disconnect(s, fmt.Sprintf("subscriber stalled: outbound queue full for %s", b.cfg.StallTimeout))
+		}
+		if !ok {
 			continue
 		}
 		pub.flow.mu.Lock()
@@ -265,25 +297,55 @@ func (b *Broker) waitRoom(s *session, limit int32, deadline time.Time) bool {
 	}
 }
 
-// reserve waits until s has a free outbound slot and takes it. It gives up
-// after the stall timeout or when s disconnects.
-func (b *Broker) reserve(s *session, limit int32) bool {
-	deadline := time.Now().Add(b.cfg.StallTimeout)
+// ackWait is how long a publisher waits for a subscriber whose store of
+// unacknowledged messages is full to acknowledge anything. A subscriber
+// that acknowledges, however slowly, is waited for (no QoS 1 loss); one
+// that stopped acknowledging must not hold the publisher, and every other
+// subscriber of its messages, for the whole stall timeout
+// (TestNonAckingSubscriberStallsPublisher).
+const ackWait = time.Second
+
+// reserve waits until s has a free outbound slot and takes it (ok). When
+// s's unacknowledged messages fill MaxQueuedMessages and none is
+// acknowledged for ackWait, it gives up on s (Mochi drops that delivery,
+// counted here) until s acknowledges again. stalled: the outbound queue
+// stayed full for the stall timeout.
+func (b *Broker) reserve(s *session, limit int32) (ok, stalled bool) {
+	now := time.Now()
+	deadline := now.Add(b.cfg.StallTimeout)
+	maxInflight := int(b.mochi.Options.Capabilities.MaximumInflight)
 	waited := false
+	lastAcks, progress := s.flow.acks.Load(), now
 	for {
 		r := s.flow.reserved.Add(1)
-		if outboundLen(s.cl)+r <= limit && int(r)+s.cl.State.Inflight.Len() < int(b.mochi.Options.Capabilities.MaximumInflight) {
+		inflight := s.cl.State.Inflight.Len()
+		switch {
+		case inflight+int(r) >= maxInflight:
+			s.flow.reserved.Add(-1)
+			switch acks := s.flow.acks.Load(); {
+			case acks != lastAcks:
+				lastAcks, progress = acks, time.Now()
+			case s.flow.ackStalled.Load() || time.Since(progress) > ackWait:
+				s.flow.ackStalled.Store(true)
+				b.metrics.dropped.WithLabelValues("inflight_full").Inc()
+				b.dropLog.note(b.log, "delivery dropped: the subscriber does not acknowledge and holds MaxQueuedMessages", "client_id", s.cl.ID)
+				return false, false
+			}
+		case outboundLen(s.cl)+r <= limit:
+			s.flow.ackStalled.Store(false)
 			if waited {
 				b.metrics.backpressure.Inc()
 			}
-			return true
+			return true, false
+		default:
+			s.flow.ackStalled.Store(false)
+			s.flow.reserved.Add(-1)
 		}
-		s.flow.reserved.Add(-1)
 		if s.cl.Closed() {
-			return true // nothing to protect: Mochi stores it in the inflight store
+			return false, false // nothing to protect: Mochi stores it in the inflight store
 		}
 		if time.Now().After(deadline) {
-			return false
+			return false, true
 		}
 		waited = true
 		select { // woken when the subscriber's writer frees a slot
@@ -302,6 +364,7 @@ func (h *flowHook) OnPublished(cl *mqtt.Client, pk packets.Packet) {
 }
 
 func (b *Broker) flowRelease(pub *session) {
+	pub.flow.publishing.Store(false)
 	pub.flow.mu.Lock()
 	held := pub.flow.holding
 	pub.flow.holding = nil
@@ -388,7 +451,7 @@ func (b *Broker) sendRetainedParents(cl *mqtt.Client, ack packets.Packet) {
 	s.flow.mu.Unlock()
 	for _, p := range parents {
 		topic := p.topic
-		if _, granted := cl.State.Subscriptions.Get(topic + "/#"); !granted || !s.perms().Allow(topic, policy.Subscribe) {
+		if _, granted := cl.State.Subscriptions.Get(topic + "/#"); !granted || s.revoked.Load() || !s.perms().Allow(topic, policy.Subscribe) {
 			continue
 		}
 		msg, ok := b.mochi.Topics.Retained.Get(topic)

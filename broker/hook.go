@@ -12,6 +12,7 @@ import (
 	"net"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -48,6 +49,7 @@ type session struct {
 	ended       bool     // the connection is over
 	superseded  bool     // a newer connection took over the client ID
 	prev        *session // the session this one took over
+	idLocked    bool     // holds its client ID's lock (only its connection's goroutine touches it)
 }
 
 // compiled is a session's permissions and the policy they came from.
@@ -241,24 +243,31 @@ func identityOf(leaf *x509.Certificate) policy.Identity {
 }
 
 // admit registers s so that revocations and policy reloads find it, or
-// refuses it when its certificate already has the sessions its policy
-// allows (max_sessions; a session with the same client ID is taken over,
-// not added).
+// refuses it when its client ID belongs to another identity's session
+// (Mochi would hand that session, queued messages included, to this
+// connection) or its certificate already holds the sessions its policy
+// allows (max_sessions counts live and stored sessions; a session with the
+// same client ID is taken over, not added).
 func (b *Broker) admit(s *session) *refusal {
 	b.mu.Lock()
+	if other := b.claimed[s.cl.ID]; other != nil && other.id.CN != s.id.CN {
+		b.mu.Unlock()
+		return &refusal{label: "client_id_in_use", reason: fmt.Sprintf("client ID %q belongs to a session of another identity (%q)", s.cl.ID, other.id.CN)}
+	}
 	if limit := s.perms().MaxSessions(); limit > 0 {
 		n := 0
-		for other, o := range b.bySerial[s.serial] {
-			if !o.ended && other.ID != s.cl.ID {
+		for other := range b.bySerial[s.serial] {
+			if other.ID != s.cl.ID {
 				n++
 			}
 		}
 		if n >= limit {
 			b.mu.Unlock()
 			b.metrics.clones.Inc()
-			return &refusal{label: "max_sessions", reason: fmt.Sprintf("certificate already has %d live sessions (max_sessions %d)", n, limit)}
+			return &refusal{label: "max_sessions", reason: fmt.Sprintf("certificate already holds %d sessions, live or stored (max_sessions %d)", n, limit)}
 		}
 	}
+	b.claimed[s.cl.ID] = s
 	b.sessions[s.cl] = s
 	b.byConn[s.conn] = s
 	peers := b.bySerial[s.serial]
@@ -280,10 +289,45 @@ func (h *authHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) boo
 	return h.b.session(cl) != nil
 }
 
+// idLock serialises session establishment per client ID: from
+// OnSessionEstablish (before Mochi takes over the ID's session) to
+// OnSessionEstablished or the end of a connection whose CONNACK failed, so
+// the broker's view of which connection holds an ID follows Mochi's.
+type idLock struct {
+	mu   sync.Mutex
+	refs int
+}
+
+func (b *Broker) lockID(id string) {
+	b.mu.Lock()
+	l := b.idLocks[id]
+	if l == nil {
+		l = &idLock{}
+		b.idLocks[id] = l
+	}
+	l.refs++
+	b.mu.Unlock()
+	l.mu.Lock()
+}
+
+func (b *Broker) unlockID(id string) {
+	b.mu.Lock()
+	l := b.idLocks[id]
+	if l.refs--; l.refs == 0 {
+		delete(b.idLocks, id)
+	}
+	b.mu.Unlock()
+	l.mu.Unlock()
+}
+
 // OnSessionEstablish runs before Mochi takes over an existing session of
 // the same client ID: note the takeover and clones.
 func (h *authHook) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	b := h.b
+	if s := b.session(cl); s != nil {
+		b.lockID(cl.ID) // held until OnSessionEstablished or connEnded
+		s.idLocked = true
+	}
 	b.mu.Lock()
 	s := b.sessions[cl]
 	if s == nil {
@@ -321,6 +365,10 @@ func (h *authHook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	b.releasePrevLocked(s)
 	s.expiry = time.AfterFunc(time.Until(s.notAfter), func() { b.disconnect(s, "certificate expired") })
 	b.mu.Unlock()
+	if s.idLocked {
+		s.idLocked = false
+		b.unlockID(cl.ID)
+	}
 	b.metrics.connections.Inc()
 	b.metrics.accepted.Inc()
 	if b.log.Enabled(context.Background(), slog.LevelInfo) {
@@ -369,6 +417,10 @@ func (b *Broker) connEnded(conn net.Conn) bool {
 	b.mu.Lock()
 	s := b.byConn[conn]
 	delete(b.byConn, conn)
+	if s != nil && s.idLocked { // the CONNACK or the resend failed
+		s.idLocked = false
+		defer b.unlockID(s.cl.ID)
+	}
 	if s == nil || s.established || s.ended {
 		b.mu.Unlock()
 		return s != nil
@@ -413,6 +465,9 @@ func (b *Broker) releaseLocked(s *session) {
 		if len(peers) == 0 {
 			delete(b.bySerial, s.serial)
 		}
+	}
+	if b.claimed[s.cl.ID] == s {
+		delete(b.claimed, s.cl.ID)
 	}
 	if b.byID[s.cl.ID] == s {
 		delete(b.byID, s.cl.ID)
@@ -464,7 +519,7 @@ func (h *authHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 		ok = perms.Allow(topic, policy.Publish)
 	case strings.ContainsAny(topic, "+#") || strings.HasPrefix(topic, "$share/"):
 		action = "subscribe"
-		ok = perms.AllowFilter(topic)
+		ok = !s.revoked.Load() && perms.AllowFilter(topic)
 		if ok && perms.Filtering() && perms.OverlapsDeny(topic) {
 			h.b.log.Info("audit", "event", "subscription granted; denied topics withheld", "cn", s.id.CN, "serial", s.serial, "remote", s.remote, "topic", topic)
 		}
@@ -494,20 +549,30 @@ func (h *authHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 // read loop. Tested by TestSysPublishAnswered, TestTopicAliases and
 // TestDenied311PublishJustCloses.
 func (h *authHook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
-	if pk.FixedHeader.Type != packets.Publish {
+	b := h.b
+	switch pk.FixedHeader.Type {
+	case packets.Puback, packets.Pubcomp:
+		// an acknowledgement from the client: OnQosComplete counts it if
+		// it completes a delivery (flow control judges progress by them)
+		if s := b.session(cl); s != nil {
+			s.flow.lastAck.Store(1<<16 | uint32(pk.PacketID))
+		}
+		return pk, nil
+	case packets.Publish:
+	default:
 		return pk, nil
 	}
-	b := h.b
 	s := b.session(cl)
 	if s == nil {
 		return pk, nil // OnACLCheck refuses
 	}
+	s.flow.lastAck.Store(0)
 	topic := pk.TopicName
 	if topic == "" && pk.Properties.TopicAliasFlag && pk.Properties.TopicAlias > 0 && pk.Properties.TopicAlias <= b.mochi.Options.Capabilities.TopicAliasMaximum {
 		topic = cl.State.TopicAliases.Inbound.Set(pk.Properties.TopicAlias, "") // the registered topic, if any
 	}
 	sys := len(topic) >= len(mqtt.SysPrefix) && strings.EqualFold(topic[:len(mqtt.SysPrefix)], mqtt.SysPrefix)
-	if !sys && topic != "" && s.perms().Allow(topic, policy.Publish) {
+	if !sys && topic != "" && !s.revoked.Load() && s.perms().Allow(topic, policy.Publish) {
 		pk.TopicName = topic
 		s.decided.Store(1)
 		return pk, nil
