@@ -79,7 +79,7 @@ func readRecord(r io.Reader) (message, error) {
 		return message{}, err
 	}
 	tl, pl := binary.BigEndian.Uint16(hdr[0:]), binary.BigEndian.Uint32(hdr[2:])
-	if pl > 256<<20 {
+	if int(tl)+int(pl) > MaxMessage {
 		return message{}, errors.New("corrupt record")
 	}
 	buf := make([]byte, int(tl)+int(pl))
@@ -101,7 +101,18 @@ func appendRecord(b []byte, m message) []byte {
 	return append(b, m.Payload...)
 }
 
+// check refuses a message the outbox could not store and read back.
+func (o *outbox) check(m message) error {
+	if len(m.Topic)+len(m.Payload) > MaxMessage {
+		return fmt.Errorf("%w: %d bytes of topic and payload (at most %d)", ErrTooLarge, len(m.Topic)+len(m.Payload), MaxMessage)
+	}
+	return nil
+}
+
 func (o *outbox) push(m message) error {
+	if err := o.check(m); err != nil {
+		return err
+	}
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	if len(o.msgs) >= o.max {
