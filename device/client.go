@@ -309,12 +309,16 @@ func (c *Client) dial(_ *url.URL, _ paho.ClientOptions) (net.Conn, error) {
 	}
 	conn, err := (&tls.Dialer{NetDialer: d, Config: c.tlsConfig()}).DialContext(ctx, "tcp", c.host)
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	c.lastDial = err
-	c.conn = conn
-	c.mu.Unlock()
 	if err != nil {
 		return nil, err
 	}
+	if ctx.Err() != nil { // the connect gave up while we dialled
+		conn.Close()
+		return nil, ctx.Err()
+	}
+	c.conn = conn
 	return conn, nil
 }
 
@@ -345,29 +349,32 @@ func (c *Client) connectOnce(ctx context.Context) error {
 	c.mu.Lock()
 	c.dialCtx, c.conn = ctx, nil
 	c.mu.Unlock()
-	// Until the CONNACK, cancelling ctx closes the connection: paho's
-	// own wait for it is not cancellable.
-	stopCut := context.AfterFunc(ctx, func() {
-		c.mu.Lock()
-		conn := c.conn
-		c.mu.Unlock()
-		if conn != nil {
-			conn.Close()
-		}
-	})
 	tok := c.paho.Connect()
 	err := wait(ctx, tok, c.cfg.ConnectTimeout+5*time.Second)
-	if !stopCut() && err == nil {
-		err = ctx.Err() // cancelled just as the CONNACK arrived: the connection is closed
+	if err != nil {
+		// paho's attempt goes on (its wait for the CONNACK is not
+		// cancellable): end it by closing its connection. A dial still
+		// under way sees ctx cancelled and closes its own.
+		cancel()
 	}
 	c.mu.Lock()
+	conn := c.conn
 	c.dialCtx, c.conn = nil, nil
 	c.mu.Unlock()
 	if err != nil {
+		if conn != nil {
+			conn.Close()
+		}
 		if c.ctx.Err() != nil {
 			return ErrClosed
 		}
-		return c.classify(err, tok.(*paho.ConnectToken).ReturnCode())
+		var rc byte // read only once paho is done with the token
+		select {
+		case <-tok.Done():
+			rc = tok.(*paho.ConnectToken).ReturnCode()
+		default:
+		}
+		return c.classify(err, rc)
 	}
 	ct := tok.(*paho.ConnectToken)
 	if !ct.SessionPresent() {
