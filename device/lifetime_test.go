@@ -137,7 +137,7 @@ func TestGoroutinesEndWithCloseAndContext(t *testing.T) {
 		connect(t, c)
 		p.stop()
 		startBlackhole(t, p.addr, &srv) // the same address now never answers
-		base++ // its accept loop
+		base++                          // its accept loop
 		<-reconnecting
 		testtool.Eventually(t, 5*time.Second, "a reconnect attempt under way", func() bool { return c.ReconnectAttempts() > 0 })
 		start := time.Now()
@@ -156,7 +156,7 @@ func TestGoroutinesEndWithCloseAndContext(t *testing.T) {
 		base := runtime.NumGoroutine()
 		c := f.client(t, ident, nil, func(c *device.Config) {
 			c.Store = keystore.NewMemory() // renewal needs a store; without rekey it is not used
-			c.RenewAt = 0.1 // at once
+			c.RenewAt = 0.1                // at once
 		})
 		connect(t, c)
 		testtool.Eventually(t, 5*time.Second, "the renewal under way", func() bool {
