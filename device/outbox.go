@@ -34,10 +34,12 @@ type outbox struct {
 	path  string // "" for memory only
 	f     *os.File
 	dirty int // acknowledged messages still in the file
+	// fsyncDir makes a rename in dir durable (a test seam).
+	fsyncDir func(dir string) error
 }
 
 func newOutbox(max int, persistent bool, dir string) (*outbox, error) {
-	o := &outbox{max: max}
+	o := &outbox{max: max, fsyncDir: fsyncDir}
 	if !persistent {
 		return o, nil
 	}
@@ -185,6 +187,11 @@ func (o *outbox) rewrite() error {
 		os.Remove(tmp)
 		return fmt.Errorf("device: outbox: %w", err)
 	}
+	// The rename (and the file's creation) is durable only once the
+	// directory is: without this a crash could bring back the old file.
+	if err := o.fsyncDir(filepath.Dir(o.path)); err != nil {
+		return fmt.Errorf("device: outbox: %w", err)
+	}
 	if o.f != nil {
 		o.f.Close()
 	}
@@ -203,5 +210,17 @@ func (o *outbox) close() error {
 	}
 	err := o.f.Close()
 	o.f = nil
+	return err
+}
+
+func fsyncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
 	return err
 }
