@@ -32,7 +32,12 @@ var (
 	ErrOffline       = errors.New("device: not connected (QoS 0 is not queued)")
 	ErrQueueFull     = errors.New("device: offline queue full")
 	ErrInvalidTopic  = errors.New("device: invalid topic for a publish")
-	ErrTooLarge      = errors.New("device: message too large")
+	// ErrLostInFlight comes with ErrTimeout when the connection was lost
+	// while a QoS 1 publish awaited its PUBACK: a 3.1.1 broker refuses a
+	// publish by closing the connection, which a client cannot tell from a
+	// network drop or a restart.
+	ErrLostInFlight = errors.New("device: connection lost while the publish awaited its PUBACK")
+	ErrTooLarge     = errors.New("device: message too large")
 )
 
 // MaxMessage is the largest topic + payload a publish may carry: MQTT's
@@ -151,6 +156,7 @@ type Client struct {
 	lost     chan error
 	closed   chan struct{}
 	stopped  chan struct{} // closed when the client stops for good (closed, refused, expired)
+	stopErr  error         // why it stopped (refused, expired); under mu
 	stopOnce sync.Once
 	ctx      context.Context // ends at Close: bounds every background wait
 	cancel   context.CancelFunc
@@ -262,6 +268,23 @@ func (c *Client) setIdentity(id *Identity) error {
 
 // Identity returns the identity in use.
 func (c *Client) Identity() *Identity { return c.id.Load() }
+
+// Err returns why the client stopped reconnecting: the broker's refusal
+// (wrapping ErrNotAuthorized) in StateRefused, ErrExpired in StateExpired;
+// nil otherwise.
+func (c *Client) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.stopErr
+}
+
+// fail records why the client stops and enters the terminal state s.
+func (c *Client) fail(s State, err error) {
+	c.mu.Lock()
+	c.stopErr = err
+	c.mu.Unlock()
+	c.setState(s)
+}
 
 // State returns the connection state.
 func (c *Client) State() State { return State(c.state.Load()) }
@@ -495,7 +518,7 @@ func (c *Client) reconnect(n0 int) bool {
 		}
 		if time.Now().After(c.id.Load().Leaf().NotAfter) {
 			c.log.Error("certificate expired; not reconnecting: enroll again", "not_after", c.id.Load().Leaf().NotAfter)
-			c.setState(StateExpired)
+			c.fail(StateExpired, fmt.Errorf("%w at %s: enroll again", ErrExpired, c.id.Load().Leaf().NotAfter.UTC().Format(time.RFC3339)))
 			return false
 		}
 		c.attempts.Add(1)
@@ -513,7 +536,7 @@ func (c *Client) reconnect(n0 int) bool {
 			return false
 		case errors.Is(err, ErrNotAuthorized):
 			c.log.Error("broker refused the device; not reconnecting", "err", err)
-			c.setState(StateRefused)
+			c.fail(StateRefused, err)
 			return false
 		}
 		c.log.Info("reconnect failed", "attempt", n-n0+1, "err", err)
@@ -583,6 +606,9 @@ func (c *Client) Publish(ctx context.Context, topic string, payload []byte, qos 
 
 // usable returns the error for a client that will not connect again.
 func (c *Client) usable() error {
+	if err := c.Err(); err != nil {
+		return err
+	}
 	switch c.State() {
 	case StateClosed:
 		return ErrClosed
@@ -631,7 +657,7 @@ func (c *Client) publish1(ctx context.Context, m message, keep bool) error {
 		n := c.losses - losses
 		c.mu.Unlock()
 		if n > 0 {
-			return fmt.Errorf("%w (withdrawn; the connection was lost %d times while it was in flight - a 3.1.1 broker closes the connection on a publish it refuses: check the topic against the device's policy)", why, n)
+			return fmt.Errorf("%w (withdrawn; %w, %d times - a 3.1.1 broker closes the connection on a publish it refuses: check the topic against the device's policy)", why, ErrLostInFlight, n)
 		}
 		return fmt.Errorf("%w (withdrawn)", why)
 	}

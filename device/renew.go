@@ -2,6 +2,7 @@ package device
 
 import (
 	"context"
+	"fmt"
 	"math/rand/v2"
 	"time"
 )
@@ -40,7 +41,7 @@ func (c *Client) renewLoop() {
 		id := c.id.Load()
 		if time.Now().After(id.Leaf().NotAfter) {
 			c.log.Error("certificate expired before renewal succeeded: enroll again", "not_after", id.Leaf().NotAfter)
-			c.setState(StateExpired)
+			c.fail(StateExpired, fmt.Errorf("%w at %s before renewal succeeded: enroll again", ErrExpired, id.Leaf().NotAfter.UTC().Format(time.RFC3339)))
 			c.paho.Disconnect(0)
 			return
 		}
