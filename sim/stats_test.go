@@ -39,3 +39,25 @@ func TestHTMLSelfContained(t *testing.T) {
 		t.Fatal("HTML report is not self-contained or does not escape error text")
 	}
 }
+
+// With the broker's statistics (--server-pid), the page shows its CPU per
+// connect and RSS per session, not only the raw JSON.
+func TestHTMLShowsBrokerCost(t *testing.T) {
+	r := &Report{Devices: 2, Connected: 2, Server: &ServerStats{CPUPerConnect: 1.234, CPUConnectMS: 2.5, RSSPerSession: 57.89, RSSBeforeKB: 1000, RSSIdleKB: 1116}}
+	var b strings.Builder
+	if err := WriteHTML(&b, r); err != nil {
+		t.Fatal(err)
+	}
+	page := b.String()
+	body := page[:strings.Index(page, "<h2>Raw report")]
+	for _, want := range []string{"CPU per connect</td><td>1.23 ms", "RSS per session</td><td>57.9 KiB"} {
+		if !strings.Contains(body, want) {
+			t.Errorf("HTML report lacks %q outside the raw JSON", want)
+		}
+	}
+	b.Reset()
+	WriteHTML(&b, &Report{})
+	if strings.Contains(b.String(), "Broker (from /proc)") {
+		t.Error("broker section shown without --server-pid")
+	}
+}
