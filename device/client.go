@@ -435,12 +435,22 @@ func (c *Client) classify(err error, rc byte) error {
 			return fmt.Errorf("%w: broker certificate: %w", ErrTLS, dialErr)
 		case isTimeout(dialErr):
 			return fmt.Errorf("%w: connecting to %s: %w", ErrTimeout, c.host, dialErr)
-		case strings.Contains(dialErr.Error(), "remote error: tls"):
+		case isTLSAlert(dialErr):
 			return fmt.Errorf("%w: the broker refused our certificate: %w", ErrTLS, dialErr)
 		}
 		return fmt.Errorf("device: connect to %s: %w", c.host, dialErr)
 	}
+	if isTLSAlert(err) { // TLS 1.3: the alert comes after the handshake, with the CONNACK read
+		return fmt.Errorf("%w: the broker refused our certificate: %w", ErrTLS, err)
+	}
 	return fmt.Errorf("device: connect to %s: %w", c.host, err)
+}
+
+// isTLSAlert reports an alert received from the peer (crypto/tls returns
+// it as a *net.OpError with Op "remote error").
+func isTLSAlert(err error) bool {
+	var op *net.OpError
+	return errors.As(err, &op) && op.Op == "remote error"
 }
 
 func isTimeout(err error) bool {

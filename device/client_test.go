@@ -194,6 +194,23 @@ func TestRefusesWrongBroker(t *testing.T) {
 	}
 }
 
+// A device certificate from another CA is refused by the broker's TLS;
+// the error says so (the alert is told apart by type, not by its text).
+func TestForeignCertificateRefused(t *testing.T) {
+	f := startFleet(t, 0)
+	other := testpki.New(t)
+	key := testpki.NewKey(t)
+	d := &brokertest.Device{ID: "dev-1", Key: key, Chain: other.Client(t, "dev-1", key.Public())}
+	id := identityFor(t, f, d)
+	// TLS 1.3: the client's handshake is done before the broker checks the
+	// certificate; its alert arrives while paho reads the CONNACK
+	c := f.client(t, id, nil, func(c *device.Config) { c.DisableRenewal = true })
+	err := c.Connect(t.Context())
+	if !errors.Is(err, device.ErrTLS) || !strings.Contains(err.Error(), "refused our certificate") {
+		t.Errorf("Connect with a foreign certificate = %v, want ErrTLS saying the broker refused it", err)
+	}
+}
+
 func TestRevokedNotAuthorized(t *testing.T) {
 	f := startFleet(t, 0)
 	id, store := f.enroll(t, "dev-1", "", nil)

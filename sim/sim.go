@@ -11,13 +11,15 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"math"
 	"net"
 	"net/url"
+	"os"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/mqtls/mqtls/device"
@@ -380,12 +382,19 @@ func cause(err error) string {
 			return e.Error()
 		}
 	}
-	msg := err.Error()
-	for _, known := range []string{"connection refused", "connection reset", "too many open files", "cannot assign requested address", "i/o timeout", "EOF"} {
-		if strings.Contains(msg, known) {
-			return known
+	for _, known := range []struct {
+		err  error
+		name string
+	}{
+		{syscall.ECONNREFUSED, "connection refused"}, {syscall.ECONNRESET, "connection reset"},
+		{syscall.EMFILE, "too many open files"}, {syscall.EADDRNOTAVAIL, "cannot assign requested address"},
+		{os.ErrDeadlineExceeded, "i/o timeout"}, {io.EOF, "EOF"}, {io.ErrUnexpectedEOF, "EOF"},
+	} {
+		if errors.Is(err, known.err) {
+			return known.name
 		}
 	}
+	msg := err.Error()
 	if len(msg) > 80 {
 		msg = msg[:80]
 	}

@@ -1,8 +1,15 @@
 package sim
 
 import (
+	"fmt"
+	"io"
+	"net"
+	"os"
 	"strings"
+	"syscall"
 	"testing"
+
+	"github.com/mqtls/mqtls/device"
 )
 
 func TestPercentiles(t *testing.T) {
@@ -59,5 +66,22 @@ func TestHTMLShowsBrokerCost(t *testing.T) {
 	WriteHTML(&b, &Report{})
 	if strings.Contains(b.String(), "Broker (from /proc)") {
 		t.Error("broker section shown without --server-pid")
+	}
+}
+
+// Causes are told apart by type, not by the text of a dependency's error.
+func TestCauseTyped(t *testing.T) {
+	for _, c := range []struct {
+		err  error
+		want string
+	}{
+		{&net.OpError{Op: "dial", Err: os.NewSyscallError("connect", syscall.ECONNREFUSED)}, "connection refused"},
+		{fmt.Errorf("device: connect: %w", &net.OpError{Op: "read", Err: os.NewSyscallError("read", syscall.ECONNRESET)}), "connection reset"},
+		{fmt.Errorf("wrapped: %w", io.EOF), "EOF"},
+		{fmt.Errorf("x: %w", device.ErrTimeout), device.ErrTimeout.Error()},
+	} {
+		if got := cause(c.err); got != c.want {
+			t.Errorf("cause(%v) = %q, want %q", c.err, got, c.want)
+		}
 	}
 }
