@@ -25,6 +25,12 @@ import (
 //     the next Connect), so a publish racing a reconnect was lost; this
 //     store keeps it.
 //   - MemoryStore resends in map order; this store in the order sent.
+//   - It keeps its own copy of a PUBLISH. paho's resume sets Dup on the
+//     stored packet and sends it, while a Publish that raced the reconnect
+//     (blocked handing the same packet to the shared outbound channel) may
+//     be written by the new connection at the same time: a data race on
+//     the packet (seen under -race in TestBrokerRestartsLoseNothing), and
+//     the message goes out twice (harmless: at least once).
 type sessionStore struct {
 	mu      sync.Mutex
 	seq     uint64
@@ -52,6 +58,10 @@ func (s *sessionStore) Open()  {}
 func (s *sessionStore) Close() {}
 
 func (s *sessionStore) Put(key string, pkt packets.ControlPacket) {
+	if p, ok := pkt.(*packets.PublishPacket); ok {
+		cp := *p // paho writes p (sent) and the stored one (resume) apart
+		pkt = &cp
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if e, ok := s.entries[key]; ok {

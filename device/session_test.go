@@ -1,6 +1,7 @@
 package device
 
 import (
+	"io"
 	"slices"
 	"sync"
 	"testing"
@@ -95,4 +96,22 @@ func TestPahoSessionContract(t *testing.T) {
 	if err := pt.Error(); err != nil || !store.deleted(key) {
 		t.Fatalf("token complete (err %v) but %s deleted = %v", err, key, store.deleted(key))
 	}
+}
+
+// The store keeps its own copy of a PUBLISH: paho's resume writes Dup on
+// the packet it gets from the store while the packet a racing Publish
+// handed over may be being written on the new connection.
+func TestSessionStoreCopiesPublish(t *testing.T) {
+	s := newSessionStore()
+	p := packets.NewControlPacket(packets.Publish).(*packets.PublishPacket)
+	p.Qos, p.TopicName, p.MessageID, p.Payload = 1, "t", 1, []byte("x")
+	s.Put(outboundKey(1), p)
+	got, ok := s.Get(outboundKey(1)).(*packets.PublishPacket)
+	if !ok || got == p || got.TopicName != "t" || got.MessageID != 1 || string(got.Payload) != "x" {
+		t.Fatalf("Get = %p %+v, want a copy of %p", got, got, p)
+	}
+	done := make(chan struct{})
+	go func() { p.Write(io.Discard); close(done) }() // the outgoing goroutine
+	got.Dup = true                                   // resume
+	<-done
 }
