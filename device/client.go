@@ -577,7 +577,8 @@ func (c *Client) reconnect(n0 int) bool {
 // was lost while the message was in flight.
 //
 // QoS 0 while offline fails with ErrOffline. A topic with a wildcard ('+',
-// '#'), a NUL, or outside 1-65535 bytes fails with ErrInvalidTopic.
+// '#'), a NUL, invalid UTF-8, or outside 1-65535 bytes fails with
+// ErrInvalidTopic; topic and payload over MaxMessage with ErrTooLarge.
 func (c *Client) Publish(ctx context.Context, topic string, payload []byte, qos byte, retain bool) error {
 	if err := checkTopic(topic); err != nil {
 		return err
@@ -589,10 +590,8 @@ func (c *Client) Publish(ctx context.Context, topic string, payload []byte, qos 
 		return err
 	}
 	m := message{Topic: topic, Payload: payload, Retain: retain}
-	if qos == 1 {
-		if err := c.queue.check(m); err != nil {
-			return err
-		}
+	if err := c.queue.check(m); err != nil {
+		return err
 	}
 	if c.State() != StateConnected {
 		if qos == 0 {
