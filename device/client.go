@@ -490,19 +490,22 @@ func (c *Client) supervise() {
 			if c.cfg.OnConnectionLost != nil {
 				c.cfg.OnConnectionLost(err)
 			}
+			// A connection that ends soon after it was made counts as a
+			// failed attempt, so a broker that closes the connection each
+			// time (a 3.1.1 broker refusing a publish that is resent after
+			// every reconnect) is retried with a growing backoff, not in a
+			// loop.
+			if time.Since(up) < max(10*time.Second, 4*c.cfg.MinBackoff) {
+				flaps++
+			} else {
+				flaps = 0
+			}
 		case <-c.wake:
-			// renewal: reconnect now with the new certificate; publishes
-			// made meanwhile go to the offline queue
+			// renewal: reconnect at once with the new certificate (the
+			// session is offline meanwhile); publishes made meanwhile go to
+			// the offline queue
 			c.setState(StateDisconnected)
 			c.paho.Disconnect(250)
-		}
-		// A connection that ends soon after it was made counts as a failed
-		// attempt, so a broker that closes the connection each time (a
-		// 3.1.1 broker refusing a publish that is resent after every
-		// reconnect) is retried with a growing backoff, not in a loop.
-		if time.Since(up) < max(10*time.Second, 4*c.cfg.MinBackoff) {
-			flaps++
-		} else {
 			flaps = 0
 		}
 		if !c.reconnect(flaps) {

@@ -293,10 +293,27 @@ func TestRenewalKeepsSessionAndMessages(t *testing.T) {
 	beID, beStore := f.enroll(t, "backend-1", "backend", nil)
 	renewed := make(chan string, 10)
 	var flips atomic.Int64 // state changes of the device
+	var offMu sync.Mutex
+	var offSince time.Time
+	var offline []time.Duration // per renewal
 	dev := f.client(t, devID, devStore, func(c *device.Config) {
 		c.RenewAt = 0.25 // every ~15s instead of ~40s, to keep the test short
 		c.OnRenewed = func(leaf *x509.Certificate) { renewed <- leaf.SerialNumber.Text(16) }
-		c.OnStateChange = func(device.State) { flips.Add(1) }
+		// a renewal reconnects at once: no backoff (which would show here)
+		c.MinBackoff, c.MaxBackoff = 5*time.Second, 10*time.Second
+		c.OnStateChange = func(s device.State) {
+			flips.Add(1)
+			offMu.Lock()
+			defer offMu.Unlock()
+			switch s {
+			case device.StateDisconnected:
+				offSince = time.Now()
+			case device.StateConnected:
+				if !offSince.IsZero() {
+					offline = append(offline, time.Since(offSince))
+				}
+			}
+		}
 	})
 	be := f.client(t, beID, beStore, func(c *device.Config) { c.DisableRenewal = true })
 	connect(t, dev)
@@ -374,6 +391,14 @@ func TestRenewalKeepsSessionAndMessages(t *testing.T) {
 		}
 	}
 	t.Logf("%d commands sent while the device was reconnecting, %d of them lost by the broker (offline persistent session: broker issue 9.1)", len(aroundReconnect), lostAround)
+	offMu.Lock()
+	t.Logf("offline at each renewal: %v", offline)
+	for _, d := range offline {
+		if d > time.Second {
+			t.Errorf("offline %v at a renewal: the reconnect waited (backoff?)", d)
+		}
+	}
+	offMu.Unlock()
 	if got := dev.Identity().Leaf().SerialNumber.Text(16); got != serials[len(serials)-1] {
 		t.Fatalf("client uses %s, want the last renewed certificate %s", got, serials[len(serials)-1])
 	}
