@@ -42,7 +42,7 @@ func exitCode(err error) int {
 	return exitError
 }
 
-// strings is a repeatable string flag.
+// stringList is a repeatable string flag.
 type stringList []string
 
 func (s *stringList) String() string { return strings.Join(*s, ",") }
@@ -103,7 +103,8 @@ func waitFor(ctx context.Context, stderr io.Writer, what string, wait time.Durat
 	}
 }
 
-// both registers a flag under a long and a short name.
+// durationFlag registers a duration flag (seconds accepted) under a long
+// and, if given, a short name.
 func durationFlag(fs *flag.FlagSet, d *time.Duration, long, short, usage string) {
 	fs.Var(seconds{d}, long, usage)
 	if short != "" {
