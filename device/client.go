@@ -14,6 +14,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/eclipse/paho.mqtt.golang/packets"
@@ -30,7 +31,37 @@ var (
 	ErrClosed        = errors.New("device: client closed")
 	ErrOffline       = errors.New("device: not connected (QoS 0 is not queued)")
 	ErrQueueFull     = errors.New("device: offline queue full")
+	ErrInvalidTopic  = errors.New("device: invalid topic for a publish")
+	// ErrLostInFlight comes with ErrTimeout when the connection was lost
+	// while a QoS 1 publish awaited its PUBACK: a 3.1.1 broker refuses a
+	// publish by closing the connection, which a client cannot tell from a
+	// network drop or a restart.
+	ErrLostInFlight = errors.New("device: connection lost while the publish awaited its PUBACK")
+	ErrTooLarge     = errors.New("device: message too large")
 )
+
+// MaxMessage is the largest topic + payload a publish may carry: MQTT's
+// packet limit (268,435,455 bytes) less the PUBLISH header. Brokers often
+// set a lower one (mqtls: 256 KiB).
+const MaxMessage = 268435455 - 4
+
+// checkTopic refuses what no broker accepts as a PUBLISH topic: wildcards,
+// NUL, invalid UTF-8, empty or over 65535 bytes.
+func checkTopic(topic string) error {
+	switch {
+	case topic == "":
+		return fmt.Errorf("%w: empty", ErrInvalidTopic)
+	case len(topic) > 65535:
+		return fmt.Errorf("%w: %d bytes (at most 65535)", ErrInvalidTopic, len(topic))
+	case strings.ContainsAny(topic, "+#"):
+		return fmt.Errorf("%w: %q holds a wildcard ('+' or '#'), which only subscriptions may use", ErrInvalidTopic, topic)
+	case strings.ContainsRune(topic, 0):
+		return fmt.Errorf("%w: %q holds a NUL character", ErrInvalidTopic, topic)
+	case !utf8.ValidString(topic):
+		return fmt.Errorf("%w: %q is not valid UTF-8", ErrInvalidTopic, topic)
+	}
+	return nil
+}
 
 // State is the client's connection state.
 type State int32
@@ -114,15 +145,21 @@ type Client struct {
 	subsMu sync.Mutex
 	subs   map[string]subscription
 
-	store    *paho.MemoryStore
+	session  *sessionStore // paho's store: QoS 1 publishes awaiting PUBACK
 	mu       sync.Mutex
-	lastDial error                // the last dial error, for classification
-	lostCh   chan struct{}        // closed (and replaced) at each connection loss
-	inflight map[uint16]time.Time // QoS 1 publishes awaiting PUBACK
-	refused  map[uint16]bool      // ... that the broker refused (3.1.1)
-	wake     chan struct{}        // reconnect now (after renewal)
+	lastDial error           // the last dial error, for classification
+	dialCtx  context.Context // bounds the dial of the connect in progress
+	conn     net.Conn        // the connection of the connect in progress
+	lostCh   chan struct{}   // closed (and replaced) at each connection loss
+	losses   int             // connection losses so far
+	wake     chan struct{}   // reconnect now (after renewal)
 	lost     chan error
 	closed   chan struct{}
+	stopped  chan struct{} // closed when the client stops for good (closed, refused, expired)
+	stopErr  error         // why it stopped (refused, expired); under mu
+	stopOnce sync.Once
+	ctx      context.Context // ends at Close: bounds every background wait
+	cancel   context.CancelFunc
 	wg       sync.WaitGroup
 	attempts atomic.Int64 // reconnect attempts, for tests and metrics
 }
@@ -178,12 +215,13 @@ func New(cfg Config) (*Client, error) {
 	c := &Client{
 		cfg: cfg, log: log, host: u.Host, cache: newSessionCache(),
 		subs: map[string]subscription{}, wake: make(chan struct{}, 1),
-		lost: make(chan error, 1), closed: make(chan struct{}), store: paho.NewMemoryStore(),
-		inflight: map[uint16]time.Time{}, refused: map[uint16]bool{}, lostCh: make(chan struct{}),
+		lost: make(chan error, 1), closed: make(chan struct{}), stopped: make(chan struct{}),
+		session: newSessionStore(), lostCh: make(chan struct{}),
 	}
 	if c.queue, err = newOutbox(cfg.QueueSize, cfg.PersistentQueue, cfg.Identity.Dir); err != nil {
 		return nil, err
 	}
+	c.ctx, c.cancel = context.WithCancel(context.Background())
 	if err := c.setIdentity(cfg.Identity); err != nil {
 		return nil, err
 	}
@@ -200,9 +238,13 @@ func New(cfg Config) (*Client, error) {
 		SetOrderMatters(true).
 		SetResumeSubs(false). // we restore subscriptions ourselves (resubscribe)
 		SetCustomOpenConnectionFn(c.dial).
-		SetStore(c.store).
+		SetStore(c.session).
 		SetConnectionLostHandler(func(_ paho.Client, err error) {
-			c.noteRefusal(err)
+			c.mu.Lock()
+			close(c.lostCh) // wakes the publishes waiting for a PUBACK
+			c.lostCh = make(chan struct{})
+			c.losses++
+			c.mu.Unlock()
 			select {
 			case c.lost <- err:
 			default:
@@ -227,14 +269,38 @@ func (c *Client) setIdentity(id *Identity) error {
 // Identity returns the identity in use.
 func (c *Client) Identity() *Identity { return c.id.Load() }
 
+// Err returns why the client stopped reconnecting: the broker's refusal
+// (wrapping ErrNotAuthorized) in StateRefused, ErrExpired in StateExpired;
+// nil otherwise.
+func (c *Client) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.stopErr
+}
+
+// fail records why the client stops and enters the terminal state s.
+func (c *Client) fail(s State, err error) {
+	c.mu.Lock()
+	c.stopErr = err
+	c.mu.Unlock()
+	c.setState(s)
+}
+
 // State returns the connection state.
 func (c *Client) State() State { return State(c.state.Load()) }
 
 func (c *Client) setState(s State) {
+	if s == StateRefused || s == StateExpired {
+		c.stop()
+	}
 	if State(c.state.Swap(int32(s))) != s && c.cfg.OnStateChange != nil {
 		c.cfg.OnStateChange(s)
 	}
 }
+
+// stop marks the end of the client's useful life (closed, refused,
+// expired): waiting publishes give up.
+func (c *Client) stop() { c.stopOnce.Do(func() { close(c.stopped) }) }
 
 // tlsConfig trusts the pinned root only and presents the current
 // certificate through GetClientCertificate.
@@ -251,26 +317,40 @@ func (c *Client) tlsConfig() *tls.Config {
 	}
 }
 
-// dial is paho's connection function: TLS with our config, errors kept
-// for classification.
+// dial is paho's connection function: TLS with our config, bounded by
+// the context of the connect in progress, errors kept for classification.
 func (c *Client) dial(_ *url.URL, _ paho.ClientOptions) (net.Conn, error) {
 	d := &net.Dialer{Timeout: c.cfg.ConnectTimeout}
 	if c.cfg.LocalAddr != nil {
 		d.LocalAddr = c.cfg.LocalAddr
 	}
-	conn, err := tls.DialWithDialer(d, "tcp", c.host, c.tlsConfig())
 	c.mu.Lock()
-	c.lastDial = err
+	ctx := c.dialCtx
 	c.mu.Unlock()
+	if ctx == nil {
+		ctx = c.ctx
+	}
+	conn, err := (&tls.Dialer{NetDialer: d, Config: c.tlsConfig()}).DialContext(ctx, "tcp", c.host)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.lastDial = err
 	if err != nil {
 		return nil, err
 	}
+	if ctx.Err() != nil { // the connect gave up while we dialled
+		conn.Close()
+		return nil, ctx.Err()
+	}
+	c.conn = conn
 	return conn, nil
 }
 
 // Connect makes the first connection and starts the background work
 // (reconnects, renewal). It returns ErrNotAuthorized, ErrTLS or ErrTimeout
 // (wrapping the cause) without retrying: those need a human.
+//
+// Cancelling ctx ends the attempt at once (dial, TLS handshake, or the
+// wait for the CONNACK).
 func (c *Client) Connect(ctx context.Context) error {
 	if c.State() == StateClosed {
 		return ErrClosed
@@ -285,9 +365,39 @@ func (c *Client) Connect(ctx context.Context) error {
 }
 
 func (c *Client) connectOnce(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stopClose := context.AfterFunc(c.ctx, cancel) // Close ends a connect in progress
+	defer stopClose()
+	c.mu.Lock()
+	c.dialCtx, c.conn = ctx, nil
+	c.mu.Unlock()
 	tok := c.paho.Connect()
-	if err := wait(ctx, tok, c.cfg.ConnectTimeout+5*time.Second); err != nil {
-		return c.classify(err, tok.(*paho.ConnectToken).ReturnCode())
+	err := wait(ctx, tok, c.cfg.ConnectTimeout+5*time.Second)
+	if err != nil {
+		// paho's attempt goes on (its wait for the CONNACK is not
+		// cancellable): end it by closing its connection. A dial still
+		// under way sees ctx cancelled and closes its own.
+		cancel()
+	}
+	c.mu.Lock()
+	conn := c.conn
+	c.dialCtx, c.conn = nil, nil
+	c.mu.Unlock()
+	if err != nil {
+		if conn != nil {
+			conn.Close()
+		}
+		if c.ctx.Err() != nil {
+			return ErrClosed
+		}
+		var rc byte // read only once paho is done with the token
+		select {
+		case <-tok.Done():
+			rc = tok.(*paho.ConnectToken).ReturnCode()
+		default:
+		}
+		return c.classify(err, rc)
 	}
 	ct := tok.(*paho.ConnectToken)
 	if !ct.SessionPresent() {
@@ -297,7 +407,6 @@ func (c *Client) connectOnce(ctx context.Context) error {
 		}
 	}
 	c.setState(StateConnected)
-	c.flush(ctx)
 	return nil
 }
 
@@ -326,12 +435,22 @@ func (c *Client) classify(err error, rc byte) error {
 			return fmt.Errorf("%w: broker certificate: %w", ErrTLS, dialErr)
 		case isTimeout(dialErr):
 			return fmt.Errorf("%w: connecting to %s: %w", ErrTimeout, c.host, dialErr)
-		case strings.Contains(dialErr.Error(), "remote error: tls"):
+		case isTLSAlert(dialErr):
 			return fmt.Errorf("%w: the broker refused our certificate: %w", ErrTLS, dialErr)
 		}
 		return fmt.Errorf("device: connect to %s: %w", c.host, dialErr)
 	}
+	if isTLSAlert(err) { // TLS 1.3: the alert comes after the handshake, with the CONNACK read
+		return fmt.Errorf("%w: the broker refused our certificate: %w", ErrTLS, err)
+	}
 	return fmt.Errorf("device: connect to %s: %w", c.host, err)
+}
+
+// isTLSAlert reports an alert received from the peer (crypto/tls returns
+// it as a *net.OpError with Op "remote error").
+func isTLSAlert(err error) bool {
+	var op *net.OpError
+	return errors.As(err, &op) && op.Op == "remote error"
 }
 
 func isTimeout(err error) bool {
@@ -354,11 +473,14 @@ func wait(ctx context.Context, tok paho.Token, bound time.Duration) error {
 	}
 }
 
-// supervise reconnects after a loss, with backoff and full jitter, until
-// Close, a refusal, or expiry.
+// supervise flushes the offline queue and reconnects after a loss, with
+// backoff and full jitter, until Close, a refusal, or expiry.
 func (c *Client) supervise() {
 	defer c.wg.Done()
+	flaps := 0 // connections in a row that ended soon after they were made
 	for {
+		up := time.Now()
+		c.flush()
 		select {
 		case <-c.closed:
 			return
@@ -368,53 +490,69 @@ func (c *Client) supervise() {
 			if c.cfg.OnConnectionLost != nil {
 				c.cfg.OnConnectionLost(err)
 			}
+			// A connection that ends soon after it was made counts as a
+			// failed attempt, so a broker that closes the connection each
+			// time (a 3.1.1 broker refusing a publish that is resent after
+			// every reconnect) is retried with a growing backoff, not in a
+			// loop.
+			if time.Since(up) < max(10*time.Second, 4*c.cfg.MinBackoff) {
+				flaps++
+			} else {
+				flaps = 0
+			}
 		case <-c.wake:
-			// renewal: reconnect now with the new certificate; publishes
-			// made meanwhile go to the offline queue
+			// renewal: reconnect at once with the new certificate (the
+			// session is offline meanwhile); publishes made meanwhile go to
+			// the offline queue
 			c.setState(StateDisconnected)
 			c.paho.Disconnect(250)
+			flaps = 0
 		}
-		if !c.reconnect() {
+		if !c.reconnect(flaps) {
 			return
 		}
 	}
 }
 
 // reconnect loops until connected (true) or until there is no point
-// (false: closed, refused, expired).
-func (c *Client) reconnect() bool {
-	for n := 0; ; n++ {
+// (false: closed, refused, expired). The first attempt waits the backoff
+// of attempt n0.
+func (c *Client) reconnect(n0 int) bool {
+	for n := n0; ; n++ {
 		if n > 0 {
 			ceiling := min(c.cfg.MaxBackoff, c.cfg.MinBackoff<<min(n-1, 30))
-			delay := rand.N(ceiling + 1) // full jitter
+			delay := time.NewTimer(rand.N(ceiling + 1)) // full jitter
 			select {
 			case <-c.closed:
+				delay.Stop()
 				return false
-			case <-time.After(delay):
+			case <-delay.C:
 			}
 		}
 		if time.Now().After(c.id.Load().Leaf().NotAfter) {
 			c.log.Error("certificate expired; not reconnecting: enroll again", "not_after", c.id.Load().Leaf().NotAfter)
-			c.setState(StateExpired)
+			c.fail(StateExpired, fmt.Errorf("%w at %s: enroll again", ErrExpired, c.id.Load().Leaf().NotAfter.UTC().Format(time.RFC3339)))
 			return false
 		}
 		c.attempts.Add(1)
-		ctx, cancel := context.WithTimeout(context.Background(), c.cfg.ConnectTimeout+5*time.Second)
+		ctx, cancel := context.WithTimeout(c.ctx, c.cfg.ConnectTimeout+5*time.Second)
 		err := c.connectOnce(ctx)
 		cancel()
 		switch {
 		case err == nil:
-			c.log.Info("reconnected", "attempt", n+1)
+			c.log.Info("reconnected", "attempt", n-n0+1)
 			if c.cfg.OnReconnected != nil {
 				c.cfg.OnReconnected()
 			}
 			return true
+		case errors.Is(err, ErrClosed):
+			return false
 		case errors.Is(err, ErrNotAuthorized):
 			c.log.Error("broker refused the device; not reconnecting", "err", err)
-			c.setState(StateRefused)
+			c.fail(StateRefused, err)
 			return false
 		}
-		c.log.Info("reconnect failed", "attempt", n+1, "err", err)
+		c.log.Info("reconnect failed", "attempt", n-n0+1, "err", err)
 		select {
 		case <-c.closed:
 			return false
@@ -423,13 +561,66 @@ func (c *Client) reconnect() bool {
 	}
 }
 
-// Publish sends a message. QoS 1 publishes made while offline are queued
-// (bounded: ErrQueueFull) and sent after the reconnect — delivery is at
-// least once. QoS 0 while offline fails with ErrOffline. A publish the
-// broker refuses is reported as ErrNotAuthorized: a 3.1.1 broker cannot
-// say no to a publish and closes the connection instead, which the client
-// detects when it happens right after the PUBLISH.
+// Publish sends a message.
+//
+// QoS 1: Publish returns nil once the broker has acknowledged the message
+// (PUBACK), or once it is in the offline queue (the client is not
+// connected; bounded: ErrQueueFull), from where it is sent after the
+// reconnect. A message in flight when the connection drops stays in the
+// session and is resent after the reconnect: Publish goes on waiting for
+// its acknowledgement. Delivery is at least once. If ctx ends (or no
+// PUBACK comes within ConnectTimeout+5s), the message is withdrawn - it
+// may still have reached the broker - and Publish returns ErrTimeout.
+//
+// MQTT 3.1.1 has no way to refuse a publish: a broker that refuses one
+// closes the connection, which a client cannot tell from a network drop or
+// a broker restart. So a refused message is resent after each reconnect
+// (the reconnect backoff grows while connections keep ending at once)
+// until ctx ends; the ErrTimeout then says how many times the connection
+// was lost while the message was in flight.
+//
+// QoS 0 while offline fails with ErrOffline. A topic with a wildcard ('+',
+// '#'), a NUL, invalid UTF-8, or outside 1-65535 bytes fails with
+// ErrInvalidTopic; topic and payload over MaxMessage with ErrTooLarge.
 func (c *Client) Publish(ctx context.Context, topic string, payload []byte, qos byte, retain bool) error {
+	if err := checkTopic(topic); err != nil {
+		return err
+	}
+	if qos > 1 {
+		return fmt.Errorf("device: QoS %d not supported (0 or 1)", qos)
+	}
+	if err := c.usable(); err != nil {
+		return err
+	}
+	m := message{Topic: topic, Payload: payload, Retain: retain}
+	if err := c.queue.check(m); err != nil {
+		return err
+	}
+	if c.State() != StateConnected {
+		if qos == 0 {
+			return ErrOffline
+		}
+		return c.queue.push(m)
+	}
+	if qos == 0 {
+		err := wait(ctx, c.paho.Publish(topic, 0, retain, payload), c.cfg.ConnectTimeout+5*time.Second)
+		if errors.Is(err, paho.ErrNotConnected) {
+			return ErrOffline
+		}
+		return err
+	}
+	err := c.publish1(ctx, m, true)
+	if errors.Is(err, errNotSent) { // lost between our state check and paho's
+		return c.queue.push(m)
+	}
+	return err
+}
+
+// usable returns the error for a client that will not connect again.
+func (c *Client) usable() error {
+	if err := c.Err(); err != nil {
+		return err
+	}
 	switch c.State() {
 	case StateClosed:
 		return ErrClosed
@@ -438,111 +629,101 @@ func (c *Client) Publish(ctx context.Context, topic string, payload []byte, qos 
 	case StateExpired:
 		return ErrExpired
 	}
-	if qos > 1 {
-		return fmt.Errorf("device: QoS %d not supported (0 or 1)", qos)
-	}
-	if c.State() != StateConnected {
-		if qos == 0 {
-			return ErrOffline
-		}
-		return c.queue.push(message{Topic: topic, Payload: payload, Retain: retain})
-	}
+	return nil
+}
+
+// errNotSent: paho did not take the message (not connected).
+var errNotSent = errors.New("device: not sent")
+
+// publish1 sends a QoS 1 message and waits for its PUBACK. If the
+// connection drops meanwhile, the message stays in the session to be
+// resent after the reconnect and publish1 goes on waiting (keep), or it
+// is withdrawn and publish1 returns at once (!keep: the offline queue
+// still holds it).
+func (c *Client) publish1(ctx context.Context, m message, keep bool) error {
 	c.mu.Lock()
-	lost := c.lostCh
+	lost, losses := c.lostCh, c.losses
 	c.mu.Unlock()
-	tok := c.paho.Publish(topic, qos, retain, payload)
+	tok := c.paho.Publish(m.Topic, 1, m.Retain, m.Payload)
 	mid := tok.(*paho.PublishToken).MessageID()
-	if qos > 0 && mid != 0 {
-		c.mu.Lock()
-		c.inflight[mid] = time.Now()
-		c.mu.Unlock()
-		defer func() {
-			c.mu.Lock()
-			delete(c.inflight, mid)
-			delete(c.refused, mid)
-			c.mu.Unlock()
-		}()
+	if mid == 0 { // not stored: the token is complete
+		err := wait(ctx, tok, c.cfg.ConnectTimeout+5*time.Second)
+		if errors.Is(err, paho.ErrNotConnected) {
+			return errNotSent
+		}
+		return fmt.Errorf("device: publish to %q: %w", m.Topic, err)
 	}
-	timer := time.NewTimer(c.cfg.ConnectTimeout + 5*time.Second)
+	key := outboundKey(mid)
+	e := c.session.entry(key)
+	if e == nil {
+		return nil // already acknowledged
+	}
+	bound := c.cfg.ConnectTimeout + 5*time.Second
+	timer := time.NewTimer(bound)
 	defer timer.Stop()
-	var err error
-	select {
-	case <-tok.Done():
-		err = tok.Error()
-		if errors.Is(err, paho.ErrNotConnected) { // lost between our state check and paho's
-			if qos == 0 {
-				return ErrOffline
-			}
-			return c.queue.push(message{Topic: topic, Payload: payload, Retain: retain})
+	withdraw := func(why error) error {
+		if !c.session.withdraw(key) && c.session.wasAcked(e) {
+			return nil // the PUBACK won the race
 		}
-		if err == nil || qos == 0 {
-			return err
-		}
-		// Our own disconnect (renewal) ended the connection: paho keeps the
-		// message in its store and resends it on the reconnect.
-		if strings.Contains(err.Error(), "connection lost before Publish completed") && !c.cfg.CleanSession {
-			return nil
-		}
-	case <-ctx.Done():
-		return fmt.Errorf("%w: %w", ErrTimeout, ctx.Err())
-	case <-timer.C:
-		return fmt.Errorf("%w: no PUBACK within %v", ErrTimeout, c.cfg.ConnectTimeout+5*time.Second)
-	case <-lost:
-		// With the session kept (clean session off), paho holds the
-		// unacknowledged message and resends it after the reconnect: it is
-		// accepted, at least once - unless the broker refused it.
 		c.mu.Lock()
-		refused := c.refused[mid]
+		n := c.losses - losses
 		c.mu.Unlock()
-		if refused {
-			return fmt.Errorf("%w: publish to %q: the broker closed the connection on it (a 3.1.1 broker's only way to refuse)", ErrNotAuthorized, topic)
+		if n > 0 {
+			return fmt.Errorf("%w (withdrawn; %w, %d times - a 3.1.1 broker closes the connection on a publish it refuses: check the topic against the device's policy)", why, ErrLostInFlight, n)
 		}
-		if !c.cfg.CleanSession {
-			return nil
+		return fmt.Errorf("%w (withdrawn)", why)
+	}
+	for {
+		select {
+		case <-e.done:
+			if c.session.wasAcked(e) {
+				return nil
+			}
+			// the session was reset (clean session): send it again later
+			if keep {
+				return c.queue.push(m)
+			}
+			return errNotSent
+		case <-lost:
+			if !keep || c.cfg.CleanSession {
+				if !c.session.withdraw(key) && c.session.wasAcked(e) {
+					return nil
+				}
+				if keep { // a clean session forgets it: queue it again
+					return c.queue.push(m)
+				}
+				return errNotSent
+			}
+			c.mu.Lock()
+			lost = c.lostCh
+			c.mu.Unlock()
+		case <-ctx.Done():
+			return withdraw(fmt.Errorf("%w: publish to %q: no PUBACK: %w", ErrTimeout, m.Topic, ctx.Err()))
+		case <-timer.C:
+			return withdraw(fmt.Errorf("%w: publish to %q: no PUBACK within %v", ErrTimeout, m.Topic, bound))
+		case <-c.stopped:
+			err := c.usable()
+			if err == nil {
+				err = ErrClosed
+			}
+			return withdraw(fmt.Errorf("publish to %q: not acknowledged: %w", m.Topic, err))
 		}
 	}
-	// With a clean session paho forgets it: queue it again.
-	if c.cfg.CleanSession && qos == 1 {
-		return c.queue.push(message{Topic: topic, Payload: payload, Retain: retain})
-	}
-	return err
 }
 
-// noteRefusal runs when the connection is lost. A 3.1.1 broker refuses a
-// QoS 1 publish by closing the connection: if it closed (EOF) with
-// publishes awaiting PUBACK, the oldest one - the first the broker had not
-// acknowledged - was refused. It is removed from paho's store before the
-// reconnect, or every reconnect would resend it and be closed again.
-func (c *Client) noteRefusal(err error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	defer func() { close(c.lostCh); c.lostCh = make(chan struct{}) }()
-	if err == nil || !strings.Contains(err.Error(), "EOF") {
-		return
-	}
-	var oldest uint16
-	var at time.Time
-	for mid, sent := range c.inflight {
-		if oldest == 0 || sent.Before(at) {
-			oldest, at = mid, sent
-		}
-	}
-	if oldest != 0 && time.Since(at) < 2*time.Second {
-		c.store.Del(fmt.Sprintf("o.%d", oldest))
-		c.refused[oldest] = true
-	}
-}
-
-// flush sends the offline queue after a (re)connect.
-func (c *Client) flush(ctx context.Context) {
+// flush sends the offline queue after a (re)connect, one message at a
+// time, each removed once acknowledged. If the connection drops, what is
+// left waits for the next reconnect.
+func (c *Client) flush() {
 	for {
 		m, ok := c.queue.peek()
 		if !ok {
 			return
 		}
-		tok := c.paho.Publish(m.Topic, 1, m.Retain, m.Payload)
-		if err := wait(ctx, tok, c.cfg.ConnectTimeout+5*time.Second); err != nil {
-			c.log.Warn("offline queue not flushed; will retry after the next reconnect", "err", err, "queued", c.queue.len())
+		if err := c.publish1(c.ctx, m, false); err != nil {
+			if !errors.Is(err, errNotSent) && c.ctx.Err() == nil {
+				c.log.Warn("offline queue not flushed; will retry after the next reconnect", "err", err, "queued", c.queue.len())
+			}
 			return
 		}
 		if err := c.queue.pop(); err != nil {
@@ -621,6 +802,8 @@ func (c *Client) Close() error {
 		return nil
 	}
 	close(c.closed)
+	c.cancel() // ends a connect, renewal or flush in progress
+	c.stop()
 	c.paho.Disconnect(250)
 	c.wg.Wait()
 	c.paho.Disconnect(0) // a reconnect that was in flight during the first one

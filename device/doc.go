@@ -18,4 +18,22 @@
 // file, fsync, rename) with device.crt as the commit point, so a crash or
 // a refused request leaves the previous identity usable. The directory is
 // 0700; the enrollment token is never written.
+//
+// # Delivery
+//
+// [Client] speaks MQTT 3.1.1 with the session kept. A QoS 1
+// [Client.Publish] returns nil once the broker acknowledged the message or
+// once it is in the offline queue; delivery is at least once. MQTT 3.1.1
+// cannot refuse a publish: the broker closes the connection, which the
+// client cannot tell from a network drop, so it never reports that as a
+// refusal ([ErrNotAuthorized] comes only from CONNACK and SUBACK); the
+// message is resent until the caller's context ends, then withdrawn with
+// [ErrTimeout] and [ErrLostInFlight].
+//
+// # Concurrency
+//
+// A Client is safe for concurrent use. Its callbacks run on its own
+// goroutines and must not block. Every goroutine it starts ends within a
+// second of [Client.Close]; cancelling the context of [Client.Connect]
+// ends that attempt at once.
 package device

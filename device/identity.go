@@ -36,6 +36,7 @@ var (
 	ErrNoIdentity     = errors.New("device: no identity")
 	ErrIdentityExists = errors.New("device: identity already exists")
 	ErrExpired        = errors.New("device: certificate expired")
+	ErrKeyMismatch    = errors.New("device: existing key does not match")
 )
 
 // IdentityConfig is identity.json: what renewal and the commands need to
@@ -201,6 +202,13 @@ func Enroll(ctx context.Context, cfg EnrollConfig) (*Identity, error) {
 	signer, err := cfg.Store.Signer(ctx, KeyName)
 	if errors.Is(err, keystore.ErrNotFound) {
 		signer, err = cfg.Store.Generate(ctx, KeyName, cfg.Alg)
+	} else if err == nil && cfg.Alg != "" {
+		// a key left by an earlier attempt is reused only if it is what
+		// was asked for
+		if have, aerr := keystore.AlgOf(signer.Public()); aerr == nil && have != cfg.Alg {
+			return nil, fmt.Errorf("%w: key %q in keystore %q (left by an earlier enrollment attempt) is %s, not the requested %s: enroll with %s, or delete the key",
+				ErrKeyMismatch, KeyName, cfg.Keystore, have, cfg.Alg, have)
+		}
 	}
 	if err != nil {
 		return nil, fmt.Errorf("device: key: %w", err)

@@ -34,10 +34,12 @@ type outbox struct {
 	path  string // "" for memory only
 	f     *os.File
 	dirty int // acknowledged messages still in the file
+	// fsyncDir makes a rename in dir durable (a test seam).
+	fsyncDir func(dir string) error
 }
 
 func newOutbox(max int, persistent bool, dir string) (*outbox, error) {
-	o := &outbox{max: max}
+	o := &outbox{max: max, fsyncDir: fsyncDir}
 	if !persistent {
 		return o, nil
 	}
@@ -79,7 +81,7 @@ func readRecord(r io.Reader) (message, error) {
 		return message{}, err
 	}
 	tl, pl := binary.BigEndian.Uint16(hdr[0:]), binary.BigEndian.Uint32(hdr[2:])
-	if pl > 256<<20 {
+	if int(tl)+int(pl) > MaxMessage {
 		return message{}, errors.New("corrupt record")
 	}
 	buf := make([]byte, int(tl)+int(pl))
@@ -101,7 +103,18 @@ func appendRecord(b []byte, m message) []byte {
 	return append(b, m.Payload...)
 }
 
+// check refuses a message the outbox could not store and read back.
+func (o *outbox) check(m message) error {
+	if len(m.Topic)+len(m.Payload) > MaxMessage {
+		return fmt.Errorf("%w: %d bytes of topic and payload (at most %d)", ErrTooLarge, len(m.Topic)+len(m.Payload), MaxMessage)
+	}
+	return nil
+}
+
 func (o *outbox) push(m message) error {
+	if err := o.check(m); err != nil {
+		return err
+	}
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	if len(o.msgs) >= o.max {
@@ -174,6 +187,11 @@ func (o *outbox) rewrite() error {
 		os.Remove(tmp)
 		return fmt.Errorf("device: outbox: %w", err)
 	}
+	// The rename (and the file's creation) is durable only once the
+	// directory is: without this a crash could bring back the old file.
+	if err := o.fsyncDir(filepath.Dir(o.path)); err != nil {
+		return fmt.Errorf("device: outbox: %w", err)
+	}
 	if o.f != nil {
 		o.f.Close()
 	}
@@ -192,5 +210,17 @@ func (o *outbox) close() error {
 	}
 	err := o.f.Close()
 	o.f = nil
+	return err
+}
+
+func fsyncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
 	return err
 }

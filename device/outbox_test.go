@@ -57,3 +57,62 @@ func TestOutbox(t *testing.T) {
 		t.Errorf("outbox mode %04o", fi.Mode().Perm())
 	}
 }
+
+// Every rewrite (creation included) is followed by an fsync of the
+// directory, or a crash could undo the rename.
+func TestOutboxSyncsDirectory(t *testing.T) {
+	dir := t.TempDir()
+	o, err := newOutbox(100, true, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer o.close()
+	var synced []string
+	o.fsyncDir = func(d string) error { synced = append(synced, d); return fsyncDir(d) }
+	for range 16 {
+		if err := o.push(message{Topic: "t", Payload: []byte("x")}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range 16 { // the 16th acknowledgement rewrites the file
+		if err := o.pop(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(synced) == 0 || synced[0] != dir {
+		t.Fatalf("directory fsyncs after the rewrite: %v, want %s", synced, dir)
+	}
+	// a new outbox is created by a rename too
+	o2, err := newOutbox(1, true, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	o2.close()
+}
+
+// A message the outbox could not read back is refused when it is queued,
+// with a named error (it used to be written, then dropped as corrupt on
+// load).
+func TestOutboxRefusesOversize(t *testing.T) {
+	dir := t.TempDir()
+	o, err := newOutbox(10, true, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	big := make([]byte, MaxMessage) // + the topic: one byte too many
+	if err := o.push(message{Topic: "t", Payload: big}); !errors.Is(err, ErrTooLarge) {
+		t.Fatalf("push of %d bytes = %v, want ErrTooLarge", len(big)+1, err)
+	}
+	if err := o.push(message{Topic: "t", Payload: []byte("ok")}); err != nil {
+		t.Fatal(err)
+	}
+	o.close()
+	o, err = newOutbox(10, true, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer o.close()
+	if m, ok := o.peek(); !ok || string(m.Payload) != "ok" || o.len() != 1 {
+		t.Fatalf("after reload: %d messages, head %q", o.len(), m.Payload)
+	}
+}

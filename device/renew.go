@@ -2,6 +2,7 @@ package device
 
 import (
 	"context"
+	"fmt"
 	"math/rand/v2"
 	"time"
 )
@@ -30,21 +31,26 @@ func (c *Client) renewLoop() {
 		if retry > 0 {
 			at = time.Now().Add(retry)
 		}
+		timer := time.NewTimer(time.Until(at))
 		select {
 		case <-c.closed:
+			timer.Stop()
 			return
-		case <-time.After(time.Until(at)):
+		case <-timer.C:
 		}
 		id := c.id.Load()
 		if time.Now().After(id.Leaf().NotAfter) {
 			c.log.Error("certificate expired before renewal succeeded: enroll again", "not_after", id.Leaf().NotAfter)
-			c.setState(StateExpired)
+			c.fail(StateExpired, fmt.Errorf("%w at %s before renewal succeeded: enroll again", ErrExpired, id.Leaf().NotAfter.UTC().Format(time.RFC3339)))
 			c.paho.Disconnect(0)
 			return
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		ctx, cancel := context.WithTimeout(c.ctx, time.Minute) // Close ends it
 		renewed, err := Renew(ctx, id, c.cfg.Store, RenewConfig{})
 		cancel()
+		if c.ctx.Err() != nil {
+			return
+		}
 		if err != nil {
 			life := id.Leaf().NotAfter.Sub(id.Leaf().NotBefore)
 			retry = min(max(retry*2, life/60, time.Second), time.Until(id.Leaf().NotAfter)/4+time.Second)

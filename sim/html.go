@@ -92,6 +92,13 @@ th:first-child,td:first-child{text-align:left}pre{background:#f4f4f5;padding:1em
 <tr><td>messages sent / received (sample)</td><td>{{.R.MessagesSent}} / {{.R.MessagesReceived}}</td></tr>
 <tr><td>errors</td><td>{{range $k, $v := .R.Errors}}{{$k}}: {{$v}}<br>{{else}}none{{end}}</td></tr>
 </table>
+{{with .R.Server}}<h2>Broker (from /proc)</h2>
+<table>
+<tr><td>CPU per connect</td><td>{{printf "%.2f" .CPUPerConnect}} ms</td></tr>
+<tr><td>CPU during the connect phase / traffic</td><td>{{printf "%.0f" .CPUConnectMS}} ms / {{printf "%.0f" .CPUTrafficMS}} ms</td></tr>
+<tr><td>RSS per session</td><td>{{printf "%.1f" .RSSPerSession}} KiB</td></tr>
+<tr><td>RSS before / connected</td><td>{{.RSSBeforeKB}} KiB / {{.RSSIdleKB}} KiB</td></tr>
+</table>{{end}}
 <h2>Latency (ms)</h2>
 <table><tr><th></th><th>p50</th><th>p90</th><th>p99</th><th>max</th><th>n</th></tr>
 <tr><td>connect</td><td>{{.R.ConnectMS.P50}}</td><td>{{.R.ConnectMS.P90}}</td><td>{{.R.ConnectMS.P99}}</td><td>{{.R.ConnectMS.Max}}</td><td>{{.R.ConnectMS.N}}</td></tr>

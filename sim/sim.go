@@ -11,13 +11,15 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"math"
 	"net"
 	"net/url"
+	"os"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/mqtls/mqtls/device"
@@ -159,11 +161,64 @@ type runner struct {
 	timeline  []Point
 }
 
+// Validate checks cfg before anything is done with it (Run calls it
+// first): a scenario that cannot work must not spend enrollment tokens.
+func (cfg *Config) Validate() error {
+	if cfg.Broker == "" || cfg.EST == "" || cfg.Root == nil {
+		return errors.New("sim: Broker, EST and Root are required")
+	}
+	if err := checkURL(cfg.Broker, "mqtts"); err != nil {
+		return fmt.Errorf("sim: broker: %w", err)
+	}
+	if err := checkURL(cfg.EST, "https"); err != nil {
+		return fmt.Errorf("sim: EST server: %w", err)
+	}
+	have := len(cfg.Tokens)
+	if cfg.Identities != nil {
+		have = len(cfg.Identities)
+	}
+	switch {
+	case cfg.Devices < 0 || have < cfg.Devices || have == 0:
+		return fmt.Errorf("sim: %d devices need as many tokens or identities, have %d", cfg.Devices, have)
+	case cfg.ConnectRate < 0:
+		return fmt.Errorf("sim: connect rate %v: must be positive", cfg.ConnectRate)
+	case cfg.Interval < 0 || (cfg.Interval > 0 && cfg.Interval < time.Millisecond):
+		return fmt.Errorf("sim: publish interval %v: at least 1ms", cfg.Interval)
+	case cfg.QoS > 1:
+		return fmt.Errorf("sim: QoS %d (0 or 1)", cfg.QoS)
+	case cfg.PayloadSize < 0 || cfg.PayloadSize > 256<<10:
+		return fmt.Errorf("sim: payload size %d: 16 to 262144 bytes", cfg.PayloadSize)
+	case cfg.Sample < 0:
+		return fmt.Errorf("sim: sample %d: must not be negative", cfg.Sample)
+	case cfg.Duration < 0:
+		return fmt.Errorf("sim: duration %v: must not be negative", cfg.Duration)
+	case cfg.SourceAddrs < 0 || cfg.SourceAddrs > 254:
+		return fmt.Errorf("sim: source addresses %d: 1 to 254", cfg.SourceAddrs)
+	case cfg.EnrollWorkers < 0:
+		return fmt.Errorf("sim: enroll workers %d: must not be negative", cfg.EnrollWorkers)
+	}
+	for i, tk := range cfg.Tokens {
+		if err := provisioning.CheckDeviceID(tk.ID); err != nil {
+			return fmt.Errorf("sim: token %d: %w", i+1, err)
+		}
+	}
+	return nil
+}
+
+// checkURL accepts scheme://HOST:PORT with nothing else.
+func checkURL(raw, scheme string) error {
+	u, err := url.Parse(raw)
+	if err != nil || u.Scheme != scheme || u.Hostname() == "" || u.Port() == "" || (u.Path != "" && u.Path != "/") {
+		return fmt.Errorf("%q: want %s://HOST:PORT", raw, scheme)
+	}
+	return nil
+}
+
 // Run executes the scenario: enroll, connect, traffic, disconnect. It stops
 // early (with Report.Interrupted) when ctx is cancelled.
 func Run(ctx context.Context, cfg Config) (*Report, error) {
-	if cfg.Broker == "" || cfg.EST == "" || cfg.Root == nil {
-		return nil, errors.New("sim: Broker, EST and Root are required")
+	if err := cfg.Validate(); err != nil {
+		return nil, err
 	}
 	have := len(cfg.Tokens)
 	if cfg.Identities != nil {
@@ -327,12 +382,19 @@ func cause(err error) string {
 			return e.Error()
 		}
 	}
-	msg := err.Error()
-	for _, known := range []string{"connection refused", "connection reset", "too many open files", "cannot assign requested address", "i/o timeout", "EOF"} {
-		if strings.Contains(msg, known) {
-			return known
+	for _, known := range []struct {
+		err  error
+		name string
+	}{
+		{syscall.ECONNREFUSED, "connection refused"}, {syscall.ECONNRESET, "connection reset"},
+		{syscall.EMFILE, "too many open files"}, {syscall.EADDRNOTAVAIL, "cannot assign requested address"},
+		{os.ErrDeadlineExceeded, "i/o timeout"}, {io.EOF, "EOF"}, {io.ErrUnexpectedEOF, "EOF"},
+	} {
+		if errors.Is(err, known.err) {
+			return known.name
 		}
 	}
+	msg := err.Error()
 	if len(msg) > 80 {
 		msg = msg[:80]
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -24,6 +25,8 @@ func cmdEnroll(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	ksURI := fs.String("keystore", "file", "where the key is created: "+keystore.URIForms)
 	alg := fs.String("alg", string(keystore.ECDSAP256), "key algorithm: ecdsa-p256, ecdsa-p384, rsa-2048, rsa-3072")
 	out := fs.String("out", "", "identity directory to create")
+	wait := 10 * time.Second
+	durationFlag(fs, &wait, "wait", "", "how long to wait for an EST server that refuses connections (still starting) (default 10s)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -38,6 +41,9 @@ func cmdEnroll(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err != nil {
 		return err
 	}
+	if u.Kind == keystore.KindMem {
+		return usageErr("--keystore mem keeps the key in this process's memory: it would vanish when enroll exits, with the token spent. Use file, tpm, swtpm:HOST:PORT or tpmsim:DIR (mem is for devsim run and demo)")
+	}
 	roots, err := device.ReadCertFile(*caFile)
 	if err != nil {
 		return err
@@ -47,10 +53,18 @@ func cmdEnroll(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		return err
 	}
 	defer store.Close()
-	identity, err := device.Enroll(ctx, device.EnrollConfig{
-		Dir: *out, DeviceID: *id, Token: tok, EST: *est, Root: roots[0],
-		Store: store, Keystore: u.String(), Alg: keystore.KeyAlg(*alg),
+	var identity *device.Identity
+	err = waitFor(ctx, stderr, "the EST server at "+*est, wait, func() error {
+		var err error
+		identity, err = device.Enroll(ctx, device.EnrollConfig{
+			Dir: *out, DeviceID: *id, Token: tok, EST: *est, Root: roots[0],
+			Store: store, Keystore: u.String(), Alg: keystore.KeyAlg(*alg),
+		})
+		return err
 	})
+	if errors.Is(err, device.ErrKeyMismatch) {
+		return fmt.Errorf("%w (--alg %s)", err, *alg)
+	}
 	if err != nil {
 		return err
 	}

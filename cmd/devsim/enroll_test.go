@@ -17,7 +17,7 @@ import (
 func devsim(t *testing.T, args ...string) (string, string, int) {
 	t.Helper()
 	var out, errb bytes.Buffer
-	code := run(t.Context(), args, &out, &errb)
+	code := run(t.Context(), args, strings.NewReader(""), &out, &errb)
 	return out.String(), errb.String(), code
 }
 
@@ -25,7 +25,7 @@ func TestEnrollRenewCLI(t *testing.T) {
 	env := esttest.Start(t, nil)
 	sw := swtpmtest.Start(t)
 	root := filepath.Join(env.Dir, ca.RootCertFile)
-	for _, ks := range []string{"file", "mem", "tpmsim:" + filepath.Join(t.TempDir(), "sim"), "swtpm:" + sw.Addr} {
+	for _, ks := range []string{"file", "tpmsim:" + filepath.Join(t.TempDir(), "sim"), "swtpm:" + sw.Addr} {
 		t.Run(strings.SplitN(ks, ":", 2)[0], func(t *testing.T) {
 			id := "cli-" + strings.SplitN(ks, ":", 2)[0]
 			dir := filepath.Join(t.TempDir(), "id")
@@ -38,14 +38,6 @@ func TestEnrollRenewCLI(t *testing.T) {
 			cfg, err := device.ReadConfig(dir)
 			if err != nil || cfg.DeviceID != id || cfg.EST != env.URL {
 				t.Fatalf("identity.json = %+v, %v", cfg, err)
-			}
-			if ks == "mem" {
-				// A memory key dies with the process: renewal from another
-				// process cannot find it, and says so.
-				if _, errs, code := devsim(t, "renew", "--identity", dir); code != 1 || !strings.Contains(errs, "no key in the keystore") {
-					t.Fatalf("renew of a mem identity: %d %q", code, errs)
-				}
-				return
 			}
 			for _, args := range [][]string{{"renew", "--identity", dir}, {"renew", "--identity", dir, "--rekey"}} {
 				out, errs, code := devsim(t, args...)
@@ -78,5 +70,46 @@ func TestEnrollCLIErrors(t *testing.T) {
 		if code != c.code || !strings.Contains(errs, c.msg) {
 			t.Errorf("devsim %v: exit %d %q, want %d with %q", c.args, code, errs, c.code, c.msg)
 		}
+	}
+}
+
+// enroll --keystore mem is refused before the token is spent: the key would
+// vanish at exit, leaving an identity nobody can use.
+func TestEnrollRefusesMemKeystore(t *testing.T) {
+	env := esttest.Start(t, nil)
+	root := filepath.Join(env.Dir, ca.RootCertFile)
+	tokFile := filepath.Join(t.TempDir(), "token")
+	os.WriteFile(tokFile, []byte(env.Token(t, "dev-1", "", time.Hour)), 0o600)
+	dir := filepath.Join(t.TempDir(), "id")
+	_, errs, code := devsim(t, "enroll", "--est", env.URL, "--ca", root, "--device", "dev-1", "--token-file", tokFile, "--keystore", "mem", "--out", dir)
+	if code != 2 || !strings.Contains(errs, "vanish") {
+		t.Fatalf("enroll --keystore mem: exit %d %q, want 2 saying the key would vanish", code, errs)
+	}
+	// the token is still good
+	if out, errs, code := devsim(t, "enroll", "--est", env.URL, "--ca", root, "--device", "dev-1", "--token-file", tokFile, "--out", dir); code != 0 {
+		t.Fatalf("enroll with the same token afterwards: %d %s %s", code, out, errs)
+	}
+}
+
+// A retried enrollment that finds a key of another algorithm than --alg
+// (left by an attempt that failed) says so, naming --alg and the key,
+// instead of silently reusing it.
+func TestEnrollKeyOfAnotherAlg(t *testing.T) {
+	env := esttest.Start(t, nil)
+	root := filepath.Join(env.Dir, ca.RootCertFile)
+	dir := filepath.Join(t.TempDir(), "id")
+	// an attempt with a wrong token leaves a P-256 key behind
+	if _, errs, code := devsim(t, "enroll", "--est", env.URL, "--ca", root, "--device", "dev-1", "--token", "wrong", "--out", dir); code != 1 {
+		t.Fatalf("enroll with a wrong token: %d %q", code, errs)
+	}
+	tokFile := filepath.Join(t.TempDir(), "token")
+	os.WriteFile(tokFile, []byte(env.Token(t, "dev-1", "", time.Hour)), 0o600)
+	_, errs, code := devsim(t, "enroll", "--est", env.URL, "--ca", root, "--device", "dev-1", "--token-file", tokFile, "--alg", "rsa-2048", "--out", dir)
+	if code != 1 || !strings.Contains(errs, "--alg rsa-2048") || !strings.Contains(errs, `key "device"`) || !strings.Contains(errs, "ecdsa-p256") {
+		t.Fatalf("enroll --alg rsa-2048 over a P-256 key: exit %d %q, want an error naming --alg, the key and its algorithm", code, errs)
+	}
+	// the same algorithm reuses the key, with the token still unspent
+	if out, errs, code := devsim(t, "enroll", "--est", env.URL, "--ca", root, "--device", "dev-1", "--token-file", tokFile, "--out", dir); code != 0 {
+		t.Fatalf("enroll with the key's algorithm: %d %s %s", code, out, errs)
 	}
 }

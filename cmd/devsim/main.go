@@ -17,7 +17,7 @@ import (
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	code := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
 	stop()
 	os.Exit(code)
 }
@@ -35,21 +35,37 @@ commands:
 
 Keystore URIs (--keystore): ` + keystore.URIForms + `
 Run "devsim <command> -h" for its flags.
-`
 
-var commands = map[string]cli.Command{
-	"enroll": cmdEnroll,
-	"renew":  cmdRenew,
-	"pub":    cmdPub,
-	"run":    cmdRun,
-	"bench":  cmdBench,
-	"sub":    cmdSub,
-	"demo":   cmdDemo,
+` + exitCodes
+
+func commands(stdin io.Reader) map[string]cli.Command {
+	return map[string]cli.Command{
+		"enroll": cmdEnroll,
+		"renew":  cmdRenew,
+		"pub":    cmdPub(stdin),
+		"run":    cmdRun,
+		"bench":  cmdBench,
+		"sub":    cmdSub,
+		"demo":   cmdDemo,
+	}
 }
 
-// run is main without the process: it returns the exit code.
-func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	return cli.Run(ctx, "devsim", usage, commands, args, stdout, stderr)
+// run is main without the process: it returns the exit code (see
+// exitCodes).
+func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	var cmdErr error
+	cmds := commands(stdin)
+	for name, cmd := range cmds {
+		cmds[name] = func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+			cmdErr = cmd(ctx, args, stdout, stderr)
+			return cmdErr
+		}
+	}
+	code := cli.Run(ctx, "devsim", usage, cmds, args, stdout, stderr)
+	if code == exitError {
+		code = exitCode(cmdErr)
+	}
+	return code
 }
 
 func usageErr(format string, a ...any) error { return cli.Usagef(format, a...) }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"flag"
 	"fmt"
@@ -15,9 +16,40 @@ import (
 	"github.com/mqtls/mqtls/keystore"
 )
 
-// openClient loads the identity in dir and returns a client for broker.
-func openClient(ctx context.Context, broker, dir string, timeout time.Duration) (*device.Client, func(), error) {
-	cfg, err := device.ReadConfig(dir)
+// clientFlags are the flags pub and sub share, long and mosquitto-short.
+type clientFlags struct {
+	broker, dir string
+	qos         int
+	timeout     time.Duration
+	wait        time.Duration
+}
+
+func (f *clientFlags) register(fs *flag.FlagSet, timeoutUsage string) {
+	fs.StringVar(&f.broker, "broker", "", "broker, mqtts://HOST:PORT")
+	fs.StringVar(&f.dir, "identity", "", "identity directory (from devsim enroll); its certificate's CN is the client ID")
+	fs.StringVar(&f.dir, "i", "", "short for --identity")
+	fs.IntVar(&f.qos, "qos", 1, "QoS 0 or 1 (pub and sub alike)")
+	fs.IntVar(&f.qos, "q", 1, "short for --qos")
+	durationFlag(fs, &f.timeout, "timeout", "W", timeoutUsage)
+	f.wait = 10 * time.Second
+	durationFlag(fs, &f.wait, "wait", "", "how long to wait for a broker that refuses connections (still starting) (default 10s)")
+}
+
+// events are what pub and sub watch on a connected client.
+type events struct {
+	stopped chan struct{} // closed when the client stops for good (refused: revoked; expired)
+	lost    chan struct{} // a value per connection loss (dropped when nobody reads)
+	once    sync.Once
+}
+
+func newEvents() *events {
+	return &events{stopped: make(chan struct{}), lost: make(chan struct{}, 1)}
+}
+
+// openClient loads the identity in dir and connects to broker, waiting up
+// to wait for a broker that is still starting.
+func openClient(ctx context.Context, stderr io.Writer, f clientFlags, connectTimeout time.Duration, ev *events) (*device.Client, func(), error) {
+	cfg, err := device.ReadConfig(f.dir)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -25,11 +57,11 @@ func openClient(ctx context.Context, broker, dir string, timeout time.Duration) 
 	if err != nil {
 		return nil, nil, fmt.Errorf("%s: %w", device.ConfigFile, err)
 	}
-	store, err := keystores.Open(ctx, u, dir)
+	store, err := keystores.Open(ctx, u, f.dir)
 	if err != nil {
 		return nil, nil, err
 	}
-	id, err := device.Load(ctx, dir, store)
+	id, err := device.Load(ctx, f.dir, store)
 	if err != nil {
 		store.Close()
 		return nil, nil, err
@@ -38,14 +70,30 @@ func openClient(ctx context.Context, broker, dir string, timeout time.Duration) 
 		store.Close()
 		return nil, nil, fmt.Errorf("%w at %s: enroll again", device.ErrExpired, id.Leaf().NotAfter.UTC().Format(time.RFC3339))
 	}
-	c, err := device.New(device.Config{Broker: broker, Identity: id, Store: store, DisableRenewal: true, ConnectTimeout: timeout})
+	c, err := device.New(device.Config{
+		Broker: f.broker, Identity: id, Store: store, DisableRenewal: true, ConnectTimeout: connectTimeout,
+		OnStateChange: func(s device.State) {
+			if s == device.StateRefused || s == device.StateExpired {
+				ev.once.Do(func() { close(ev.stopped) })
+			}
+		},
+		OnConnectionLost: func(error) {
+			select {
+			case ev.lost <- struct{}{}:
+			default:
+			}
+		},
+	})
 	if err != nil {
 		store.Close()
 		return nil, nil, err
 	}
-	cctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	if err := c.Connect(cctx); err != nil {
+	err = waitFor(ctx, stderr, "the broker at "+f.broker, f.wait, func() error {
+		cctx, cancel := context.WithTimeout(ctx, connectTimeout)
+		defer cancel()
+		return c.Connect(cctx)
+	})
+	if err != nil {
 		c.Close()
 		store.Close()
 		return nil, nil, err
@@ -53,74 +101,159 @@ func openClient(ctx context.Context, broker, dir string, timeout time.Duration) 
 	return c, func() { c.Close(); store.Close() }, nil
 }
 
-func cmdPub(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("pub", stderr)
-	broker := fs.String("broker", "", "broker, mqtts://HOST:PORT")
-	dir := fs.String("identity", "", "identity directory (from devsim enroll)")
-	topic := fs.String("topic", "", "topic to publish to")
-	msg := fs.String("message", "", "payload")
-	file := fs.String("file", "", "read the payload from this file (- for stdin)")
-	qos := fs.Int("qos", 0, "QoS 0 or 1")
-	retain := fs.Bool("retain", false, "retain the message")
-	timeout := fs.Duration("timeout", 15*time.Second, "connect and publish timeout")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	if *broker == "" || *dir == "" || *topic == "" {
-		return usageErr("--broker, --identity and --topic are required")
-	}
-	if isSet(fs, "message") == (*file != "") {
-		return usageErr("give --message M or --file F")
-	}
-	if *qos != 0 && *qos != 1 {
-		return usageErr("--qos must be 0 or 1")
-	}
-	payload := []byte(*msg)
-	if *file != "" {
-		var err error
-		if *file == "-" {
-			payload, err = io.ReadAll(io.LimitReader(os.Stdin, 256<<10))
-		} else {
-			payload, err = os.ReadFile(*file)
+const pubUsage = `usage: devsim pub --broker mqtts://HOST:PORT -i DIR -t TOPIC (-m MSG | -f FILE | -s | -l) [-q 0|1] [-r]
+
+Publishes with the device identity in DIR (like mosquitto_pub). At QoS 1 it
+exits 0 once the broker has acknowledged every message.
+`
+
+func cmdPub(stdin io.Reader) cli.Command {
+	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+		fs := newFlags("pub", stderr)
+		var f clientFlags
+		var topic, msg, file string
+		var retain, whole, lines bool
+		f.register(fs, "give up connecting and publishing after this long (10s or 10) (default 15s)")
+		fs.StringVar(&topic, "topic", "", "topic to publish to")
+		fs.StringVar(&topic, "t", "", "short for --topic")
+		fs.StringVar(&msg, "message", "", "payload")
+		fs.StringVar(&msg, "m", "", "short for --message")
+		fs.StringVar(&file, "file", "", "read the payload from this file")
+		fs.StringVar(&file, "f", "", "short for --file")
+		fs.BoolVar(&whole, "s", false, "read the payload from stdin (all of it: one message)")
+		fs.BoolVar(&lines, "l", false, "read messages from stdin, one per line")
+		fs.BoolVar(&retain, "retain", false, "retain the message")
+		fs.BoolVar(&retain, "r", false, "short for --retain")
+		setUsage(fs, stderr, pubUsage)
+		if err := parse(fs, args); err != nil {
+			return err
 		}
+		if f.broker == "" || f.dir == "" || topic == "" {
+			return usageErr("--broker, --identity (-i) and --topic (-t) are required")
+		}
+		sources := 0
+		for _, set := range []bool{isSet(fs, "message") || isSet(fs, "m"), file != "", whole, lines} {
+			if set {
+				sources++
+			}
+		}
+		if sources != 1 {
+			return usageErr("give one of -m MSG, -f FILE, -s (stdin) or -l (stdin, a message per line)")
+		}
+		if f.qos != 0 && f.qos != 1 {
+			return usageErr("--qos must be 0 or 1")
+		}
+		if f.timeout == 0 {
+			f.timeout = 15 * time.Second
+		}
+		var payloads [][]byte
+		switch {
+		case lines:
+		case whole:
+			p, err := io.ReadAll(io.LimitReader(stdin, device.MaxMessage))
+			if err != nil {
+				return err
+			}
+			payloads = [][]byte{p}
+		case file != "":
+			p, err := os.ReadFile(file)
+			if err != nil {
+				return err
+			}
+			payloads = [][]byte{p}
+		default:
+			payloads = [][]byte{[]byte(msg)}
+		}
+		ev := newEvents()
+		c, done, err := openClient(ctx, stderr, f, f.timeout, ev)
 		if err != nil {
 			return err
 		}
+		defer done()
+		publish := func(p []byte) error {
+			pctx, cancel := context.WithTimeout(ctx, f.timeout)
+			defer cancel()
+			// pub sends on one connection: if the broker closes it before the
+			// PUBACK (a 3.1.1 broker's only way to refuse a publish), say so
+			// now rather than resend until the timeout.
+			errc := make(chan error, 1)
+			go func() { errc <- c.Publish(pctx, topic, p, byte(f.qos), retain) }()
+			select {
+			case err := <-errc:
+				return err
+			case <-ev.lost:
+				cancel()
+				if err := <-errc; err == nil {
+					return nil // acknowledged just before the loss
+				}
+				if err := c.Err(); err != nil {
+					return err
+				}
+				return fmt.Errorf("publish to %q not acknowledged: %w (a 3.1.1 broker's way to refuse a publish: is the topic allowed for this device?)", topic, device.ErrLostInFlight)
+			case <-ev.stopped:
+				cancel()
+				if err := <-errc; err == nil {
+					return nil
+				}
+				return c.Err()
+			}
+		}
+		if !lines {
+			return publish(payloads[0])
+		}
+		sc := bufio.NewScanner(stdin)
+		sc.Buffer(make([]byte, 64<<10), 256<<10)
+		for sc.Scan() {
+			if err := publish(sc.Bytes()); err != nil {
+				return err
+			}
+		}
+		return sc.Err()
 	}
-	c, done, err := openClient(ctx, *broker, *dir, *timeout)
-	if err != nil {
-		return err
-	}
-	defer done()
-	pctx, cancel := context.WithTimeout(ctx, *timeout)
-	defer cancel()
-	return c.Publish(pctx, *topic, payload, byte(*qos), *retain)
 }
 
 func isSet(fs *flag.FlagSet, name string) bool { return cli.IsSet(fs, name) }
 
+const subUsage = `usage: devsim sub --broker mqtts://HOST:PORT -i DIR -t FILTER [-t FILTER]... [-q 0|1] [-C N] [-W D] [-v]
+
+Subscribes with the device identity in DIR (like mosquitto_sub) and prints
+each message's payload (with -v: "topic payload") on a line. It reconnects
+after a dropped connection and exits when the broker refuses it (revoked:
+exit 5), after -C messages, or after -W.
+`
+
 func cmdSub(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("sub", stderr)
-	broker := fs.String("broker", "", "broker, mqtts://HOST:PORT")
-	dir := fs.String("identity", "", "identity directory (from devsim enroll)")
-	filter := fs.String("topic", "", "topic filter to subscribe to")
-	qos := fs.Int("qos", 1, "QoS 0 or 1")
-	count := fs.Int("count", 0, "exit after N messages (0: run until --timeout or interrupted)")
-	timeout := fs.Duration("timeout", 0, "give up after this long (0: none); with --count, not receiving N messages in time is an error")
+	var f clientFlags
+	var filters stringList
+	var count int
+	var verbose bool
+	f.register(fs, "give up after this long (10s or 10; 0: never); with -C, not receiving N messages in time is an error")
+	fs.Var(&filters, "topic", "topic filter to subscribe to (repeatable)")
+	fs.Var(&filters, "t", "short for --topic")
+	fs.IntVar(&count, "count", 0, "exit after N messages (0: run until -W or interrupted)")
+	fs.IntVar(&count, "C", 0, "short for --count")
+	fs.BoolVar(&verbose, "verbose", false, `print "topic payload" (default: the payload alone)`)
+	fs.BoolVar(&verbose, "v", false, "short for --verbose")
+	setUsage(fs, stderr, subUsage)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	if *broker == "" || *dir == "" || *filter == "" {
-		return usageErr("--broker, --identity and --topic are required")
+	if f.broker == "" || f.dir == "" || len(filters) == 0 {
+		return usageErr("--broker, --identity (-i) and --topic (-t) are required")
+	}
+	if f.qos != 0 && f.qos != 1 {
+		return usageErr("--qos must be 0 or 1")
 	}
 	connectTimeout := 15 * time.Second
-	if *timeout > 0 {
-		connectTimeout = min(connectTimeout, *timeout)
+	if f.timeout > 0 {
+		connectTimeout = min(connectTimeout, f.timeout)
 		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, *timeout)
+		ctx, cancel = context.WithTimeout(ctx, f.timeout)
 		defer cancel()
 	}
-	c, done, err := openClient(ctx, *broker, *dir, connectTimeout)
+	ev := newEvents()
+	c, done, err := openClient(ctx, stderr, f, connectTimeout, ev)
 	if err != nil {
 		return err
 	}
@@ -128,30 +261,47 @@ func cmdSub(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	var mu sync.Mutex
 	got := 0
 	enough := make(chan struct{})
-	err = c.Subscribe(ctx, *filter, byte(*qos), func(topic string, payload []byte) {
+	handler := func(topic string, payload []byte) {
 		mu.Lock()
 		defer mu.Unlock()
-		if *count > 0 && got >= *count {
+		if count > 0 && got >= count {
 			return
 		}
-		fmt.Fprintf(stdout, "%s %s\n", topic, payload)
+		if verbose {
+			fmt.Fprintf(stdout, "%s %s\n", topic, payload)
+		} else {
+			fmt.Fprintf(stdout, "%s\n", payload)
+		}
 		got++
-		if got == *count {
+		if got == count {
 			close(enough)
 		}
-	})
-	if err != nil {
-		return err
+	}
+	for _, filter := range filters {
+		if err := c.Subscribe(ctx, filter, byte(f.qos), handler); err != nil {
+			return err
+		}
 	}
 	select {
 	case <-enough:
 		return nil
+	case <-ev.stopped:
+		return c.Err()
 	case <-ctx.Done():
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	if *count > 0 && got < *count && *timeout > 0 && ctx.Err() == context.DeadlineExceeded {
-		return fmt.Errorf("%w: received %d of %d messages within %v", device.ErrTimeout, got, *count, *timeout)
+	if count > 0 && got < count && f.timeout > 0 && ctx.Err() == context.DeadlineExceeded {
+		return fmt.Errorf("%w: received %d of %d messages within %v", device.ErrTimeout, got, count, f.timeout)
 	}
 	return nil
+}
+
+// setUsage prints head, the flags and the exit codes for -h.
+func setUsage(fs *flag.FlagSet, w io.Writer, head string) {
+	fs.Usage = func() {
+		fmt.Fprint(w, head, "\nFlags:\n")
+		fs.PrintDefaults()
+		fmt.Fprint(w, "\n", exitCodes)
+	}
 }

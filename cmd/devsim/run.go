@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/mqtls/mqtls/cmd/internal/cli"
 	"github.com/mqtls/mqtls/cmd/internal/keystores"
 	"github.com/mqtls/mqtls/device"
 	"github.com/mqtls/mqtls/keystore"
@@ -62,18 +63,50 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if u.Kind != keystore.KindMem && u.Kind != keystore.KindTPMSim {
 		return usageErr("--keystore: mem or tpmsim:DIR")
 	}
+	// Everything is checked before the first enrollment spends a token.
+	if *rate <= 0 {
+		return usageErr("--connect-rate %v: must be positive", *rate)
+	}
+	if *interval <= 0 && !*noTraffic {
+		return usageErr("--interval %v: must be positive (or --no-traffic)", *interval)
+	}
+	if *duration <= 0 {
+		return usageErr("--duration %v: must be positive", *duration)
+	}
+	if *payload < 16 {
+		return usageErr("--payload %d: at least 16 bytes (a sequence number and a timestamp)", *payload)
+	}
+	if *serverPID != 0 {
+		if _, err := os.Stat(fmt.Sprintf("/proc/%d/stat", *serverPID)); err != nil {
+			return usageErr("--server-pid %d: no such process (%v)", *serverPID, err)
+		}
+	}
+	for _, out := range []string{*jsonFile, *htmlFile} {
+		if out == "" {
+			continue
+		}
+		if fi, err := os.Stat(filepath.Dir(out)); err != nil || !fi.IsDir() {
+			return usageErr("%s: its directory does not exist", out)
+		}
+	}
+	cfg := sim.Config{
+		Broker: *broker, EST: *est, Root: roots[0], Tokens: tokens, Devices: *devices,
+		ConnectRate: *rate, Interval: *interval, NoTraffic: *noTraffic, QoS: byte(*qos), PayloadSize: *payload,
+		Sample: *sample, Duration: *duration, SourceAddrs: *sources, ServerPID: *serverPID,
+	}
+	if err := cfg.Validate(); err != nil {
+		return fmt.Errorf("%w: %v", cli.ErrUsage, err)
+	}
 	store, err := keystores.Open(ctx, u, filepath.Join(u.Path, "keys"))
 	if err != nil {
 		return err
 	}
 	defer store.Close()
+	cfg.Store = store
 
 	prog := newProgress(stderr)
-	rep, err := sim.Run(ctx, sim.Config{
-		Broker: *broker, EST: *est, Root: roots[0], Tokens: tokens, Devices: *devices, Store: store,
-		ConnectRate: *rate, Interval: *interval, NoTraffic: *noTraffic, QoS: byte(*qos), PayloadSize: *payload,
-		Sample: *sample, Duration: *duration, SourceAddrs: *sources, ServerPID: *serverPID, Progress: prog.update,
-	})
+	cfg.Progress = prog.update
+	rep, err := sim.Run(ctx, cfg)
 	prog.done()
 	if err != nil {
 		return err

@@ -7,12 +7,15 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/mqtls/mqtls/internal/esttest"
 	"github.com/mqtls/mqtls/internal/testtool"
+	"github.com/mqtls/mqtls/provisioning/ca"
 	"github.com/mqtls/mqtls/sim"
 )
 
@@ -94,5 +97,42 @@ func TestRun300(t *testing.T) {
 	html, _ := os.ReadFile(htmlFile)
 	if strings.Count(string(html), "<svg") != 3 || strings.Contains(string(html), "<script src") {
 		t.Errorf("HTML report: want 3 inline SVG plots and no external resources")
+	}
+}
+
+// devsim run checks every flag before it enrolls anything: a wrong broker
+// URL used to burn every token, then fail every connect.
+func TestRunValidatesBeforeEnrolling(t *testing.T) {
+	est := esttest.Start(t, nil)
+	root := filepath.Join(est.Dir, ca.RootCertFile)
+	tokens := filepath.Join(t.TempDir(), "tokens")
+	os.WriteFile(tokens, []byte("sim-1 "+est.Token(t, "sim-1", "", time.Hour)+"\n"), 0o600)
+	broker := "mqtts://" + testtool.FreeAddr(t)
+	base := []string{"run", "--est", est.URL, "--ca", root, "--tokens", tokens, "--duration", "1s"}
+	for _, c := range []struct {
+		args []string
+		msg  string
+	}{
+		{[]string{"--broker", "mqtt://127.0.0.1:1883"}, "want mqtts://HOST:PORT"},
+		{[]string{"--broker", "127.0.0.1:8883"}, "want mqtts://HOST:PORT"},
+		{[]string{"--broker", broker, "--est", "http://" + strings.TrimPrefix(est.URL, "https://")}, "want https://HOST:PORT"},
+		{[]string{"--broker", broker, "--connect-rate", "0"}, "--connect-rate"},
+		{[]string{"--broker", broker, "--interval", "-1s"}, "--interval"},
+		{[]string{"--broker", broker, "--payload", "8"}, "--payload"},
+		{[]string{"--broker", broker, "--devices", "5"}, "need as many tokens"},
+		{[]string{"--broker", broker, "--json", "/nonexistent/r.json"}, "directory does not exist"},
+		{[]string{"--broker", broker, "--server-pid", "999999999"}, "no such process"},
+	} {
+		_, errs, code := devsim(t, append(slices.Clone(base), c.args...)...)
+		if code != 2 || !strings.Contains(errs, c.msg) {
+			t.Errorf("devsim run %v: exit %d %q, want 2 with %q", c.args, code, errs, c.msg)
+		}
+	}
+	// no token was spent: the device still enrolls with it
+	tok, _ := os.ReadFile(tokens)
+	tf := filepath.Join(t.TempDir(), "tok")
+	os.WriteFile(tf, []byte(strings.Fields(string(tok))[1]), 0o600)
+	if out, errs, code := devsim(t, "enroll", "--est", est.URL, "--ca", root, "--device", "sim-1", "--token-file", tf, "--out", filepath.Join(t.TempDir(), "id")); code != 0 {
+		t.Fatalf("the token was spent by a run that failed validation: %d %s %s", code, out, errs)
 	}
 }
