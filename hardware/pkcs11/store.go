@@ -130,11 +130,11 @@ func loginErr(u keystore.PKCS11, slot uint, desc string, err error) error {
 		if _, info, ferr := findToken(u); ferr == nil {
 			switch {
 			case info.Flags&p11.CKF_USER_PIN_LOCKED != 0:
-				state = "; the PIN is now locked"
+				state = "; the token reports the PIN is now locked"
 			case info.Flags&p11.CKF_USER_PIN_FINAL_TRY != 0:
-				state = "; one try left before the PIN locks"
+				state = "; the token reports one try left before the PIN locks"
 			case info.Flags&p11.CKF_USER_PIN_COUNT_LOW != 0:
-				state = "; few tries left before the PIN locks"
+				state = "; the token reports a failed PIN try (CKF_USER_PIN_COUNT_LOW): check pin-source before trying again"
 			}
 		}
 		return fmt.Errorf("%w for %s (from pin-source %s)%s: %w", ErrPIN, desc, u.PINSource, state, rv)
@@ -148,7 +148,7 @@ func loginErr(u keystore.PKCS11, slot uint, desc string, err error) error {
 // matches every selecting attribute of u. moduleMu must be held.
 func findToken(u keystore.PKCS11) (uint, p11.TokenInfo, error) {
 	if _, err := os.Stat(u.ModulePath); err != nil {
-		return 0, p11.TokenInfo{}, fmt.Errorf("%w %s: %w (install the token's module, e.g. apt-get install softhsm2 or opensc, or fix module-path)", ErrNoModule, u.ModulePath, err)
+		return 0, p11.TokenInfo{}, fmt.Errorf("%w %s: %w (install the token's module, e.g. apt-get install softhsm2 or opensc-pkcs11, or fix module-path)", ErrNoModule, u.ModulePath, err)
 	}
 	m := p11.New(u.ModulePath)
 	if m == nil {
