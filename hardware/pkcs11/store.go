@@ -81,11 +81,13 @@ func Open(ctx context.Context, u keystore.PKCS11, opts ...Option) (*Store, error
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	// Checked again so that a URI built by hand, not by ParseURI, gets
-	// the same answers.
-	if _, err := keystore.ParseURI(u.String()); err != nil {
+	// Checked and normalised again, so that attributes built by hand, not
+	// by ParseURI, get the same answers.
+	parsed, err := keystore.ParseURI(u.String())
+	if err != nil {
 		return nil, fmt.Errorf("pkcs11: %w", err)
 	}
+	u = parsed.PKCS11
 	pin, err := readPIN(u.PINSource)
 	if err != nil {
 		return nil, err
@@ -157,7 +159,8 @@ func findToken(u keystore.PKCS11) (uint, p11.TokenInfo, error) {
 	defer m.Destroy()
 	switch err := m.Initialize(); {
 	case err == nil:
-		defer m.Finalize() //nolint:errcheck // nothing to do about a failed finalize of a probe
+		// A failed C_Finalize of this probe leaves nothing to undo.
+		defer m.Finalize()
 	case errors.Is(err, p11.Error(p11.CKR_CRYPTOKI_ALREADY_INITIALIZED)):
 		// Another store of this process has it loaded: leave it so.
 	default:
@@ -258,26 +261,27 @@ func (s *Store) Generate(ctx context.Context, name string, alg keystore.KeyAlg) 
 	if _, err := rand.Read(id); err != nil {
 		return nil, err
 	}
-	pub, err := crypto11.NewAttributeSetWithIDAndLabel(id, []byte(name))
-	if err != nil {
-		return nil, err
-	}
-	priv := pub.Copy()
-	set := func(a crypto11.AttributeSet, t crypto11.AttributeType, v bool) {
-		_ = a.Set(t, v) // bool values always convert
-	}
-	set(pub, crypto11.CkaToken, true)
-	set(pub, crypto11.CkaVerify, true)
-	set(pub, crypto11.CkaEncrypt, false)
-	set(pub, crypto11.CkaWrap, false)
-	set(priv, crypto11.CkaToken, true)
-	set(priv, crypto11.CkaPrivate, true)
-	set(priv, crypto11.CkaSensitive, true)
-	set(priv, crypto11.CkaExtractable, false)
-	set(priv, crypto11.CkaSign, true)
-	set(priv, crypto11.CkaDecrypt, false)
-	set(priv, crypto11.CkaUnwrap, false)
-	set(priv, crypto11.CkaDerive, false)
+	pub, priv := crypto11.NewAttributeSet(), crypto11.NewAttributeSet()
+	pub.AddIfNotPresent([]*p11.Attribute{
+		p11.NewAttribute(p11.CKA_ID, id),
+		p11.NewAttribute(p11.CKA_LABEL, name),
+		p11.NewAttribute(p11.CKA_TOKEN, true),
+		p11.NewAttribute(p11.CKA_VERIFY, true),
+		p11.NewAttribute(p11.CKA_ENCRYPT, false),
+		p11.NewAttribute(p11.CKA_WRAP, false),
+	})
+	priv.AddIfNotPresent([]*p11.Attribute{
+		p11.NewAttribute(p11.CKA_ID, id),
+		p11.NewAttribute(p11.CKA_LABEL, name),
+		p11.NewAttribute(p11.CKA_TOKEN, true),
+		p11.NewAttribute(p11.CKA_PRIVATE, true),
+		p11.NewAttribute(p11.CKA_SENSITIVE, true),
+		p11.NewAttribute(p11.CKA_EXTRACTABLE, false),
+		p11.NewAttribute(p11.CKA_SIGN, true),
+		p11.NewAttribute(p11.CKA_DECRYPT, false),
+		p11.NewAttribute(p11.CKA_UNWRAP, false),
+		p11.NewAttribute(p11.CKA_DERIVE, false),
+	})
 	var k crypto11.Signer
 	if bits := alg.RSABits(); bits != 0 {
 		k, err = s.c.GenerateRSAKeyPairWithAttributes(pub, priv, bits)

@@ -183,6 +183,11 @@ func TestNoToken(t *testing.T) {
 		u.Token, u.SlotID = "", strconv.FormatUint(uint64(tok.Slot), 10)
 		open(t, u)
 	})
+	t.Run("slot-id built by hand with leading zeros", func(t *testing.T) {
+		u := tok.URI()
+		u.Token, u.SlotID = "", "00"+strconv.FormatUint(uint64(tok.Slot), 10)
+		open(t, u)
+	})
 	t.Run("every attribute", func(t *testing.T) {
 		u := tok.URI()
 		u.Manufacturer, u.Model, u.SlotID = "SoftHSM project", "SoftHSM v2", strconv.FormatUint(uint64(tok.Slot), 10)
