@@ -26,8 +26,11 @@
 // stricter) or an environment variable (pin-source=env:NAME); a URI holding
 // pin-value is refused by [keystore.ParseURI], and no error of this package
 // contains the PIN. PKCS#11 logs in an application, not a session: while
-// one store of a process is logged in to a token, another store of the same
-// process on that token is logged in too, whatever PIN it was given.
+// one store of a process is logged in to a token, the token answers any
+// further login of the process with "already logged in", whatever the PIN.
+// [Open] therefore remembers a SHA-256 digest of the PIN each token of the
+// process accepted (while a store on it is open) and refuses another PIN
+// with [ErrPIN] itself.
 //
 // # Concurrency
 //

@@ -7,6 +7,8 @@ import (
 	"crypto"
 	"crypto/rand"
 	"crypto/rsa"
+	"crypto/sha256"
+	"crypto/subtle"
 	"errors"
 	"fmt"
 	"io"
@@ -29,7 +31,25 @@ const DefaultMaxSessions = 16
 
 // moduleMu serialises loading, initialising and finalising modules: PKCS#11
 // initialisation is per process, and crypto11 counts its users per module.
+// It also guards logins.
 var moduleMu sync.Mutex
+
+// PKCS#11 logs in an application, not a session: while one store is logged
+// in to a token, the token answers another store's C_Login with
+// CKR_USER_ALREADY_LOGGED_IN whatever PIN it gives. logins remembers, per
+// token, a digest of the PIN the token accepted, so that a later store of
+// this process with another PIN is refused all the same.
+var logins = map[loginKey]*login{}
+
+type loginKey struct {
+	module string
+	slot   uint
+}
+
+type login struct {
+	pin    [sha256.Size]byte
+	stores int
+}
 
 // Store is a [keystore.Store] on one PKCS#11 token. Create it with [Open];
 // Close logs out (with the last store of the process on that module) and
@@ -38,6 +58,7 @@ type Store struct {
 	c      *crypto11.Context
 	object string // "" or the one label this store may use
 	token  string // describes the token in errors
+	login  loginKey
 
 	mu     sync.Mutex // serialises Generate and Delete
 	closed atomic.Bool
@@ -100,6 +121,11 @@ func Open(ctx context.Context, u keystore.PKCS11, opts ...Option) (*Store, error
 		return nil, err
 	}
 	desc := describe(slot, info)
+	key := loginKey{u.ModulePath, slot}
+	sum := sha256.Sum256([]byte(pin))
+	if l := logins[key]; l != nil && subtle.ConstantTimeCompare(l.pin[:], sum[:]) != 1 {
+		return nil, fmt.Errorf("%w for %s (from pin-source %s): another store of this process is logged in to this token with another PIN", ErrPIN, desc, u.PINSource)
+	}
 	if info.Flags&p11.CKF_USER_PIN_LOCKED != 0 {
 		return nil, fmt.Errorf("%w on %s: unblock it with the SO PIN (pkcs11-tool --login --login-type so --init-pin) or re-initialise the token", ErrPINLocked, desc)
 	}
@@ -116,7 +142,13 @@ func Open(ctx context.Context, u keystore.PKCS11, opts ...Option) (*Store, error
 	if err != nil {
 		return nil, loginErr(u, slot, desc, err)
 	}
-	return &Store{c: c, object: u.Object, token: desc}, nil
+	l := logins[key]
+	if l == nil {
+		l = &login{pin: sum}
+		logins[key] = l
+	}
+	l.stores++
+	return &Store{c: c, object: u.Object, token: desc, login: key}, nil
 }
 
 // loginErr explains a failed crypto11.Configure, with the token's PIN
@@ -408,6 +440,11 @@ func (s *Store) Close() error {
 	defer moduleMu.Unlock()
 	if s.closed.Swap(true) {
 		return nil
+	}
+	if l := logins[s.login]; l != nil {
+		if l.stores--; l.stores == 0 {
+			delete(logins, s.login)
+		}
 	}
 	return s.c.Close()
 }

@@ -99,6 +99,17 @@ func TestWrongPIN(t *testing.T) {
 	}
 	// The right PIN still works afterwards.
 	open(t, tok.URI())
+
+	// The token now answers any C_Login of this process with "already
+	// logged in"; the store refuses a wrong PIN all the same.
+	_, err = pkcs11.Open(t.Context(), u)
+	if !errors.Is(err, pkcs11.ErrPIN) || !strings.Contains(err.Error(), "another PIN") {
+		t.Fatalf("Open with a wrong PIN while logged in = %v, want ErrPIN", err)
+	}
+	if strings.Contains(err.Error(), tok.PIN) || strings.Contains(err.Error(), "not-the-pin-4711") {
+		t.Errorf("error contains a PIN: %v", err)
+	}
+	open(t, tok.URI()) // a second store with the right PIN is fine
 }
 
 func TestPINSources(t *testing.T) {
