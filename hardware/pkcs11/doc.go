@@ -12,7 +12,8 @@
 // exactly one token: every attribute given must match. A key NAME is the
 // key pair whose objects carry CKA_LABEL NAME (and a CKA_ID, random for keys
 // made here, shared by both halves); object=NAME restricts the store to that
-// one key. Keys made by other programs (pkcs11-tool --keypairgen --label
+// one key. [Store.Rename] relabels a pair (PKCS#11 has no atomic change of
+// several objects: see its documentation). Keys made by other programs (pkcs11-tool --keypairgen --label
 // NAME --id ID) are used the same way.
 //
 // # Security

@@ -59,12 +59,19 @@ type Store struct {
 	object string // "" or the one label this store may use
 	token  string // describes the token in errors
 	login  loginKey
+	// raw reaches the module directly for what crypto11 lacks
+	// (C_SetAttributeValue); the module is initialised by crypto11.
+	raw  *p11.Ctx
+	slot uint
 
 	mu     sync.Mutex // serialises Generate and Delete
 	closed atomic.Bool
 }
 
-var _ keystore.Store = (*Store)(nil)
+var (
+	_ keystore.Store   = (*Store)(nil)
+	_ keystore.Renamer = (*Store)(nil)
+)
 
 type options struct {
 	maxSessions int
@@ -142,13 +149,28 @@ func Open(ctx context.Context, u keystore.PKCS11, opts ...Option) (*Store, error
 	if err != nil {
 		return nil, loginErr(u, slot, desc, err)
 	}
+	raw := p11.New(u.ModulePath)
+	if raw == nil {
+		c.Close()
+		return nil, fmt.Errorf("%w %s: second dlopen failed", ErrNoModule, u.ModulePath)
+	}
+	if err := raw.Initialize(); err == nil || !errors.Is(err, p11.Error(p11.CKR_CRYPTOKI_ALREADY_INITIALIZED)) {
+		// crypto11 initialised it: anything else is a module we do not
+		// understand.
+		if err == nil {
+			raw.Finalize()
+		}
+		raw.Destroy()
+		c.Close()
+		return nil, fmt.Errorf("pkcs11: %s: module not initialised after login (%v)", u.ModulePath, err)
+	}
 	l := logins[key]
 	if l == nil {
 		l = &login{pin: sum}
 		logins[key] = l
 	}
 	l.stores++
-	return &Store{c: c, object: u.Object, token: desc, login: key}, nil
+	return &Store{c: c, object: u.Object, token: desc, login: key, raw: raw, slot: slot}, nil
 }
 
 // loginErr explains a failed crypto11.Configure, with the token's PIN
@@ -433,6 +455,87 @@ func (s *Store) Delete(ctx context.Context, name string) error {
 	return nil
 }
 
+// Rename gives the key pair labelled oldName the label newName, deleting
+// any key pair labelled newName first. PKCS#11 has no atomic multi-object
+// change: a crash in between leaves the new name free and the key under
+// its old name (which identity renewal recovers from), never two keys of
+// one name. The private half is relabelled first: its public half is
+// found by CKA_ID alone until it follows.
+func (s *Store) Rename(ctx context.Context, oldName, newName string) error {
+	if err := s.check(ctx, oldName); err != nil {
+		return err
+	}
+	if err := s.check(ctx, newName); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	src, err := s.find(oldName)
+	if err != nil {
+		return err
+	}
+	if oldName == newName {
+		return nil
+	}
+	a, err := s.c.GetAttribute(src, crypto11.CkaId)
+	if err != nil {
+		return s.wrap("read key ID", err)
+	}
+	var id []byte
+	if a != nil {
+		id = a.Value
+	}
+	old, err := s.c.FindKeyPairs(nil, []byte(newName))
+	if err != nil {
+		return s.wrap("look up "+strconv.Quote(newName), err)
+	}
+	for _, k := range old {
+		if err := k.Delete(); err != nil {
+			return s.wrap("delete "+strconv.Quote(newName), err)
+		}
+	}
+	sess, err := s.raw.OpenSession(s.slot, p11.CKF_SERIAL_SESSION|p11.CKF_RW_SESSION)
+	if err != nil {
+		return s.wrap("open session", err)
+	}
+	defer s.raw.CloseSession(sess) // nothing to undo if it fails
+	for _, class := range []uint{p11.CKO_PRIVATE_KEY, p11.CKO_PUBLIC_KEY} {
+		tmpl := []*p11.Attribute{p11.NewAttribute(p11.CKA_CLASS, class), p11.NewAttribute(p11.CKA_LABEL, oldName)}
+		if len(id) > 0 {
+			tmpl = append(tmpl, p11.NewAttribute(p11.CKA_ID, id))
+		}
+		handles, err := s.findObjects(sess, tmpl)
+		if err != nil {
+			return s.wrap("find "+strconv.Quote(oldName), err)
+		}
+		for _, h := range handles {
+			if err := s.raw.SetAttributeValue(sess, h, []*p11.Attribute{p11.NewAttribute(p11.CKA_LABEL, newName)}); err != nil {
+				return s.wrap(fmt.Sprintf("relabel %q as %q", oldName, newName), err)
+			}
+		}
+	}
+	return nil
+}
+
+func (s *Store) findObjects(sess p11.SessionHandle, tmpl []*p11.Attribute) ([]p11.ObjectHandle, error) {
+	if err := s.raw.FindObjectsInit(sess, tmpl); err != nil {
+		return nil, err
+	}
+	var all []p11.ObjectHandle
+	for {
+		hs, _, err := s.raw.FindObjects(sess, 16)
+		if err != nil {
+			s.raw.FindObjectsFinal(sess) // the find error is the one to report
+			return nil, err
+		}
+		if len(hs) == 0 {
+			break
+		}
+		all = append(all, hs...)
+	}
+	return all, s.raw.FindObjectsFinal(sess)
+}
+
 // Close logs out and unloads the module when this is the process's last
 // store on it. Signers of a closed store return [ErrClosed].
 func (s *Store) Close() error {
@@ -446,6 +549,7 @@ func (s *Store) Close() error {
 			delete(logins, s.login)
 		}
 	}
+	s.raw.Destroy() // unloads nothing while crypto11 holds the module
 	return s.c.Close()
 }
 

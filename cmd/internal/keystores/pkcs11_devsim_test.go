@@ -29,6 +29,7 @@ func TestDevsimEnrollPKCS11(t *testing.T) {
 	}
 	hsm := softhsmtest.Start(t)
 	tok := hsm.InitToken(t, "mqtls")
+	tokB := hsm.InitToken(t, "mqtls-b") // SoftHSM sees tokens made before it loads
 	bin := filepath.Join(t.TempDir(), "devsim")
 	if out, err := exec.Command("go", "build", "-o", bin, "github.com/mqtls/mqtls/cmd/devsim").CombinedOutput(); err != nil {
 		t.Fatalf("go build devsim: %v\n%s", err, out)
@@ -39,7 +40,7 @@ func TestDevsimEnrollPKCS11(t *testing.T) {
 		var out bytes.Buffer
 		cmd.Stdout, cmd.Stderr = &out, &out
 		err := cmd.Run()
-		if strings.Contains(out.String(), tok.PIN) {
+		if strings.Contains(out.String(), tok.PIN) || strings.Contains(out.String(), tokB.PIN) {
 			t.Errorf("devsim %s printed the PIN", args[0])
 		}
 		return out.String(), err
@@ -94,5 +95,39 @@ func TestDevsimEnrollPKCS11(t *testing.T) {
 	out, err = devsim("sub", "--broker", url, "--identity", dir, "--topic", "devices/dev-p11/#", "--count", "1", "--timeout", "10s")
 	if err != nil || !slices.Contains(strings.Split(out, "\n"), "devices/dev-p11/status on-hsm") {
 		t.Fatalf("sub: %v\n%s", err, out)
+	}
+
+	// Renewal keeps the key; a new key needs a URI without object=
+	// (the new key is made as device-next, then renamed to device).
+	if out, err := devsim("renew", "--identity", dir); err != nil || !strings.Contains(out, "renewed dev-p11") {
+		t.Fatalf("renew: %v\n%s", err, out)
+	}
+	if out, err := devsim("renew", "--identity", dir, "--rekey"); err == nil || !strings.Contains(out, "object=device") {
+		t.Fatalf("renew --rekey with object=device: %v\n%s", err, out)
+	}
+	dirB := filepath.Join(t.TempDir(), "dev-p11b")
+	if err := os.WriteFile(tokFile, []byte(est.Token(t, "dev-p11b", "", time.Hour)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	uriB := "pkcs11:token=mqtls-b?module-path=" + softhsmtest.Module + "&pin-source=file:" + tokB.PINFile
+	if out, err := devsim("enroll", "--est", est.URL, "--ca", root, "--device", "dev-p11b", "--token-file", tokFile, "--keystore", uriB, "--out", dirB); err != nil {
+		t.Fatalf("enroll dev-p11b: %v\n%s", err, out)
+	}
+	spki := func() []byte {
+		certs, err := device.ReadCertFile(filepath.Join(dirB, device.CertFile))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return certs[0].RawSubjectPublicKeyInfo
+	}
+	before := spki()
+	if out, err := devsim("renew", "--identity", dirB, "--rekey"); err != nil || !strings.Contains(out, "renewed dev-p11b") {
+		t.Fatalf("renew --rekey: %v\n%s", err, out)
+	}
+	if bytes.Equal(spki(), before) {
+		t.Fatal("renew --rekey kept the old key")
+	}
+	if out, err := devsim("pub", "--broker", url, "--identity", dirB, "--topic", "devices/dev-p11b/status", "--message", "rekeyed", "--qos", "1"); err != nil {
+		t.Fatalf("pub after rekey: %v\n%s", err, out)
 	}
 }
