@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/mqtls/mqtls/hardware/pkcs11"
@@ -17,21 +18,52 @@ func TestNoCgoSaysPKCS11Unavailable(t *testing.T) {
 	if testing.Short() {
 		t.Skip("SKIP: builds a test binary with CGO_ENABLED=0 (-short)")
 	}
-	bin := filepath.Join(t.TempDir(), "keystores.test")
-	build := exec.Command("go", "test", "-c", "-o", bin, ".")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("CGO_ENABLED=0 build: %v\n%s", err, out)
-	}
-	out, err := exec.Command(bin, "-test.run", "^TestHelperOpenPKCS11$", "-test.v").CombinedOutput()
-	if err != nil {
-		t.Fatalf("helper: %v\n%s", err, out)
-	}
+	out := runNoCgo(t, "TestHelperOpenPKCS11")
 	for _, want := range []string{"pkcs11: unavailable in this build", "CGO_ENABLED=0", "ErrUnavailable=true"} {
-		if !strings.Contains(string(out), want) {
+		if !strings.Contains(out, want) {
 			t.Fatalf("no-cgo pkcs11 error does not say %q:\n%s", want, out)
 		}
 	}
+}
+
+var noCgo struct {
+	sync.Once
+	bin string
+	err error
+	out []byte
+}
+
+// runNoCgo runs the helper test of this package in a test binary built
+// once with CGO_ENABLED=0 and returns its output.
+func runNoCgo(t *testing.T, helper string) string {
+	t.Helper()
+	noCgo.Do(func() {
+		dir, err := os.MkdirTemp("", "keystores-nocgo")
+		if err != nil {
+			noCgo.err = err
+			return
+		}
+		noCgo.bin = filepath.Join(dir, "keystores.test")
+		build := exec.Command("go", "test", "-c", "-o", noCgo.bin, ".")
+		build.Env = append(os.Environ(), "CGO_ENABLED=0")
+		noCgo.out, noCgo.err = build.CombinedOutput()
+	})
+	if noCgo.err != nil {
+		t.Fatalf("CGO_ENABLED=0 build: %v\n%s", noCgo.err, noCgo.out)
+	}
+	out, err := exec.Command(noCgo.bin, "-test.run", "^"+helper+"$", "-test.v").CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s: %v\n%s", helper, err, out)
+	}
+	return string(out)
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if noCgo.bin != "" {
+		os.RemoveAll(filepath.Dir(noCgo.bin))
+	}
+	os.Exit(code)
 }
 
 // TestHelperOpenPKCS11 prints what opening a pkcs11: URI does in this
