@@ -16,6 +16,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 
 	p11 "github.com/miekg/pkcs11"
@@ -466,5 +467,41 @@ func TestDigestLength(t *testing.T) {
 	sig, err := signer.Sign(rand.Reader, d[:], crypto.SHA256)
 	if err != nil || !ecdsa.VerifyASN1(signer.Public().(*ecdsa.PublicKey), d[:], sig) {
 		t.Fatalf("Sign: %v", err)
+	}
+}
+
+// More signers than sessions: callers wait for a session from the pool
+// instead of failing.
+func TestSmallPool(t *testing.T) {
+	hsm := softhsmtest.Start(t)
+	tok := hsm.InitToken(t, "pool")
+	s := open(t, tok.URI(), pkcs11.WithMaxSessions(1))
+	signer, err := s.Generate(t.Context(), "k", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := signer.Public().(*ecdsa.PublicKey)
+	errs := make(chan error, 8)
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Go(func() {
+			for i := range 20 {
+				d := sha256.Sum256([]byte{byte(g), byte(i)})
+				sig, err := signer.Sign(rand.Reader, d[:], crypto.SHA256)
+				if err != nil {
+					errs <- err
+					return
+				}
+				if !ecdsa.VerifyASN1(pub, d[:], sig) {
+					errs <- errors.New("signature does not verify")
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
 	}
 }
