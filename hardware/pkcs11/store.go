@@ -457,10 +457,10 @@ func (s *Store) Delete(ctx context.Context, name string) error {
 
 // Rename gives the key pair labelled oldName the label newName, deleting
 // any key pair labelled newName first. PKCS#11 has no atomic multi-object
-// change: a crash in between leaves the new name free and the key under
-// its old name (which identity renewal recovers from), never two keys of
-// one name. The private half is relabelled first: its public half is
-// found by CKA_ID alone until it follows.
+// change: a crash in between leaves the key under its old name (which
+// identity renewal recovers from) or its private half already relabelled,
+// never two keys of one name. The private half is relabelled first: its
+// public half is found by CKA_ID alone until it follows.
 func (s *Store) Rename(ctx context.Context, oldName, newName string) error {
 	if err := s.check(ctx, oldName); err != nil {
 		return err
