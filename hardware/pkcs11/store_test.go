@@ -316,23 +316,10 @@ func TestKeysStayInToken(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	m := p11.New(softhsmtest.Module)
-	if m == nil {
-		t.Fatal("cannot load the SoftHSM module")
-	}
-	defer m.Destroy()
-	if err := m.Initialize(); err != nil {
-		t.Fatal(err)
-	}
-	defer m.Finalize()
-	sess, err := m.OpenSession(tok.Slot, p11.CKF_SERIAL_SESSION)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.CloseSession(sess)
-	if err := m.Login(sess, p11.CKU_USER, tok.PIN); err != nil {
-		t.Fatal(err)
-	}
+	direct(t, tok, func(m *p11.Ctx, sess p11.SessionHandle) { checkPrivateKeys(t, m, sess) })
+}
+
+func checkPrivateKeys(t *testing.T, m *p11.Ctx, sess p11.SessionHandle) {
 	if err := m.FindObjectsInit(sess, []*p11.Attribute{p11.NewAttribute(p11.CKA_CLASS, p11.CKO_PRIVATE_KEY)}); err != nil {
 		t.Fatal(err)
 	}
@@ -504,4 +491,75 @@ func TestSmallPool(t *testing.T) {
 	for err := range errs {
 		t.Error(err)
 	}
+}
+
+// A rename cut short after the private half (the state a crash in Rename
+// can leave): the key is found under its new name through the shared
+// CKA_ID, and not under its old one.
+func TestRenameCutShort(t *testing.T) {
+	hsm := softhsmtest.Start(t)
+	tok := hsm.InitToken(t, "cut")
+	s, err := pkcs11.Open(t.Context(), tok.URI())
+	if err != nil {
+		t.Fatal(err)
+	}
+	signer, err := s.Generate(t.Context(), "device-next", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	direct(t, tok, func(m *p11.Ctx, sess p11.SessionHandle) {
+		tmpl := []*p11.Attribute{p11.NewAttribute(p11.CKA_CLASS, p11.CKO_PRIVATE_KEY), p11.NewAttribute(p11.CKA_LABEL, "device-next")}
+		if err := m.FindObjectsInit(sess, tmpl); err != nil {
+			t.Fatal(err)
+		}
+		hs, _, err := m.FindObjects(sess, 2)
+		if err != nil || len(hs) != 1 {
+			t.Fatalf("private key: %v, %v", hs, err)
+		}
+		if err := m.FindObjectsFinal(sess); err != nil {
+			t.Fatal(err)
+		}
+		if err := m.SetAttributeValue(sess, hs[0], []*p11.Attribute{p11.NewAttribute(p11.CKA_LABEL, "device")}); err != nil {
+			t.Fatal(err)
+		}
+	})
+	s = open(t, tok.URI())
+	got, err := s.Signer(t.Context(), "device")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !got.Public().(*ecdsa.PublicKey).Equal(signer.Public()) {
+		t.Fatal("half-renamed key has another public key")
+	}
+	keystoretest.CheckSigns(t, got)
+	if _, err := s.Signer(t.Context(), "device-next"); !errors.Is(err, keystore.ErrNotFound) {
+		t.Fatalf("Signer(old name) = %v, want ErrNotFound", err)
+	}
+}
+
+// direct runs f in a logged-in read-write session of tok's module, opened
+// without the store (no store of the test may be open).
+func direct(t *testing.T, tok *softhsmtest.Token, f func(*p11.Ctx, p11.SessionHandle)) {
+	t.Helper()
+	m := p11.New(softhsmtest.Module)
+	if m == nil {
+		t.Fatal("cannot load the SoftHSM module")
+	}
+	defer m.Destroy()
+	if err := m.Initialize(); err != nil {
+		t.Fatal(err)
+	}
+	defer m.Finalize()
+	sess, err := m.OpenSession(tok.Slot, p11.CKF_SERIAL_SESSION|p11.CKF_RW_SESSION)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.CloseSession(sess)
+	if err := m.Login(sess, p11.CKU_USER, tok.PIN); err != nil {
+		t.Fatal(err)
+	}
+	f(m, sess)
 }
