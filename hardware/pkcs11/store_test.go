@@ -563,3 +563,19 @@ func direct(t *testing.T, tok *softhsmtest.Token, f func(*p11.Ctx, p11.SessionHa
 	}
 	f(m, sess)
 }
+
+// The device SDK does not link the PKCS#11 backend or its dependencies:
+// only programs that import this package (the commands) do.
+func TestSDKDoesNotLinkPKCS11(t *testing.T) {
+	out, err := exec.Command("go", "list", "-deps",
+		"github.com/mqtls/mqtls/device", "github.com/mqtls/mqtls/examples/device",
+		"github.com/mqtls/mqtls/keystore", "github.com/mqtls/mqtls/provisioning").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go list: %v\n%s", err, out)
+	}
+	for dep := range strings.SplitSeq(string(out), "\n") {
+		if strings.Contains(dep, "pkcs11") || strings.Contains(dep, "crypto11") {
+			t.Errorf("the SDK links %s", dep)
+		}
+	}
+}
