@@ -7,7 +7,9 @@
 // syntax shared by the commands ([ParseURI]) and two software backends:
 // [FileStore] (PKCS#8 PEM files) and [MemoryStore] (keys that die with the
 // process, for simulators). The TPM 2.0 backend lives in package
-// github.com/mqtls/mqtls/hardware/tpm.
+// github.com/mqtls/mqtls/hardware/tpm, the PKCS#11 backend (secure elements,
+// smart cards, HSMs; pkcs11: URIs, [PKCS11]) in package
+// github.com/mqtls/mqtls/hardware/pkcs11.
 //
 // # Security
 //

@@ -10,7 +10,7 @@ import (
 // Any string parses to a URI that prints back to itself, or fails with
 // ErrBadURI.
 func FuzzParseURI(f *testing.F) {
-	for _, s := range []string{"file", "file:/a", "mem", "tpm", "tpm:/dev/tpm0", "swtpm:127.0.0.1:2321", "tpmsim:x", "x:y:z"} {
+	for _, s := range []string{"file", "file:/a", "mem", "tpm", "tpm:/dev/tpm0", "swtpm:127.0.0.1:2321", "tpmsim:x", "x:y:z", "pkcs11:token=t;object=o?module-path=/m.so&pin-source=file:p", "pkcs11:slot-id=01;serial=%41?module-path=/a%2Fb&pin-source=env:P"} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {

@@ -12,7 +12,7 @@ import (
 var ErrBadURI = errors.New("keystore: bad keystore URI")
 
 // URIForms lists the accepted keystore URIs, for help texts and errors.
-const URIForms = `file (keys in the identity directory), file:DIR, mem, tpm (= /dev/tpmrm0), tpm:/dev/PATH, swtpm:HOST:PORT, tpmsim:DIR`
+const URIForms = `file (keys in the identity directory), file:DIR, mem, tpm (= /dev/tpmrm0), tpm:/dev/PATH, swtpm:HOST:PORT, tpmsim:DIR, pkcs11:token=LABEL[;object=NAME]?module-path=/PATH/TO/MODULE.so&pin-source=file:PATH|env:NAME`
 
 // URI kinds.
 const (
@@ -21,6 +21,7 @@ const (
 	KindTPM    = "tpm"
 	KindSWTPM  = "swtpm"
 	KindTPMSim = "tpmsim"
+	KindPKCS11 = "pkcs11"
 )
 
 // DefaultTPMDevice is the TPM a bare "tpm" URI names: the kernel's resource
@@ -38,6 +39,8 @@ type URI struct {
 	Path string
 	// Addr is the swtpm command port, HOST:PORT; its control port is PORT+1.
 	Addr string
+	// PKCS11 holds the attributes of a pkcs11: URI.
+	PKCS11 PKCS11
 }
 
 // ParseURI parses a keystore URI. The error wraps [ErrBadURI] and lists the
@@ -45,7 +48,7 @@ type URI struct {
 func ParseURI(s string) (URI, error) {
 	kind, rest, hasArg := strings.Cut(s, ":")
 	bad := func(why string) (URI, error) {
-		return URI{}, fmt.Errorf("%w %q: %s; accepted forms: %s", ErrBadURI, s, why, URIForms)
+		return URI{}, fmt.Errorf("%w %q: %s; accepted forms: %s", ErrBadURI, redactPIN(s), why, URIForms)
 	}
 	switch kind {
 	case KindFile:
@@ -77,6 +80,15 @@ func ParseURI(s string) (URI, error) {
 			return bad("tpmsim: needs a directory")
 		}
 		return URI{Kind: KindTPMSim, Path: rest}, nil
+	case KindPKCS11:
+		if !hasArg {
+			return bad("pkcs11: needs attributes")
+		}
+		p, err := parsePKCS11(rest)
+		if err != nil {
+			return bad(err.Error())
+		}
+		return URI{Kind: KindPKCS11, PKCS11: p}, nil
 	}
 	return bad("unknown kind")
 }
@@ -84,6 +96,8 @@ func ParseURI(s string) (URI, error) {
 // String returns the URI in the form ParseURI accepts.
 func (u URI) String() string {
 	switch u.Kind {
+	case KindPKCS11:
+		return u.PKCS11.String()
 	case KindMem:
 		return KindMem
 	case KindSWTPM:

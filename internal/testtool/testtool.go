@@ -28,6 +28,8 @@ var packages = map[string]string{
 	"mosquitto_pub":      "mosquitto-clients",
 	"mosquitto_sub":      "mosquitto-clients",
 	"runuser":            "util-linux",
+	"softhsm2-util":      "softhsm2",
+	"pkcs11-tool":        "opensc",
 }
 
 // Require returns the path of program, or stops the test: Fatal under

@@ -19,7 +19,7 @@ type Store interface {
 
 // Open opens the keystore u names. Key files (and TPM key blobs) live in
 // identityDir unless u names a directory itself (file:DIR); for tpmsim:DIR,
-// DIR holds the simulator's seed.
+// DIR holds the simulator's seed; pkcs11: keys live in the token alone.
 func Open(ctx context.Context, u keystore.URI, identityDir string) (Store, error) {
 	switch u.Kind {
 	case keystore.KindFile:
@@ -36,6 +36,8 @@ func Open(ctx context.Context, u keystore.URI, identityDir string) (Store, error
 		return tpm.OpenSWTPM(ctx, u.Addr, identityDir)
 	case keystore.KindTPMSim:
 		return openSim(ctx, filepath.Clean(u.Path), identityDir)
+	case keystore.KindPKCS11:
+		return openPKCS11(ctx, u.PKCS11)
 	}
 	return nil, fmt.Errorf("%w: kind %q; accepted forms: %s", keystore.ErrBadURI, u.Kind, keystore.URIForms)
 }

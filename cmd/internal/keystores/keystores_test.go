@@ -3,7 +3,6 @@ package keystores
 import (
 	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -66,17 +65,8 @@ func TestNoCgoSaysTPMSimUnavailable(t *testing.T) {
 	if testing.Short() {
 		t.Skip("SKIP: builds a test binary with CGO_ENABLED=0 (-short)")
 	}
-	bin := filepath.Join(t.TempDir(), "keystores.test")
-	build := exec.Command("go", "test", "-c", "-o", bin, ".")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("CGO_ENABLED=0 build: %v\n%s", err, out)
-	}
-	out, err := exec.Command(bin, "-test.run", "^TestHelperOpenSim$", "-test.v").CombinedOutput()
-	if err != nil {
-		t.Fatalf("helper: %v\n%s", err, out)
-	}
-	if !strings.Contains(string(out), "tpmsim: unavailable") || !strings.Contains(string(out), "CGO_ENABLED=0") {
+	out := runNoCgo(t, "TestHelperOpenSim")
+	if !strings.Contains(out, "tpmsim: unavailable") || !strings.Contains(out, "CGO_ENABLED=0") {
 		t.Fatalf("no-cgo tpmsim error does not explain itself:\n%s", out)
 	}
 }
