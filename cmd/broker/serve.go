@@ -48,6 +48,12 @@ type serveConfig struct {
 	LogLevel         string        `yaml:"log_level"`
 	AuditMaxRows     int           `yaml:"audit_max_rows"` // audit retention (negative: unbounded)
 	AuditMaxAge      time.Duration `yaml:"audit_max_age"`
+	// trust data and sessions (see broker.Config)
+	AdmitWhenRegistryDown bool          `yaml:"admit_when_registry_down"`
+	MaxIntermediates      int           `yaml:"max_intermediates"`
+	MaxQueuedMessages     int           `yaml:"max_queued_messages"`
+	MaxMessageExpiry      time.Duration `yaml:"max_message_expiry"`
+	MaxSessionExpiry      time.Duration `yaml:"max_session_expiry"`
 }
 
 func defaultServeConfig() serveConfig {
@@ -88,6 +94,11 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&cfg.LogLevel, "log-level", cfg.LogLevel, "debug, info, warn or error")
 	fs.IntVar(&cfg.AuditMaxRows, "audit-max-rows", cfg.AuditMaxRows, "keep at most this many audit records (negative: no bound)")
 	fs.DurationVar(&cfg.AuditMaxAge, "audit-max-age", cfg.AuditMaxAge, "delete audit records older than this (negative: no bound)")
+	fs.BoolVar(&cfg.AdmitWhenRegistryDown, "admit-when-registry-down", false, "admit new connections (against the last revocation data) while the registry cannot be read; default: refuse them")
+	fs.IntVar(&cfg.MaxIntermediates, "max-intermediates", 0, "intermediate CAs allowed in a client chain (default 2)")
+	fs.IntVar(&cfg.MaxQueuedMessages, "max-queued-messages", 0, "QoS 1/2 messages kept per session, offline ones included (default 1024)")
+	fs.DurationVar(&cfg.MaxMessageExpiry, "max-message-expiry", 0, "expire retained and queued messages older than this (default 0: only a publisher's own v5 expiry)")
+	fs.DurationVar(&cfg.MaxSessionExpiry, "max-session-expiry", 0, "keep a disconnected persistent session at most this long (default 24h)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -115,6 +126,11 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		override(&cfg.LogLevel, flagCfg.LogLevel, set["log-level"])
 		override(&cfg.AuditMaxRows, flagCfg.AuditMaxRows, set["audit-max-rows"])
 		override(&cfg.AuditMaxAge, flagCfg.AuditMaxAge, set["audit-max-age"])
+		override(&cfg.AdmitWhenRegistryDown, flagCfg.AdmitWhenRegistryDown, set["admit-when-registry-down"])
+		override(&cfg.MaxIntermediates, flagCfg.MaxIntermediates, set["max-intermediates"])
+		override(&cfg.MaxQueuedMessages, flagCfg.MaxQueuedMessages, set["max-queued-messages"])
+		override(&cfg.MaxMessageExpiry, flagCfg.MaxMessageExpiry, set["max-message-expiry"])
+		override(&cfg.MaxSessionExpiry, flagCfg.MaxSessionExpiry, set["max-session-expiry"])
 	}
 	if err := needData(cfg.Data); err != nil {
 		return err
@@ -184,6 +200,8 @@ func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io
 			Addr: cfg.MQTTAddr, Certificate: srvCert, Root: c.Root, Issuers: []*x509.Certificate{c.Issuing},
 			MinTLSVersion: minTLS, Policy: pol, Registry: reg, CRLFile: cfg.CRL,
 			HandshakeTimeout: cfg.HandshakeTimeout, MaxWritesPending: cfg.MaxWritesPending, MaxPacketSize: cfg.MaxPacketSize,
+			AdmitWhenRegistryDown: cfg.AdmitWhenRegistryDown, MaxIntermediates: cfg.MaxIntermediates,
+			MaxQueuedMessages: cfg.MaxQueuedMessages, MaxMessageExpiry: cfg.MaxMessageExpiry, MaxSessionExpiry: cfg.MaxSessionExpiry,
 			Logger: log, Metrics: metrics,
 		})
 		if err != nil {

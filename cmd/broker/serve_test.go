@@ -153,3 +153,19 @@ func enrollAndConnect(t *testing.T, data, id, token, estAddr, mqttAddr string) (
 	t.Cleanup(func() { cl.Disconnect(0) })
 	return cl, lostc
 }
+
+// The broker's session and trust-data settings are config keys and flags.
+func TestServeEdgeSettings(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "broker.yaml")
+	os.WriteFile(file, []byte("admit_when_registry_down: true\nmax_intermediates: 3\nmax_queued_messages: 100\nmax_message_expiry: 48h\nmax_session_expiry: 2h\n"), 0o600)
+	cfg := defaultServeConfig()
+	if err := loadServeConfig(file, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	if !cfg.AdmitWhenRegistryDown || cfg.MaxIntermediates != 3 || cfg.MaxQueuedMessages != 100 || cfg.MaxMessageExpiry != 48*time.Hour || cfg.MaxSessionExpiry != 2*time.Hour {
+		t.Fatalf("settings not read: %+v", cfg)
+	}
+	if _, _, code := brokerCLI(t, "serve", "--max-queued-messages", "x"); code != 2 {
+		t.Errorf("a bad --max-queued-messages: exit %d, want 2", code)
+	}
+}
