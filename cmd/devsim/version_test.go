@@ -12,7 +12,7 @@ import (
 func TestVersion(t *testing.T) {
 	for _, arg := range []string{"--version", "version", "-version"} {
 		var out, errb bytes.Buffer
-		code := run(t.Context(), []string{arg}, &out, &errb)
+		code := run(t.Context(), []string{arg}, strings.NewReader(""), &out, &errb)
 		got := out.String()
 		if code != 0 || errb.Len() != 0 || !strings.HasPrefix(got, "devsim\nversion:  ") ||
 			!strings.Contains(got, "\nmodule:   github.com/mqtls/mqtls\n") ||
@@ -22,11 +22,11 @@ func TestVersion(t *testing.T) {
 		}
 	}
 	var out, errb bytes.Buffer
-	if code := run(t.Context(), []string{"version", "extra"}, &out, &errb); code != 2 {
+	if code := run(t.Context(), []string{"version", "extra"}, strings.NewReader(""), &out, &errb); code != 2 {
 		t.Errorf("devsim version extra: exit %d, want 2 (usage)", code)
 	}
 	out.Reset()
-	run(t.Context(), []string{"--help"}, &out, &errb)
+	run(t.Context(), []string{"--help"}, strings.NewReader(""), &out, &errb)
 	if !strings.Contains(out.String(), "devsim --version") {
 		t.Errorf("devsim --help does not mention --version:\n%s", out.String())
 	}
