@@ -303,6 +303,9 @@ func (b *Broker) SetPolicy(p *policy.Policy) error {
 	}
 	b.mu.RUnlock()
 	for _, s := range affected {
+		if s.children.Load() == nil {
+			b.loadChildren(s) // a policy that now has {child} templates for it
+		}
 		s.compile(p)
 		b.prune(s)
 	}

@@ -39,8 +39,9 @@ type session struct {
 	notAfter time.Time
 	remote   string
 	c        atomic.Pointer[compiled]
-	revoked  atomic.Bool  // no more deliveries; Mochi drops the session at expiry
-	decided  atomic.Int32 // publish decided in OnPacketRead: 0 none, 1 allowed, 2 denied
+	children atomic.Pointer[[]string] // a gateway's children (registry)
+	revoked  atomic.Bool              // no more deliveries; Mochi drops the session at expiry
+	decided  atomic.Int32             // publish decided in OnPacketRead: 0 none, 1 allowed, 2 denied
 	flow     flowState
 
 	// guarded by Broker.mu
@@ -61,7 +62,21 @@ type compiled struct {
 func (s *session) perms() *policy.Perms { return s.c.Load().perms }
 
 // compile (re)computes s's permissions from p.
-func (s *session) compile(p *policy.Policy) { s.c.Store(&compiled{p, p.Compile(s.id)}) }
+func (s *session) compile(p *policy.Policy) {
+	id := s.id
+	id.Children = s.childList()
+	s.c.Store(&compiled{p, p.Compile(id)})
+}
+
+// childList is a gateway's children (nil for other identities).
+func (s *session) childList() []string {
+	if c := s.children.Load(); c != nil {
+		return *c
+	}
+	return nil
+}
+
+func (s *session) setChildren(c []string) { s.children.Store(&c) }
 
 // authHook is the broker's only authentication/authorization hook: Mochi
 // ORs hook answers, so a second one could only widen access.
@@ -194,6 +209,9 @@ func (b *Broker) identify(cl *mqtt.Client, pk packets.Packet) (*session, *refusa
 	}
 	if time.Now().After(s.notAfter) {
 		return s, &refusal{label: "expired", reason: "certificate expired"}
+	}
+	if ref := b.loadChildren(s); ref != nil {
+		return s, ref
 	}
 	s.compile(b.policy.Load())
 	if pk.Connect.ClientIdentifier == "" {

@@ -46,7 +46,8 @@ type revocations struct {
 	since    time.Time
 	crlStamp time.Time
 	crlSize  int64
-	failing  bool // the last registry poll failed
+	failing  bool      // the last registry poll failed
+	gwSince  time.Time // gateways polled up to (watch goroutine only)
 }
 
 func newRevocations(b *Broker, reg Registry, crlFile string, issuers []*x509.Certificate) *revocations {
@@ -130,7 +131,11 @@ func (r *revocations) watch(stop <-chan struct{}, every time.Duration) {
 			}
 		}
 		if r.reg != nil {
-			r.setFailing(r.pollRegistry())
+			err := r.pollRegistry()
+			if err == nil {
+				r.gwSince, err = r.b.pollGateways(r.gwSince)
+			}
+			r.setFailing(err)
 		}
 		if r.crlFile != "" {
 			if err := r.loadCRL(); err != nil {

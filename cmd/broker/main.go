@@ -31,6 +31,7 @@ commands:
   revoke   revoke every certificate of a device
   devices  list the registry
   policy   check what a policy allows an identity (policy check)
+  gateway  list or set the devices a gateway speaks for
 
 Run "broker <command> -h" for its flags.
 `
@@ -42,6 +43,7 @@ var commands = map[string]cli.Command{
 	"revoke":  cmdRevoke,
 	"devices": cmdDevices,
 	"policy":  cmdPolicy,
+	"gateway": cmdGateway,
 }
 
 // run is main without the process: it returns the exit code.

@@ -23,8 +23,9 @@ func cmdPolicy(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	fs := newFlags("policy check", stderr)
 	file := fs.String("policy", "", "policy file (YAML); default: the built-in default policy")
 	cn := fs.String("cn", "", "certificate CN (device ID)")
-	var ous, sans listFlag
+	var ous, sans, children listFlag
 	fs.Var(&ous, "ou", "certificate OU (repeatable)")
+	fs.Var(&children, "child", "a gateway's child device ID, as the registry lists it (repeatable)")
 	fs.Var(&sans, "san", "certificate SAN (repeatable)")
 	clientID := fs.String("client-id", "", "MQTT client ID to check (\"\" with --empty-client-id: an empty ID)")
 	emptyID := fs.Bool("empty-client-id", false, "check an empty client ID (assigned by the broker)")
@@ -50,7 +51,7 @@ func cmdPolicy(ctx context.Context, args []string, stdout, stderr io.Writer) err
 			return fmt.Errorf("%s: %w", *file, err)
 		}
 	}
-	perms := pol.Compile(policy.Identity{CN: *cn, OUs: ous, SANs: sans})
+	perms := pol.Compile(policy.Identity{CN: *cn, OUs: ous, SANs: sans, Children: children})
 	fmt.Fprintf(stdout, "rules matched: %s\n", orNone(strings.Join(perms.Rules(), ", ")))
 	denied := false
 	answer := func(what string, ok bool, rule, detail string) {

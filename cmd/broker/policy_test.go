@@ -35,3 +35,29 @@ func TestPolicyCheck(t *testing.T) {
 		t.Errorf("broker policy without check: exit %d, want 2", code)
 	}
 }
+
+func TestGatewayCLI(t *testing.T) {
+	data := filepath.Join(t.TempDir(), "data")
+	if out, errs, code := brokerCLI(t, "init", "--data", data); code != 0 {
+		t.Fatalf("init: %d %s %s", code, out, errs)
+	}
+	if _, errs, code := brokerCLI(t, "gateway", "--data", data, "--device", "gw-1", "--children", "c-1"); code != 1 || !strings.Contains(errs, "not found") {
+		t.Errorf("children of an unknown device: exit %d %q", code, errs)
+	}
+	if out, errs, code := brokerCLI(t, "token", "--data", data, "--device", "gw-1", "--group", "gateway"); code != 0 {
+		t.Fatalf("token: %d %s %s", code, out, errs)
+	}
+	out, errs, code := brokerCLI(t, "gateway", "--data", data, "--device", "gw-1", "--children", "c-2, c-1,c-2")
+	if code != 0 || out != "gw-1: 2 children\nc-1\nc-2\n" {
+		t.Fatalf("set children: exit %d %q %q", code, out, errs)
+	}
+	if _, errs, code := brokerCLI(t, "gateway", "--data", data, "--device", "gw-1", "--children", "a/b"); code != 1 || !strings.Contains(errs, "a/b") {
+		t.Errorf("bad child: exit %d %q", code, errs)
+	}
+	if out, _, code := brokerCLI(t, "gateway", "--data", data, "--device", "gw-1"); code != 0 || out != "gw-1: 2 children\nc-1\nc-2\n" {
+		t.Errorf("list: exit %d %q", code, out)
+	}
+	if out, _, code := brokerCLI(t, "gateway", "--data", data, "--device", "gw-1", "--clear"); code != 0 || out != "gw-1: 0 children\n" {
+		t.Errorf("clear: exit %d %q", code, out)
+	}
+}

@@ -80,6 +80,9 @@ var postgresDialect = &dialect{
 			`CREATE INDEX audit_aggregate ON audit(event, device_id, remote, reason, id)`,
 			`CREATE INDEX audit_at ON audit(at)`,
 			`CREATE INDEX devices_revoked ON devices(id) WHERE status = 'revoked'`},
+		// 2: the devices a gateway speaks for.
+		{`CREATE TABLE gateways (id TEXT PRIMARY KEY, children TEXT NOT NULL, updated_at BIGINT NOT NULL)`,
+			`CREATE INDEX gateways_updated ON gateways(updated_at)`},
 	},
 	placeholder: dollarPlaceholders,
 	forUpdate:   " FOR UPDATE",

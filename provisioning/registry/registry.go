@@ -131,6 +131,15 @@ type Registry interface {
 	// RevokedDevices returns the IDs of the devices revoked now (a
 	// reinstated device is not), sorted.
 	RevokedDevices(ctx context.Context) ([]string, error)
+	// SetChildren replaces the device IDs gateway speaks for (audited;
+	// empty: none). Each must be a valid device ID. ErrNotFound for an
+	// unknown gateway.
+	SetChildren(ctx context.Context, gateway string, children []string) error
+	// Children returns the device IDs gateway speaks for, sorted.
+	Children(ctx context.Context, gateway string) ([]string, error)
+	// GatewaysChangedSince returns the gateways whose children were set at
+	// or after t, with their children now (for polling).
+	GatewaysChangedSince(ctx context.Context, t time.Time) (map[string][]string, error)
 	// Device returns one device, or ErrNotFound.
 	Device(ctx context.Context, id string) (Device, error)
 	// Devices returns every device, sorted by ID.

@@ -9,6 +9,8 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -711,6 +713,84 @@ func (r *sqlDB) RevokedDevices(ctx context.Context) ([]string, error) {
 		out = append(out, id)
 	}
 	return out, rows.Err()
+}
+
+// SetChildren replaces a gateway's children.
+func (r *sqlDB) SetChildren(ctx context.Context, gateway string, children []string) error {
+	set := map[string]bool{}
+	for _, c := range children {
+		if err := provisioning.CheckDeviceID(c); err != nil {
+			return fmt.Errorf("registry: child %w", err)
+		}
+		if c == gateway {
+			return fmt.Errorf("registry: gateway %q cannot be its own child", gateway)
+		}
+		set[c] = true
+	}
+	list := slices.Sorted(maps.Keys(set))
+	now := r.now()
+	tx, done, err := r.begin(ctx)
+	if err != nil {
+		return err
+	}
+	defer done()
+	if _, err := r.lockDevice(ctx, tx, gateway); err != nil {
+		return err
+	}
+	if _, err := r.exec(ctx, tx, `DELETE FROM gateways WHERE id = ?`, gateway); err != nil {
+		return fmt.Errorf("registry: %w", err)
+	}
+	if _, err := r.exec(ctx, tx, `INSERT INTO gateways (id, children, updated_at) VALUES (?, ?, ?)`, gateway, strings.Join(list, ","), now.UnixMilli()); err != nil {
+		return fmt.Errorf("registry: %w", err)
+	}
+	if err := r.auditTx(ctx, tx, now, Event{Event: "children", DeviceID: gateway, Reason: fmt.Sprintf("%d children", len(list))}); err != nil {
+		return err
+	}
+	if err := r.notify(ctx, tx); err != nil {
+		return err
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("registry: %w", err)
+	}
+	return nil
+}
+
+// Children returns a gateway's children.
+func (r *sqlDB) Children(ctx context.Context, gateway string) ([]string, error) {
+	var list string
+	err := r.db.QueryRowContext(ctx, r.q(`SELECT children FROM gateways WHERE id = ?`), gateway).Scan(&list)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("registry: %w", err)
+	}
+	return splitChildren(list), nil
+}
+
+// GatewaysChangedSince returns the gateways set at or after t.
+func (r *sqlDB) GatewaysChangedSince(ctx context.Context, t time.Time) (map[string][]string, error) {
+	rows, err := r.db.QueryContext(ctx, r.q(`SELECT id, children FROM gateways WHERE updated_at >= ?`), t.UnixMilli())
+	if err != nil {
+		return nil, fmt.Errorf("registry: %w", err)
+	}
+	defer rows.Close()
+	out := map[string][]string{}
+	for rows.Next() {
+		var id, list string
+		if err := rows.Scan(&id, &list); err != nil {
+			return nil, fmt.Errorf("registry: %w", err)
+		}
+		out[id] = splitChildren(list)
+	}
+	return out, rows.Err()
+}
+
+func splitChildren(list string) []string {
+	if list == "" {
+		return nil
+	}
+	return strings.Split(list, ",")
 }
 
 // Device returns one device.

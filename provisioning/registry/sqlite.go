@@ -73,6 +73,9 @@ var sqliteDialect = &dialect{
 			`ALTER TABLE audit ADD COLUMN last_at INTEGER`,
 			`CREATE INDEX audit_aggregate ON audit(event, device_id, remote, reason, id)`,
 			`CREATE INDEX audit_at ON audit(at)`},
+		// 3: the devices a gateway speaks for.
+		{`CREATE TABLE gateways (id TEXT PRIMARY KEY, children TEXT NOT NULL, updated_at INTEGER NOT NULL)`,
+			`CREATE INDEX gateways_updated ON gateways(updated_at)`},
 	},
 	placeholder: func(q string) string { return q },
 	oneWriter:   true,

@@ -43,6 +43,7 @@ func Run(t *testing.T, b Backend) {
 		{"AuditAggregationAndRetention", testAudit},
 		{"CABinding", testBinding},
 		{"ChangesSignalRevocation", testChanges},
+		{"GatewayChildren", testChildren},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) { tc.fn(t, b) })
@@ -486,5 +487,51 @@ func testChanges(t *testing.T, b Backend) {
 	}
 	cancel()
 	for range ch { // closed when ctx ends
+	}
+}
+
+func testChildren(t *testing.T, b Backend) {
+	r, reopen := b.Create(t, Root)
+	ctx := t.Context()
+	if err := r.SetChildren(ctx, "gw-1", []string{"c-1"}); !errors.Is(err, registry.ErrNotFound) {
+		t.Errorf("children of an unknown gateway: %v, want ErrNotFound", err)
+	}
+	enroll(t, r, "gw-1", "01")
+	before := time.Now().Add(-time.Second)
+	children := make([]string, 50)
+	for i := range children {
+		children[i] = fmt.Sprintf("child-%02d", 49-i)
+	}
+	if err := r.SetChildren(ctx, "gw-1", append(children, "child-00")); err != nil {
+		t.Fatal(err)
+	}
+	other := reopen(t)
+	got, err := other.Children(ctx, "gw-1")
+	if err != nil || len(got) != 50 || !slices.IsSorted(got) || got[0] != "child-00" {
+		t.Fatalf("Children = %v, %v (want 50, sorted, deduplicated)", got, err)
+	}
+	changed, err := other.GatewaysChangedSince(ctx, before)
+	if err != nil || len(changed["gw-1"]) != 50 {
+		t.Fatalf("GatewaysChangedSince = %v, %v", changed, err)
+	}
+	if changed, _ := other.GatewaysChangedSince(ctx, time.Now().Add(time.Hour)); len(changed) != 0 {
+		t.Errorf("changes in the future: %v", changed)
+	}
+	for _, bad := range [][]string{{"a/b"}, {"+"}, {""}, {"gw-1"}} {
+		if err := r.SetChildren(ctx, "gw-1", bad); err == nil {
+			t.Errorf("children %q accepted", bad)
+		}
+	}
+	if got, _ := r.Children(ctx, "gw-1"); len(got) != 50 {
+		t.Errorf("a refused change altered the children: %d", len(got))
+	}
+	if err := r.SetChildren(ctx, "gw-1", nil); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := other.Children(ctx, "gw-1"); len(got) != 0 {
+		t.Errorf("children after clearing: %v", got)
+	}
+	if got, _ := r.Children(ctx, "nobody"); len(got) != 0 {
+		t.Errorf("children of a device that is no gateway: %v", got)
 	}
 }
