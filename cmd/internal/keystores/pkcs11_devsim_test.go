@@ -92,7 +92,7 @@ func TestDevsimEnrollPKCS11(t *testing.T) {
 	if out, err := devsim("pub", "--broker", url, "--identity", dir, "--topic", "devices/dev-p11/status", "--message", "on-hsm", "--qos", "1", "--retain"); err != nil {
 		t.Fatalf("pub: %v\n%s", err, out)
 	}
-	out, err = devsim("sub", "--broker", url, "--identity", dir, "--topic", "devices/dev-p11/#", "--count", "1", "--timeout", "10s")
+	out, err = devsim("sub", "--broker", url, "--identity", dir, "--topic", "devices/dev-p11/#", "--count", "1", "--timeout", "10s", "-v")
 	if err != nil || !slices.Contains(strings.Split(out, "\n"), "devices/dev-p11/status on-hsm") {
 		t.Fatalf("sub: %v\n%s", err, out)
 	}
