@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -8,11 +9,15 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"reflect"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -64,17 +69,67 @@ func defaultServeConfig() serveConfig {
 	}
 }
 
+// loadServeConfig reads a YAML config file over cfg. Errors name the file
+// and the line: an unknown key by its name (with the known ones), a
+// syntax error by the line it is on.
 func loadServeConfig(path string, cfg *serveConfig) error {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return err
 	}
-	dec := yaml.NewDecoder(bytesReader(data))
-	dec.KnownFields(true)
-	if err := dec.Decode(cfg); err != nil && !errors.Is(err, io.EOF) {
+	var doc yaml.Node
+	if err := yaml.Unmarshal(data, &doc); err != nil {
+		// yaml.v3 numbers a parser error's line one early (its context
+		// mark is 0-based): find the line ourselves.
+		n, text := yamlErrorLine(data)
+		return fmt.Errorf("config %s: line %d: not valid YAML: %q", path, n, text)
+	}
+	if len(doc.Content) == 0 { // empty, or comments only
+		return nil
+	}
+	root := doc.Content[0]
+	if root.Kind != yaml.MappingNode {
+		return fmt.Errorf("config %s: line %d: want a mapping of settings (key: value)", path, root.Line)
+	}
+	known := serveConfigKeys()
+	for i := 0; i+1 < len(root.Content); i += 2 {
+		if k := root.Content[i]; !slices.Contains(known, k.Value) {
+			return fmt.Errorf("config %s: line %d: unknown key %q (known keys: %s)", path, k.Line, k.Value, strings.Join(known, ", "))
+		}
+	}
+	if err := root.Decode(cfg); err != nil {
 		return fmt.Errorf("config %s: %w", path, err)
 	}
 	return nil
+}
+
+// serveConfigKeys lists the config file's keys, sorted.
+func serveConfigKeys() []string {
+	var keys []string
+	t := reflect.TypeFor[serveConfig]()
+	for i := range t.NumField() {
+		if k, _, _ := strings.Cut(t.Field(i).Tag.Get("yaml"), ","); k != "" && k != "-" {
+			keys = append(keys, k)
+		}
+	}
+	slices.Sort(keys)
+	return keys
+}
+
+// yamlErrorLine returns the number and text of the line a YAML syntax
+// error is on: the line after the longest run of whole lines that parses.
+func yamlErrorLine(data []byte) (int, string) {
+	lines := bytes.SplitAfter(data, []byte("\n"))
+	if len(lines) > 10_000 {
+		return 0, ""
+	}
+	for n := len(lines) - 1; n > 0; n-- {
+		var node yaml.Node
+		if yaml.Unmarshal(bytes.Join(lines[:n], nil), &node) == nil {
+			return n + 1, strings.TrimRight(string(lines[n]), "\r\n")
+		}
+	}
+	return 1, strings.TrimRight(string(lines[0]), "\r\n")
 }
 
 func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -142,6 +197,18 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	return serve(ctx, cfg, loc, stderr)
 }
 
+// haveCA names the command that creates a data directory when dir or its
+// CA is missing.
+func haveCA(dir string) error {
+	if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("data directory %s does not exist: run \"broker init --data %s\" to create it", dir, dir)
+	}
+	if _, err := os.Stat(filepath.Join(dir, ca.RootCertFile)); errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("data directory %s holds no CA (no %s): run \"broker init --data %s\" to create it", dir, ca.RootCertFile, dir)
+	}
+	return nil
+}
+
 func override[T any](dst *T, v T, set bool) {
 	if set {
 		*dst = v
@@ -158,6 +225,9 @@ func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io
 		return usageErr("min TLS %q: want 1.2 or 1.3", cfg.MinTLS)
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	if err := haveCA(cfg.Data); err != nil {
+		return err
+	}
 	c, err := ca.Load(cfg.Data)
 	if err != nil {
 		return err
