@@ -29,6 +29,7 @@ import (
 
 	"github.com/mqtls/mqtls/broker"
 	"github.com/mqtls/mqtls/broker/policy"
+	"github.com/mqtls/mqtls/cmd/internal/cli"
 	"github.com/mqtls/mqtls/provisioning/ca"
 	"github.com/mqtls/mqtls/provisioning/registry"
 	"github.com/mqtls/mqtls/provisioning/server"
@@ -51,7 +52,9 @@ type serveConfig struct {
 	MaxPacketSize    uint32        `yaml:"max_packet_size"`
 	MinTLS           string        `yaml:"min_tls"` // "1.2" or "1.3"
 	LogLevel         string        `yaml:"log_level"`
-	AuditMaxRows     int           `yaml:"audit_max_rows"` // audit retention (negative: unbounded)
+	LogFormat        string        `yaml:"log_format"`      // "text" or "json"
+	LogConnections   bool          `yaml:"log_connections"` // a line per connection made and ended
+	AuditMaxRows     int           `yaml:"audit_max_rows"`  // audit retention (negative: unbounded)
 	AuditMaxAge      time.Duration `yaml:"audit_max_age"`
 	// trust data and sessions (see broker.Config)
 	AdmitWhenRegistryDown bool          `yaml:"admit_when_registry_down"`
@@ -64,7 +67,7 @@ type serveConfig struct {
 func defaultServeConfig() serveConfig {
 	return serveConfig{
 		MQTTAddr: "127.0.0.1:8883", ESTAddr: "127.0.0.1:8443", MetricsAddr: "127.0.0.1:9464",
-		Validity: ca.DefaultDeviceValidity, HandshakeTimeout: 10 * time.Second, MinTLS: "1.2", LogLevel: "info",
+		Validity: ca.DefaultDeviceValidity, HandshakeTimeout: 10 * time.Second, MinTLS: "1.2", LogLevel: "info", LogFormat: "text",
 		AuditMaxRows: 1_000_000, AuditMaxAge: 90 * 24 * time.Hour,
 	}
 }
@@ -147,6 +150,8 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.DurationVar(&cfg.HandshakeTimeout, "handshake-timeout", cfg.HandshakeTimeout, "deadline for TLS handshake + MQTT CONNECT")
 	fs.StringVar(&cfg.MinTLS, "min-tls", cfg.MinTLS, "lowest TLS version for MQTT clients: 1.2 (constrained devices) or 1.3")
 	fs.StringVar(&cfg.LogLevel, "log-level", cfg.LogLevel, "debug, info, warn or error")
+	fs.StringVar(&cfg.LogFormat, "log-format", cfg.LogFormat, "text (key=value) or json (one object a line, the same keys)")
+	fs.BoolVar(&cfg.LogConnections, "log-connections", false, "log every connection made and ended at info (default: only audit events: refusals, revocations, denials, enrollments)")
 	fs.IntVar(&cfg.AuditMaxRows, "audit-max-rows", cfg.AuditMaxRows, "keep at most this many audit records (negative: no bound)")
 	fs.DurationVar(&cfg.AuditMaxAge, "audit-max-age", cfg.AuditMaxAge, "delete audit records older than this (negative: no bound)")
 	fs.BoolVar(&cfg.AdmitWhenRegistryDown, "admit-when-registry-down", false, "admit new connections (against the last revocation data) while the registry cannot be read; default: refuse them")
@@ -179,6 +184,8 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		override(&cfg.HandshakeTimeout, flagCfg.HandshakeTimeout, set["handshake-timeout"])
 		override(&cfg.MinTLS, flagCfg.MinTLS, set["min-tls"])
 		override(&cfg.LogLevel, flagCfg.LogLevel, set["log-level"])
+		override(&cfg.LogFormat, flagCfg.LogFormat, set["log-format"])
+		override(&cfg.LogConnections, flagCfg.LogConnections, set["log-connections"])
 		override(&cfg.AuditMaxRows, flagCfg.AuditMaxRows, set["audit-max-rows"])
 		override(&cfg.AuditMaxAge, flagCfg.AuditMaxAge, set["audit-max-age"])
 		override(&cfg.AdmitWhenRegistryDown, flagCfg.AdmitWhenRegistryDown, set["admit-when-registry-down"])
@@ -216,15 +223,14 @@ func override[T any](dst *T, v T, set bool) {
 }
 
 func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io.Writer) error {
-	var level slog.Level
-	if err := level.UnmarshalText([]byte(cfg.LogLevel)); err != nil {
-		return usageErr("log level %q: %v", cfg.LogLevel, err)
+	log, err := cli.NewLogger(stderr, cfg.LogFormat, cfg.LogLevel)
+	if err != nil {
+		return err
 	}
 	minTLS := map[string]uint16{"1.2": tls.VersionTLS12, "1.3": tls.VersionTLS13}[cfg.MinTLS]
 	if minTLS == 0 {
 		return usageErr("min TLS %q: want 1.2 or 1.3", cfg.MinTLS)
 	}
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 	if err := haveCA(cfg.Data); err != nil {
 		return err
 	}
@@ -272,7 +278,7 @@ func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io
 			HandshakeTimeout: cfg.HandshakeTimeout, MaxWritesPending: cfg.MaxWritesPending, MaxPacketSize: cfg.MaxPacketSize,
 			AdmitWhenRegistryDown: cfg.AdmitWhenRegistryDown, MaxIntermediates: cfg.MaxIntermediates,
 			MaxQueuedMessages: cfg.MaxQueuedMessages, MaxMessageExpiry: cfg.MaxMessageExpiry, MaxSessionExpiry: cfg.MaxSessionExpiry,
-			Logger: log, Metrics: metrics,
+			Logger: log, LogConnections: cfg.LogConnections, Metrics: metrics,
 		})
 		if err != nil {
 			return err
