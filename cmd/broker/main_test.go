@@ -157,6 +157,15 @@ func TestBrokerErrorsNameTheFix(t *testing.T) {
 			t.Errorf("serve on a missing data dir: exit %d, stderr %q; want 1 and %q", code, errs, want)
 		}
 	})
+	t.Run("missing data directory, registry commands", func(t *testing.T) {
+		data := filepath.Join(t.TempDir(), "data")
+		for _, args := range [][]string{{"token", "--device", "dev-1"}, {"devices"}, {"revoke", "--device", "dev-1"}, {"gateway", "--device", "gw-1"}} {
+			_, errs, code := brokerCLI(t, append(args, "--data", data)...)
+			if want := `run "broker init --data ` + data + `"`; code != 1 || !strings.Contains(errs, want) || strings.Contains(errs, "--registry-only") {
+				t.Errorf("broker %s on a missing data dir: exit %d, stderr %q; want 1 and %q", args[0], code, errs, want)
+			}
+		}
+	})
 	for _, tc := range []struct {
 		name, yaml string
 		want       []string // in the error

@@ -85,6 +85,9 @@ func loadServeConfig(path string, cfg *serveConfig) error {
 		// yaml.v3 numbers a parser error's line one early (its context
 		// mark is 0-based): find the line ourselves.
 		n, text := yamlErrorLine(data)
+		if n == 0 {
+			return fmt.Errorf("config %s: %w", path, err)
+		}
 		return fmt.Errorf("config %s: line %d: not valid YAML: %q", path, n, text)
 	}
 	if len(doc.Content) == 0 { // empty, or comments only
@@ -120,7 +123,8 @@ func serveConfigKeys() []string {
 }
 
 // yamlErrorLine returns the number and text of the line a YAML syntax
-// error is on: the line after the longest run of whole lines that parses.
+// error is on: the line after the longest run of whole lines that parses
+// (0 for a file too long to search).
 func yamlErrorLine(data []byte) (int, string) {
 	lines := bytes.SplitAfter(data, []byte("\n"))
 	if len(lines) > 10_000 {
