@@ -89,6 +89,19 @@ bash -e recipe.sh
 			t.Errorf("the README block's output lacks %q", want)
 		}
 	}
+	// what the block's comment says of the answer: CRLF line breaks, which
+	// base64 -di reads and base64 -d refuses
+	p7, _ := os.ReadFile(filepath.Join(dir, "sensor-2.p7"))
+	b64, _ := os.ReadFile(filepath.Join(dir, "sensor-2.p7.b64"))
+	if !strings.Contains(string(b64), "\r\n") {
+		t.Error("the EST answer has no CRLF line breaks; fix the README's comment")
+	}
+	if got, err := exec.Command("base64", "-di", filepath.Join(dir, "sensor-2.p7.b64")).Output(); err != nil || string(got) != string(p7) || len(p7) == 0 {
+		t.Errorf("base64 -di does not decode the answer as openssl base64 -d does: %v", err)
+	}
+	if err := exec.Command("base64", "-d", filepath.Join(dir, "sensor-2.p7.b64")).Run(); err == nil {
+		t.Error("base64 -d decodes the answer; fix the README's comment")
+	}
 	if !strings.Contains(string(serveLog), "msg=enrolled cn=sensor-2") {
 		t.Errorf("broker serve did not log the enrollment of sensor-2")
 	}
