@@ -77,8 +77,13 @@ type Config struct {
 	// StallTimeout: a subscriber whose queue stays full this long is
 	// disconnected (default 30s).
 	StallTimeout time.Duration
-	// Logger for operations and audit lines (default: discard).
+	// Logger for operations and audit lines (default: discard). Audit
+	// lines (refusals, denials, closed sessions) are written at Info.
 	Logger *slog.Logger
+	// LogConnections writes a line at Info for every connection made and
+	// ended (and client ID assigned). Off by default: with a large fleet
+	// they would drown the audit lines.
+	LogConnections bool
 	// Metrics, if set, receives the broker's Prometheus collectors.
 	Metrics prometheus.Registerer
 }

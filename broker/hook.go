@@ -224,7 +224,9 @@ func (b *Broker) identify(cl *mqtt.Client, pk packets.Packet) (*session, *refusa
 		rand.Read(r[:])
 		cl.ID = s.id.CN + "-" + hex.EncodeToString(r[:])
 		cl.Properties.Props.AssignedClientID = cl.ID
-		b.log.Info("client ID assigned", "cn", s.id.CN, "client_id", cl.ID, "rule", rule)
+		if b.cfg.LogConnections {
+			b.log.Info("client ID assigned", "cn", s.id.CN, "client_id", cl.ID, "rule", rule)
+		}
 	} else if ok, _ := s.perms().AllowClientID(cl.ID); !ok {
 		return s, &refusal{label: "client_id_mismatch", reason: fmt.Sprintf("client ID %q not allowed for CN %q (policy client_ids; default: the CN)", cl.ID, s.id.CN)}
 	}
@@ -389,7 +391,7 @@ func (h *authHook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	}
 	b.metrics.connections.Inc()
 	b.metrics.accepted.Inc()
-	if b.log.Enabled(context.Background(), slog.LevelInfo) {
+	if b.cfg.LogConnections && b.log.Enabled(context.Background(), slog.LevelInfo) {
 		b.log.Info("connected", "cn", s.id.CN, "serial", s.serial, "remote", s.remote, "rules", strings.Join(s.perms().Rules(), ","))
 	}
 }
@@ -423,7 +425,9 @@ func (h *authHook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	b.flowRelease(s)
 	if live {
 		b.metrics.connections.Dec()
-		b.log.Info("disconnected", "cn", s.id.CN, "serial", s.serial, "remote", s.remote, "err", err)
+		if b.cfg.LogConnections {
+			b.log.Info("disconnected", "cn", s.id.CN, "serial", s.serial, "remote", s.remote, "err", err)
+		}
 	}
 }
 

@@ -141,3 +141,73 @@ func TestBrokerUsage(t *testing.T) {
 		}
 	}
 }
+
+// Errors that name their fix (issue 12, item 4).
+func TestBrokerErrorsNameTheFix(t *testing.T) {
+	t.Run("no arguments", func(t *testing.T) {
+		out, errs, code := brokerCLI(t)
+		if code != 2 || out != "" || !strings.Contains(errs, "usage: broker <command>") {
+			t.Errorf("broker: exit %d, stdout %q, stderr %q; want 2 and the usage on stderr", code, out, errs)
+		}
+	})
+	t.Run("missing data directory", func(t *testing.T) {
+		data := filepath.Join(t.TempDir(), "data")
+		_, errs, code := brokerCLI(t, "serve", "--data", data, "--mqtt-addr", "", "--est-addr", "", "--metrics-addr", "")
+		if want := `run "broker init --data ` + data + `"`; code != 1 || !strings.Contains(errs, want) {
+			t.Errorf("serve on a missing data dir: exit %d, stderr %q; want 1 and %q", code, errs, want)
+		}
+	})
+	t.Run("missing data directory, registry commands", func(t *testing.T) {
+		data := filepath.Join(t.TempDir(), "data")
+		for _, args := range [][]string{{"token", "--device", "dev-1"}, {"devices"}, {"revoke", "--device", "dev-1"}, {"gateway", "--device", "gw-1"}} {
+			_, errs, code := brokerCLI(t, append(args, "--data", data)...)
+			if want := `run "broker init --data ` + data + `"`; code != 1 || !strings.Contains(errs, want) || strings.Contains(errs, "--registry-only") {
+				t.Errorf("broker %s on a missing data dir: exit %d, stderr %q; want 1 and %q", args[0], code, errs, want)
+			}
+		}
+	})
+	for _, tc := range []struct {
+		name, yaml string
+		want       []string // in the error
+		not        string
+	}{
+		{"unknown key", "data: x\nmqtt_adr: 127.0.0.1:8883\n", []string{`line 2: unknown key "mqtt_adr"`, "mqtt_addr"}, "serveConfig"},
+		{"unknown key after comments", "# broker\n\ndata: x\nlog_level: info\nbogus: 1\n", []string{`line 5: unknown key "bogus"`}, "serveConfig"},
+		{"unclosed flow sequence", "data: x\nmqtt_addr: a\nest_addr: [b\nlog_level: info\n", []string{"line 3:"}, "line 2:"},
+		{"list item in a mapping", "# c\n\ndata: x\nmqtt_addr: a\n- x\n", []string{"line 5:"}, "line 2:"},
+		{"unclosed flow mapping", "data: x\nmqtt_addr: a\nmetrics_addr: {a\n", []string{"line 3:"}, "line 2:"},
+		{"bad indentation", "data: x\nmqtt_addr: a\n est_addr: b\n", []string{"line 3:"}, "line 2:"},
+		{"unterminated quote", "data: x\nmqtt_addr: a\nest_addr: \"b\nlog_level: info\n", []string{"line 3:"}, "line 2:"},
+		{"tab", "data: x\n\tmqtt_addr: a\n", []string{"line 2:"}, "line 1:"},
+		{"not a mapping", "- data: x\n", []string{"line 1:", "mapping"}, "serveConfig"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			file := filepath.Join(t.TempDir(), "broker.yaml")
+			os.WriteFile(file, []byte(tc.yaml), 0o600)
+			cfg := defaultServeConfig()
+			err := loadServeConfig(file, &cfg)
+			if err == nil {
+				t.Fatalf("loadServeConfig accepted\n%s", tc.yaml)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q lacks %q", err, w)
+				}
+			}
+			if strings.Contains(err.Error(), tc.not) {
+				t.Errorf("error %q holds %q", err, tc.not)
+			}
+			if !strings.Contains(err.Error(), file) {
+				t.Errorf("error %q does not name the file", err)
+			}
+		})
+	}
+	t.Run("empty file", func(t *testing.T) {
+		file := filepath.Join(t.TempDir(), "broker.yaml")
+		os.WriteFile(file, []byte("# nothing yet\n"), 0o600)
+		cfg := defaultServeConfig()
+		if err := loadServeConfig(file, &cfg); err != nil || cfg != defaultServeConfig() {
+			t.Errorf("an empty config file: %v, %+v", err, cfg)
+		}
+	})
+}

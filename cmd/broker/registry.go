@@ -5,6 +5,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io/fs"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -135,7 +136,14 @@ func (f *registryFlags) open(ctx context.Context, data string) (registry.Registr
 	if err != nil {
 		return nil, err
 	}
-	return loc.open(ctx)
+	r, err := loc.open(ctx)
+	if err != nil && loc.sqlite != "" && data != "" {
+		// no data directory at all: not a lost registry but a fresh machine
+		if _, serr := os.Stat(data); errors.Is(serr, fs.ErrNotExist) {
+			return nil, haveCA(data)
+		}
+	}
+	return r, err
 }
 
 // explain adds the command that fixes a registry that cannot be trusted.

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -8,11 +9,15 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"reflect"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -24,6 +29,7 @@ import (
 
 	"github.com/mqtls/mqtls/broker"
 	"github.com/mqtls/mqtls/broker/policy"
+	"github.com/mqtls/mqtls/cmd/internal/cli"
 	"github.com/mqtls/mqtls/provisioning/ca"
 	"github.com/mqtls/mqtls/provisioning/registry"
 	"github.com/mqtls/mqtls/provisioning/server"
@@ -46,7 +52,9 @@ type serveConfig struct {
 	MaxPacketSize    uint32        `yaml:"max_packet_size"`
 	MinTLS           string        `yaml:"min_tls"` // "1.2" or "1.3"
 	LogLevel         string        `yaml:"log_level"`
-	AuditMaxRows     int           `yaml:"audit_max_rows"` // audit retention (negative: unbounded)
+	LogFormat        string        `yaml:"log_format"`      // "text" or "json"
+	LogConnections   bool          `yaml:"log_connections"` // a line per connection made and ended
+	AuditMaxRows     int           `yaml:"audit_max_rows"`  // audit retention (negative: unbounded)
 	AuditMaxAge      time.Duration `yaml:"audit_max_age"`
 	// trust data and sessions (see broker.Config)
 	AdmitWhenRegistryDown bool          `yaml:"admit_when_registry_down"`
@@ -59,22 +67,76 @@ type serveConfig struct {
 func defaultServeConfig() serveConfig {
 	return serveConfig{
 		MQTTAddr: "127.0.0.1:8883", ESTAddr: "127.0.0.1:8443", MetricsAddr: "127.0.0.1:9464",
-		Validity: ca.DefaultDeviceValidity, HandshakeTimeout: 10 * time.Second, MinTLS: "1.2", LogLevel: "info",
+		Validity: ca.DefaultDeviceValidity, HandshakeTimeout: 10 * time.Second, MinTLS: "1.2", LogLevel: "info", LogFormat: "text",
 		AuditMaxRows: 1_000_000, AuditMaxAge: 90 * 24 * time.Hour,
 	}
 }
 
+// loadServeConfig reads a YAML config file over cfg. Errors name the file
+// and the line: an unknown key by its name (with the known ones), a
+// syntax error by the line it is on.
 func loadServeConfig(path string, cfg *serveConfig) error {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return err
 	}
-	dec := yaml.NewDecoder(bytesReader(data))
-	dec.KnownFields(true)
-	if err := dec.Decode(cfg); err != nil && !errors.Is(err, io.EOF) {
+	var doc yaml.Node
+	if err := yaml.Unmarshal(data, &doc); err != nil {
+		// yaml.v3 numbers a parser error's line one early (its context
+		// mark is 0-based): find the line ourselves.
+		n, text := yamlErrorLine(data)
+		if n == 0 {
+			return fmt.Errorf("config %s: %w", path, err)
+		}
+		return fmt.Errorf("config %s: line %d: not valid YAML: %q", path, n, text)
+	}
+	if len(doc.Content) == 0 { // empty, or comments only
+		return nil
+	}
+	root := doc.Content[0]
+	if root.Kind != yaml.MappingNode {
+		return fmt.Errorf("config %s: line %d: want a mapping of settings (key: value)", path, root.Line)
+	}
+	known := serveConfigKeys()
+	for i := 0; i+1 < len(root.Content); i += 2 {
+		if k := root.Content[i]; !slices.Contains(known, k.Value) {
+			return fmt.Errorf("config %s: line %d: unknown key %q (known keys: %s)", path, k.Line, k.Value, strings.Join(known, ", "))
+		}
+	}
+	if err := root.Decode(cfg); err != nil {
 		return fmt.Errorf("config %s: %w", path, err)
 	}
 	return nil
+}
+
+// serveConfigKeys lists the config file's keys, sorted.
+func serveConfigKeys() []string {
+	var keys []string
+	t := reflect.TypeFor[serveConfig]()
+	for i := range t.NumField() {
+		if k, _, _ := strings.Cut(t.Field(i).Tag.Get("yaml"), ","); k != "" && k != "-" {
+			keys = append(keys, k)
+		}
+	}
+	slices.Sort(keys)
+	return keys
+}
+
+// yamlErrorLine returns the number and text of the line a YAML syntax
+// error is on: the line after the longest run of whole lines that parses
+// (0 for a file too long to search).
+func yamlErrorLine(data []byte) (int, string) {
+	lines := bytes.SplitAfter(data, []byte("\n"))
+	if len(lines) > 10_000 {
+		return 0, ""
+	}
+	for n := len(lines) - 1; n > 0; n-- {
+		var node yaml.Node
+		if yaml.Unmarshal(bytes.Join(lines[:n], nil), &node) == nil {
+			return n + 1, strings.TrimRight(string(lines[n]), "\r\n")
+		}
+	}
+	return 1, strings.TrimRight(string(lines[0]), "\r\n")
 }
 
 func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -92,6 +154,8 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.DurationVar(&cfg.HandshakeTimeout, "handshake-timeout", cfg.HandshakeTimeout, "deadline for TLS handshake + MQTT CONNECT")
 	fs.StringVar(&cfg.MinTLS, "min-tls", cfg.MinTLS, "lowest TLS version for MQTT clients: 1.2 (constrained devices) or 1.3")
 	fs.StringVar(&cfg.LogLevel, "log-level", cfg.LogLevel, "debug, info, warn or error")
+	fs.StringVar(&cfg.LogFormat, "log-format", cfg.LogFormat, "text (key=value) or json (one object a line, the same keys)")
+	fs.BoolVar(&cfg.LogConnections, "log-connections", false, "log every connection made and ended at info (default: only audit events: refusals, revocations, denials, enrollments)")
 	fs.IntVar(&cfg.AuditMaxRows, "audit-max-rows", cfg.AuditMaxRows, "keep at most this many audit records (negative: no bound)")
 	fs.DurationVar(&cfg.AuditMaxAge, "audit-max-age", cfg.AuditMaxAge, "delete audit records older than this (negative: no bound)")
 	fs.BoolVar(&cfg.AdmitWhenRegistryDown, "admit-when-registry-down", false, "admit new connections (against the last revocation data) while the registry cannot be read; default: refuse them")
@@ -124,6 +188,8 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		override(&cfg.HandshakeTimeout, flagCfg.HandshakeTimeout, set["handshake-timeout"])
 		override(&cfg.MinTLS, flagCfg.MinTLS, set["min-tls"])
 		override(&cfg.LogLevel, flagCfg.LogLevel, set["log-level"])
+		override(&cfg.LogFormat, flagCfg.LogFormat, set["log-format"])
+		override(&cfg.LogConnections, flagCfg.LogConnections, set["log-connections"])
 		override(&cfg.AuditMaxRows, flagCfg.AuditMaxRows, set["audit-max-rows"])
 		override(&cfg.AuditMaxAge, flagCfg.AuditMaxAge, set["audit-max-age"])
 		override(&cfg.AdmitWhenRegistryDown, flagCfg.AdmitWhenRegistryDown, set["admit-when-registry-down"])
@@ -142,6 +208,18 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	return serve(ctx, cfg, loc, stderr)
 }
 
+// haveCA names the command that creates a data directory when dir or its
+// CA is missing.
+func haveCA(dir string) error {
+	if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("data directory %s does not exist: run \"broker init --data %s\" to create it", dir, dir)
+	}
+	if _, err := os.Stat(filepath.Join(dir, ca.RootCertFile)); errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("data directory %s holds no CA (no %s): run \"broker init --data %s\" to create it", dir, ca.RootCertFile, dir)
+	}
+	return nil
+}
+
 func override[T any](dst *T, v T, set bool) {
 	if set {
 		*dst = v
@@ -149,15 +227,17 @@ func override[T any](dst *T, v T, set bool) {
 }
 
 func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io.Writer) error {
-	var level slog.Level
-	if err := level.UnmarshalText([]byte(cfg.LogLevel)); err != nil {
-		return usageErr("log level %q: %v", cfg.LogLevel, err)
+	log, err := cli.NewLogger(stderr, cfg.LogFormat, cfg.LogLevel)
+	if err != nil {
+		return err
 	}
 	minTLS := map[string]uint16{"1.2": tls.VersionTLS12, "1.3": tls.VersionTLS13}[cfg.MinTLS]
 	if minTLS == 0 {
 		return usageErr("min TLS %q: want 1.2 or 1.3", cfg.MinTLS)
 	}
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	if err := haveCA(cfg.Data); err != nil {
+		return err
+	}
 	c, err := ca.Load(cfg.Data)
 	if err != nil {
 		return err
@@ -202,7 +282,7 @@ func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io
 			HandshakeTimeout: cfg.HandshakeTimeout, MaxWritesPending: cfg.MaxWritesPending, MaxPacketSize: cfg.MaxPacketSize,
 			AdmitWhenRegistryDown: cfg.AdmitWhenRegistryDown, MaxIntermediates: cfg.MaxIntermediates,
 			MaxQueuedMessages: cfg.MaxQueuedMessages, MaxMessageExpiry: cfg.MaxMessageExpiry, MaxSessionExpiry: cfg.MaxSessionExpiry,
-			Logger: log, Metrics: metrics,
+			Logger: log, LogConnections: cfg.LogConnections, Metrics: metrics,
 		})
 		if err != nil {
 			return err

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"io"
 	"net/http"
 	"os"
@@ -168,4 +169,91 @@ func TestServeEdgeSettings(t *testing.T) {
 	if _, _, code := brokerCLI(t, "serve", "--max-queued-messages", "x"); code != 2 {
 		t.Errorf("a bad --max-queued-messages: exit %d, want 2", code)
 	}
+}
+
+// --log-format json writes every line as JSON, audit lines with their
+// fields; per-connection lines only with --log-connections (or the config
+// key log_connections). An unknown format is a usage error.
+func TestServeLogs(t *testing.T) {
+	data := filepath.Join(t.TempDir(), "data")
+	if _, errs, code := brokerCLI(t, "init", "--data", data); code != 0 {
+		t.Fatal(errs)
+	}
+	// serveUntil runs serve with args until stop holds, then stops it and
+	// returns its log.
+	serveUntil := func(t *testing.T, args []string, device string, stop func(logs string) bool) string {
+		t.Helper()
+		mqttAddr, estAddr := testtool.FreeAddr(t), testtool.FreeAddr(t)
+		ctx, cancel := context.WithCancel(t.Context())
+		logs := &syncBuffer{}
+		served := make(chan int, 1)
+		go func() {
+			served <- run(ctx, append([]string{"serve", "--data", data, "--mqtt-addr", mqttAddr, "--est-addr", estAddr, "--metrics-addr", ""}, args...), io.Discard, logs)
+		}()
+		testtool.Eventually(t, 10*time.Second, "serve listening", func() bool { return strings.Contains(logs.String(), "EST listening") })
+		tok, _, _ := brokerCLI(t, "token", "--data", data, "--device", device)
+		cl, lost := enrollAndConnect(t, data, device, tok, estAddr, mqttAddr)
+		if _, errs, code := brokerCLI(t, "revoke", "--data", data, "--device", device, "--reason", "lost"); code != 0 {
+			t.Fatal(errs)
+		}
+		select {
+		case <-lost:
+		case <-time.After(5 * time.Second):
+			t.Fatal("session still open 5s after broker revoke")
+		}
+		cl.Disconnect(0)
+		testtool.Eventually(t, 5*time.Second, "log complete", func() bool { return stop(logs.String()) })
+		cancel()
+		select {
+		case code := <-served:
+			if code != 0 {
+				t.Fatalf("serve exit %d\n%s", code, logs.String())
+			}
+		case <-time.After(15 * time.Second):
+			t.Fatal("serve did not stop")
+		}
+		return logs.String()
+	}
+
+	t.Run("json", func(t *testing.T) {
+		logs := serveUntil(t, []string{"--log-format", "json"}, "dev-json", func(logs string) bool { return strings.Contains(logs, `"event":"session closed"`) })
+		var sawAudit, sawEnrolled bool
+		for _, line := range strings.Split(strings.TrimSpace(logs), "\n") {
+			var rec map[string]any
+			if err := json.Unmarshal([]byte(line), &rec); err != nil {
+				t.Fatalf("not a JSON line: %v: %s", err, line)
+			}
+			switch rec["msg"] {
+			case "connected", "disconnected":
+				t.Errorf("per-connection line without --log-connections: %s", line)
+			case "enrolled":
+				sawEnrolled = rec["cn"] == "dev-json" && rec["level"] == "INFO"
+			case "audit":
+				for _, k := range []string{"event", "cn", "serial", "remote", "reason"} {
+					if rec[k] == nil || rec[k] == "" {
+						t.Errorf("audit line lacks %s: %s", k, line)
+					}
+				}
+				sawAudit = sawAudit || (rec["event"] == "session closed" && rec["cn"] == "dev-json" && rec["level"] == "INFO")
+			}
+		}
+		if !sawAudit || !sawEnrolled {
+			t.Errorf("want the enrollment and the revocation's audit line at INFO; log:\n%s", logs)
+		}
+	})
+	t.Run("text with connections from the config file", func(t *testing.T) {
+		config := filepath.Join(t.TempDir(), "broker.yaml")
+		os.WriteFile(config, []byte("log_format: text\nlog_connections: true\n"), 0o600)
+		logs := serveUntil(t, []string{"--config", config}, "dev-text", func(logs string) bool { return strings.Contains(logs, "msg=disconnected") })
+		for _, want := range []string{"msg=connected cn=dev-text", `msg=audit event="session closed" cn=dev-text serial=`} {
+			if !strings.Contains(logs, want) {
+				t.Errorf("log lacks %q:\n%s", want, logs)
+			}
+		}
+	})
+	t.Run("unknown format", func(t *testing.T) {
+		if _, errs, code := brokerCLI(t, "serve", "--data", data, "--log-format", "xml"); code != 2 || !strings.Contains(errs, `"xml"`) {
+			t.Errorf("--log-format xml: exit %d %q, want 2", code, errs)
+		}
+	})
 }

@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"sync"
 	"time"
@@ -22,6 +23,8 @@ type clientFlags struct {
 	qos         int
 	timeout     time.Duration
 	wait        time.Duration
+	logFormat   string
+	logLevel    string
 }
 
 func (f *clientFlags) register(fs *flag.FlagSet, timeoutUsage string) {
@@ -33,6 +36,21 @@ func (f *clientFlags) register(fs *flag.FlagSet, timeoutUsage string) {
 	durationFlag(fs, &f.timeout, "timeout", "W", timeoutUsage)
 	f.wait = 10 * time.Second
 	durationFlag(fs, &f.wait, "wait", "", "how long to wait for a broker that refuses connections (still starting) (default 10s)")
+	fs.StringVar(&f.logFormat, "log-format", "", "write the client's log (connection lost, reconnects, refusals) to stderr: text or json")
+	fs.StringVar(&f.logLevel, "log-level", "", "debug, info, warn or error (default: no log; info with --log-format)")
+}
+
+// logger is the client's log: none unless --log-format or --log-level asks
+// for one.
+func (f *clientFlags) logger(stderr io.Writer) (*slog.Logger, error) {
+	if f.logFormat == "" && f.logLevel == "" {
+		return slog.New(slog.DiscardHandler), nil
+	}
+	level := f.logLevel
+	if level == "" {
+		level = "info"
+	}
+	return cli.NewLogger(stderr, f.logFormat, level)
 }
 
 // events are what pub and sub watch on a connected client.
@@ -49,6 +67,10 @@ func newEvents() *events {
 // openClient loads the identity in dir and connects to broker, waiting up
 // to wait for a broker that is still starting.
 func openClient(ctx context.Context, stderr io.Writer, f clientFlags, connectTimeout time.Duration, ev *events) (*device.Client, func(), error) {
+	log, err := f.logger(stderr)
+	if err != nil {
+		return nil, nil, err
+	}
 	cfg, err := device.ReadConfig(f.dir)
 	if err != nil {
 		return nil, nil, err
@@ -71,7 +93,7 @@ func openClient(ctx context.Context, stderr io.Writer, f clientFlags, connectTim
 		return nil, nil, fmt.Errorf("%w at %s: enroll again", device.ErrExpired, id.Leaf().NotAfter.UTC().Format(time.RFC3339))
 	}
 	c, err := device.New(device.Config{
-		Broker: f.broker, Identity: id, Store: store, DisableRenewal: true, ConnectTimeout: connectTimeout,
+		Broker: f.broker, Identity: id, Store: store, DisableRenewal: true, ConnectTimeout: connectTimeout, Logger: log,
 		OnStateChange: func(s device.State) {
 			if s == device.StateRefused || s == device.StateExpired {
 				ev.once.Do(func() { close(ev.stopped) })

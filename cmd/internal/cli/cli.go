@@ -23,10 +23,16 @@ func Usagef(format string, a ...any) error {
 }
 
 // Run dispatches args to a command of prog and returns the exit code.
+// No command at all prints usage to stderr and returns 2; "-h", "--help"
+// and "help" print it to stdout and return 0.
 // Besides commands, every prog answers "version", "--version" and
 // "-version" (see Version).
 func Run(ctx context.Context, prog, usage string, commands map[string]Command, args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+	if len(args) == 0 { // no command: a usage error
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	if args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
 		fmt.Fprint(stdout, usage)
 		fmt.Fprintf(stdout, "%q or %q prints the version, VCS revision and Go version.\n", prog+" version", prog+" --version")
 		return 0
