@@ -267,7 +267,7 @@ func (b *Broker) Start() error {
 	}
 	if b.cfg.Cluster != nil {
 		if err := b.cfg.Cluster.Start(clusterNode{b}); err != nil {
-			b.mochi.Close()
+			b.Close()
 			return fmt.Errorf("broker: %w", err)
 		}
 	}

@@ -193,8 +193,14 @@ func (n *Node) Start(b broker.Node) error {
 	for _, p := range n.cfg.Peers {
 		routes = append(routes, &url.URL{Scheme: "nats", Host: p})
 	}
+	// The client port is needed (nats-server starts routing only after its
+	// client listener; DontListen would never route): loopback, a random
+	// port, and a random token only this process knows.
+	var tok [32]byte
+	rand.Read(tok[:])
+	token := hex.EncodeToString(tok[:])
 	opts := &server.Options{
-		ServerName: n.cfg.Name, DontListen: true, NoSigs: true, NoLog: true,
+		ServerName: n.cfg.Name, Host: "127.0.0.1", Port: server.RANDOM_PORT, Authorization: token, NoSigs: true,
 		JetStream: true, StoreDir: n.cfg.StoreDir,
 		Cluster: server.ClusterOpts{Name: clusterName, Host: host, Port: port, TLSConfig: n.routeTLS(), TLSTimeout: 5},
 		Routes:  routes,
@@ -202,12 +208,13 @@ func (n *Node) Start(b broker.Node) error {
 	if n.srv, err = server.NewServer(opts); err != nil {
 		return fmt.Errorf("cluster: %w", err)
 	}
+	n.srv.SetLoggerV2(natsLog{n.log}, false, false, false)
 	go n.srv.Start()
 	if !n.srv.ReadyForConnections(n.cfg.ReadyTimeout) {
 		n.srv.Shutdown()
 		return fmt.Errorf("cluster: embedded NATS not ready after %s", n.cfg.ReadyTimeout)
 	}
-	if n.nc, err = nats.Connect("", nats.InProcessServer(n.srv), nats.NoEcho(), nats.Name(n.id),
+	if n.nc, err = nats.Connect("", nats.InProcessServer(n.srv), nats.Token(token), nats.NoEcho(), nats.Name(n.id),
 		nats.MaxReconnects(-1)); err != nil {
 		n.srv.Shutdown()
 		return fmt.Errorf("cluster: connect to the embedded NATS: %w", err)
@@ -552,3 +559,14 @@ func (n *Node) Close() error {
 	}
 	return nil
 }
+
+// natsLog passes the embedded NATS server's log to slog (notices at
+// debug: routine cluster chatter; warnings and errors as such).
+type natsLog struct{ l *slog.Logger }
+
+func (n natsLog) Noticef(f string, a ...any) { n.l.Debug("nats: " + fmt.Sprintf(f, a...)) }
+func (n natsLog) Warnf(f string, a ...any)   { n.l.Warn("nats: " + fmt.Sprintf(f, a...)) }
+func (n natsLog) Fatalf(f string, a ...any)  { n.l.Error("nats: " + fmt.Sprintf(f, a...)) }
+func (n natsLog) Errorf(f string, a ...any)  { n.l.Error("nats: " + fmt.Sprintf(f, a...)) }
+func (n natsLog) Debugf(f string, a ...any)  { n.l.Debug("nats: " + fmt.Sprintf(f, a...)) }
+func (n natsLog) Tracef(f string, a ...any)  {}
