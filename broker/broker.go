@@ -77,6 +77,9 @@ type Config struct {
 	// StallTimeout: a subscriber whose queue stays full this long is
 	// disconnected (default 30s).
 	StallTimeout time.Duration
+	// Cluster, if set, joins this broker to other nodes (package cluster);
+	// the registry must then be shared by all nodes.
+	Cluster Cluster
 	// Logger for operations and audit lines (default: discard). Audit
 	// lines (refusals, denials, closed sessions) are written at Info.
 	Logger *slog.Logger
@@ -107,7 +110,8 @@ type Broker struct {
 	claimed  map[string]*session                  // the newest admitted session of each client ID
 	idLocks  map[string]*idLock                   // per client ID: one session establishment at a time
 
-	connectPause func() // tests: runs after a CONNECT's revocation check
+	inline       *session // flow state of messages other nodes route here
+	connectPause func()   // tests: runs after a CONNECT's revocation check
 	dropLog      rateLog
 
 	revoked   *revocations
@@ -229,12 +233,19 @@ func New(cfg Config) (*Broker, error) {
 		Capabilities:           caps,
 		Logger:                 mlog,
 		SysTopicResendInterval: 10,
+		InlineClient:           cfg.Cluster != nil, // delivers other nodes' messages
 	})
+	b.inline = &session{flow: flowState{drained: make(chan struct{}, 1)}}
 	if err := b.mochi.AddHook(&authHook{b: b}, nil); err != nil {
 		return nil, fmt.Errorf("broker: %w", err)
 	}
 	if err := b.mochi.AddHook(&flowHook{b: b}, nil); err != nil {
 		return nil, fmt.Errorf("broker: %w", err)
+	}
+	if cfg.Cluster != nil {
+		if err := b.mochi.AddHook(&clusterHook{b: b}, nil); err != nil {
+			return nil, fmt.Errorf("broker: %w", err)
+		}
 	}
 	return b, nil
 }
@@ -259,6 +270,12 @@ func (b *Broker) Start() error {
 	if err := b.mochi.Serve(); err != nil {
 		return fmt.Errorf("broker: %w", err)
 	}
+	if b.cfg.Cluster != nil {
+		if err := b.cfg.Cluster.Start(clusterNode{b}); err != nil {
+			b.Close()
+			return fmt.Errorf("broker: %w", err)
+		}
+	}
 	b.wg.Add(1)
 	go func() { defer b.wg.Done(); b.revoked.watch(b.stop, b.cfg.RevocationPoll) }()
 	b.log.Info("MQTT listening", "addr", ln.Addr().String(), "min_tls", tls.VersionName(b.cfg.MinTLSVersion))
@@ -273,6 +290,9 @@ func (b *Broker) Addr() net.Addr { return b.ln.Addr() }
 func (b *Broker) Close() error {
 	b.closeOnce.Do(func() {
 		close(b.stop)
+		if b.cfg.Cluster != nil {
+			b.cfg.Cluster.Close()
+		}
 		// Mochi's Close writes a DISCONNECT to every client and would wait
 		// forever on one that stopped reading (TestStalledV5ClientBlocksClose):
 		// after a second, close what is left.
@@ -325,6 +345,9 @@ func (b *Broker) prune(s *session) {
 		if !perms.AllowFilter(filter) {
 			b.mochi.Topics.Unsubscribe(filter, s.cl.ID)
 			s.cl.State.Subscriptions.Delete(filter)
+			if b.cfg.Cluster != nil {
+				b.cfg.Cluster.Unsubscribe(s.cl.ID, filter)
+			}
 			b.audit("subscription removed", s, "policy no longer allows "+filter)
 		}
 	}

@@ -170,6 +170,12 @@ func (h *flowHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 	b := h.b
 	b.metrics.msgIn.Inc()
 	pub := b.session(cl)
+	switch {
+	case cl.Net.Inline:
+		pub = b.inline // a message another node routed here (one at a time)
+	case pub != nil && b.cfg.Cluster != nil:
+		b.cfg.Cluster.Publish(Message{Topic: pk.TopicName, Payload: pk.Payload, QoS: pk.FixedHeader.Qos, Retain: pk.FixedHeader.Retain})
+	}
 	if pub == nil {
 		return pk, nil
 	}
@@ -358,7 +364,9 @@ func (b *Broker) reserve(s *session, limit int32) (ok, stalled bool) {
 // OnPublished runs after Mochi queued the message to every subscriber: the
 // reservations have become real queue entries.
 func (h *flowHook) OnPublished(cl *mqtt.Client, pk packets.Packet) {
-	if s := h.b.session(cl); s != nil {
+	if cl.Net.Inline {
+		h.b.flowRelease(h.b.inline)
+	} else if s := h.b.session(cl); s != nil {
 		h.b.flowRelease(s)
 	}
 }

@@ -391,6 +391,9 @@ func (h *authHook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	}
 	b.metrics.connections.Inc()
 	b.metrics.accepted.Inc()
+	if b.cfg.Cluster != nil {
+		b.cfg.Cluster.Claim(cl.ID, s.serial)
+	}
 	if b.cfg.LogConnections && b.log.Enabled(context.Background(), slog.LevelInfo) {
 		b.log.Info("connected", "cn", s.id.CN, "serial", s.serial, "remote", s.remote, "rules", strings.Join(s.perms().Rules(), ","))
 	}
@@ -493,6 +496,9 @@ func (b *Broker) releaseLocked(s *session) {
 	}
 	if b.byID[s.cl.ID] == s {
 		delete(b.byID, s.cl.ID)
+		if b.cfg.Cluster != nil {
+			b.cfg.Cluster.Forget(s.cl.ID) // the client ID's session is over here
+		}
 	}
 }
 

@@ -1,0 +1,572 @@
+// Package cluster makes several broker nodes act as one broker over NATS:
+// each node runs an embedded NATS server clustered with its peers (mutual
+// TLS with the fleet's broker certificates), routes its clients' messages
+// to the nodes with matching subscribers, keeps retained messages in a
+// JetStream key-value bucket every node mirrors, and owns a client ID only
+// while it holds its session (a newer claim on another node closes it).
+//
+// # Experimental
+//
+// Cross-node delivery is at most once while NATS itself is partitioned
+// (core NATS, not a JetStream stream), and a persistent session's queued
+// messages do not follow its client to another node yet.
+package cluster
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/mqtls/mqtls/broker"
+)
+
+// Config configures a Node.
+type Config struct {
+	// Name identifies the node in the cluster (required, unique).
+	Name string
+	// RouteAddr is where this node's embedded NATS server listens for its
+	// peers, HOST:PORT (required).
+	RouteAddr string
+	// Peers are the other nodes' RouteAddr.
+	Peers []string
+	// StoreDir holds this node's JetStream data (required).
+	StoreDir string
+	// Certificate is this node's broker certificate (EKU serverAuth) and
+	// Root the fleet's root: nodes accept only peers whose certificate
+	// chains to Root with EKU serverAuth, in both directions.
+	Certificate tls.Certificate
+	Root        *x509.Certificate
+	// Replicas of the JetStream buckets (default: 3, or the node count if
+	// smaller).
+	Replicas int
+	// ReadyTimeout bounds the wait for the NATS cluster and JetStream
+	// (default 30s).
+	ReadyTimeout time.Duration
+	// Logger (default: discard).
+	Logger *slog.Logger
+}
+
+// Node is one broker's membership in the cluster. Create it with New,
+// pass it as broker.Config.Cluster; the broker starts it.
+type Node struct {
+	cfg  Config
+	log  *slog.Logger
+	id   string // name + boot nonce: tells this run's messages apart
+	srv  *server.Server
+	nc   *nats.Conn
+	kvR  jetstream.KeyValue // retained messages
+	kvS  jetstream.KeyValue // session claims
+	node broker.Node
+
+	msgs    chan *nats.Msg
+	retains chan broker.Message
+	claims  chan claim
+	stop    chan struct{}
+	wg      sync.WaitGroup
+
+	mu     sync.Mutex
+	seq    uint64
+	subs   map[string]*interest // filter -> local interest
+	byID   map[string][]string  // client ID -> filters
+	last   map[string]uint64    // origin -> last sequence delivered (duplicates from overlapping subscriptions)
+	claimR map[string]uint64    // client ID -> revision of this node's newest claim (pending: max)
+}
+
+type interest struct {
+	clients map[string]bool
+	subs    []*nats.Subscription
+}
+
+type claim struct{ clientID, serial string }
+
+const (
+	msgPrefix   = "mqtls.m."
+	hdrOrigin   = "Mqtls-Origin"
+	hdrSeq      = "Mqtls-Seq"
+	hdrQoS      = "Mqtls-Qos"
+	hdrRetain   = "Mqtls-Retain"
+	bucketRet   = "mqtls_retained"
+	bucketSess  = "mqtls_sessions"
+	pendingRev  = ^uint64(0)
+	clusterName = "mqtls"
+)
+
+// New validates cfg. Nothing runs until the broker calls Start.
+func New(cfg Config) (*Node, error) {
+	switch {
+	case cfg.Name == "" || strings.ContainsAny(cfg.Name, " \t\n/."):
+		return nil, fmt.Errorf("cluster: node name %q: want a non-empty name without spaces, '/' or '.'", cfg.Name)
+	case cfg.StoreDir == "":
+		return nil, errors.New("cluster: StoreDir is required")
+	case cfg.Root == nil || len(cfg.Certificate.Certificate) == 0:
+		return nil, errors.New("cluster: the node's certificate and the root are required (nodes authenticate each other with mutual TLS)")
+	}
+	if _, _, err := net.SplitHostPort(cfg.RouteAddr); err != nil {
+		return nil, fmt.Errorf("cluster: route address %q: %w", cfg.RouteAddr, err)
+	}
+	for _, p := range cfg.Peers {
+		if _, _, err := net.SplitHostPort(p); err != nil {
+			return nil, fmt.Errorf("cluster: peer %q: %w", p, err)
+		}
+	}
+	if cfg.Replicas == 0 {
+		cfg.Replicas = min(3, 1+len(cfg.Peers))
+	}
+	if cfg.ReadyTimeout == 0 {
+		cfg.ReadyTimeout = 30 * time.Second
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	var nonce [4]byte
+	rand.Read(nonce[:])
+	return &Node{
+		cfg: cfg, log: log.With("node", cfg.Name), id: cfg.Name + "-" + hex.EncodeToString(nonce[:]),
+		msgs: make(chan *nats.Msg, 65536), retains: make(chan broker.Message, 4096), claims: make(chan claim, 4096),
+		stop: make(chan struct{}), subs: map[string]*interest{}, byID: map[string][]string{},
+		last: map[string]uint64{}, claimR: map[string]uint64{},
+	}, nil
+}
+
+// routeTLS is the mutual TLS between nodes: a peer must present a
+// certificate that chains to the root with EKU serverAuth (the brokers'
+// certificates), whichever side dialled.
+func (n *Node) routeTLS() *tls.Config {
+	pool := x509.NewCertPool()
+	pool.AddCert(n.cfg.Root)
+	verify := func(raw [][]byte, _ [][]*x509.Certificate) error {
+		if len(raw) == 0 {
+			return errors.New("cluster: peer sent no certificate")
+		}
+		certs := make([]*x509.Certificate, len(raw))
+		for i, r := range raw {
+			c, err := x509.ParseCertificate(r)
+			if err != nil {
+				return err
+			}
+			certs[i] = c
+		}
+		inter := x509.NewCertPool()
+		for _, c := range certs[1:] {
+			inter.AddCert(c)
+		}
+		_, err := certs[0].Verify(x509.VerifyOptions{Roots: pool, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}})
+		return err
+	}
+	return &tls.Config{
+		Certificates: []tls.Certificate{n.cfg.Certificate},
+		MinVersion:   tls.VersionTLS13,
+		// Peers are dialled by address; the chain is checked by verify
+		// (server and client side alike), not by host name.
+		ClientAuth:            tls.RequireAnyClientCert,
+		InsecureSkipVerify:    true, //nolint:gosec // VerifyPeerCertificate verifies the chain
+		VerifyPeerCertificate: verify,
+	}
+}
+
+// Start runs the embedded NATS server, joins the peers, waits for
+// JetStream and starts routing. The broker calls it once.
+func (n *Node) Start(b broker.Node) error {
+	n.node = b
+	host, portStr, _ := net.SplitHostPort(n.cfg.RouteAddr)
+	port, err := strconv.Atoi(portStr)
+	if err != nil {
+		return fmt.Errorf("cluster: route port %q: %w", portStr, err)
+	}
+	var routes []*url.URL
+	for _, p := range n.cfg.Peers {
+		routes = append(routes, &url.URL{Scheme: "nats", Host: p})
+	}
+	// The client port is needed (nats-server starts routing only after its
+	// client listener; DontListen would never route): loopback, a random
+	// port, and a random token only this process knows.
+	var tok [32]byte
+	rand.Read(tok[:])
+	token := hex.EncodeToString(tok[:])
+	opts := &server.Options{
+		ServerName: n.cfg.Name, Host: "127.0.0.1", Port: server.RANDOM_PORT, Authorization: token, NoSigs: true,
+		JetStream: true, StoreDir: n.cfg.StoreDir,
+		Cluster: server.ClusterOpts{Name: clusterName, Host: host, Port: port, TLSConfig: n.routeTLS(), TLSTimeout: 5},
+		Routes:  routes,
+	}
+	if n.srv, err = server.NewServer(opts); err != nil {
+		return fmt.Errorf("cluster: %w", err)
+	}
+	n.srv.SetLoggerV2(natsLog{n.log}, false, false, false)
+	go n.srv.Start()
+	if !n.srv.ReadyForConnections(n.cfg.ReadyTimeout) {
+		n.srv.Shutdown()
+		return fmt.Errorf("cluster: embedded NATS not ready after %s", n.cfg.ReadyTimeout)
+	}
+	if n.nc, err = nats.Connect("", nats.InProcessServer(n.srv), nats.Token(token), nats.NoEcho(), nats.Name(n.id),
+		nats.MaxReconnects(-1)); err != nil {
+		n.srv.Shutdown()
+		return fmt.Errorf("cluster: connect to the embedded NATS: %w", err)
+	}
+	n.nc.SetErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+		n.log.Error("NATS error", "err", err)
+	})
+	if err := n.buckets(); err != nil {
+		n.nc.Close()
+		n.srv.Shutdown()
+		return err
+	}
+	n.wg.Add(3)
+	go n.deliverLoop()
+	go n.writeLoop()
+	go n.watchLoop()
+	n.log.Info("cluster node started", "route", n.cfg.RouteAddr, "peers", strings.Join(n.cfg.Peers, ","))
+	return nil
+}
+
+// buckets creates or binds the JetStream buckets, retrying while the
+// cluster elects its JetStream leader.
+func (n *Node) buckets() error {
+	js, err := jetstream.New(n.nc)
+	if err != nil {
+		return fmt.Errorf("cluster: %w", err)
+	}
+	deadline := time.Now().Add(n.cfg.ReadyTimeout)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		n.kvR, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucketRet, History: 1, Replicas: n.cfg.Replicas})
+		if err == nil {
+			n.kvS, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucketSess, History: 1, Replicas: n.cfg.Replicas, TTL: 0})
+		}
+		cancel()
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("cluster: JetStream buckets not available after %s (are %d nodes up? replicas need them): %w", n.cfg.ReadyTimeout, n.cfg.Replicas, err)
+		}
+		select {
+		case <-n.stop:
+			return errors.New("cluster: closed")
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// Publish forwards a message a local client published to the other nodes.
+// Retained messages also go to the cluster-wide store.
+func (n *Node) Publish(m broker.Message) {
+	if strings.HasPrefix(m.Topic, "$SYS/") {
+		return // each node's own
+	}
+	if m.Retain {
+		select {
+		case n.retains <- m:
+		default:
+			n.log.Error("retained message not stored cluster-wide: queue full", "topic", m.Topic)
+		}
+	}
+	n.mu.Lock()
+	n.seq++
+	seq := n.seq
+	n.mu.Unlock()
+	msg := &nats.Msg{Subject: msgPrefix + EncodeTopic(m.Topic), Data: m.Payload, Header: nats.Header{}}
+	msg.Header.Set(hdrOrigin, n.id)
+	msg.Header.Set(hdrSeq, strconv.FormatUint(seq, 10))
+	msg.Header.Set(hdrQoS, strconv.Itoa(int(m.QoS)))
+	if m.Retain {
+		msg.Header.Set(hdrRetain, "1")
+	}
+	if err := n.nc.PublishMsg(msg); err != nil {
+		n.log.Error("message not routed to the cluster", "topic", m.Topic, "err", err)
+	}
+}
+
+// Subscribe notes that a local client holds filter; the first holder of a
+// filter subscribes this node to the matching subjects.
+func (n *Node) Subscribe(clientID, filter string) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	in := n.subs[filter]
+	if in == nil {
+		in = &interest{clients: map[string]bool{}}
+		for _, subj := range FilterSubjects(sharedFilter(filter)) {
+			s, err := n.nc.ChanSubscribe(msgPrefix+subj, n.msgs)
+			if err != nil {
+				n.log.Error("cluster subscription failed", "filter", filter, "err", err)
+				continue
+			}
+			s.SetPendingLimits(-1, -1) // the channel bounds it
+			in.subs = append(in.subs, s)
+		}
+		n.subs[filter] = in
+	}
+	if !in.clients[clientID] {
+		in.clients[clientID] = true
+		n.byID[clientID] = append(n.byID[clientID], filter)
+	}
+}
+
+// sharedFilter strips $share/GROUP/ (the group is chosen on each node).
+func sharedFilter(f string) string {
+	if rest, ok := strings.CutPrefix(f, "$share/"); ok {
+		if _, filter, ok := strings.Cut(rest, "/"); ok {
+			return filter
+		}
+	}
+	return f
+}
+
+// Unsubscribe drops a client's interest in filter.
+func (n *Node) Unsubscribe(clientID, filter string) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.dropLocked(clientID, filter)
+	fs := n.byID[clientID]
+	for i, f := range fs {
+		if f == filter {
+			n.byID[clientID] = append(fs[:i], fs[i+1:]...)
+			break
+		}
+	}
+	if len(n.byID[clientID]) == 0 {
+		delete(n.byID, clientID)
+	}
+}
+
+// Forget drops every interest of a client whose session ended.
+func (n *Node) Forget(clientID string) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for _, f := range n.byID[clientID] {
+		n.dropLocked(clientID, f)
+	}
+	delete(n.byID, clientID)
+	delete(n.claimR, clientID)
+}
+
+func (n *Node) dropLocked(clientID, filter string) {
+	in := n.subs[filter]
+	if in == nil || !in.clients[clientID] {
+		return
+	}
+	delete(in.clients, clientID)
+	if len(in.clients) == 0 {
+		for _, s := range in.subs {
+			s.Unsubscribe()
+		}
+		delete(n.subs, filter)
+	}
+}
+
+// Claim records that clientID is live on this node; the node that held it
+// before closes its session.
+func (n *Node) Claim(clientID, serial string) {
+	n.mu.Lock()
+	n.claimR[clientID] = pendingRev
+	n.mu.Unlock()
+	select {
+	case n.claims <- claim{clientID, serial}:
+	default:
+		n.log.Error("session claim not published: queue full", "client_id", clientID)
+	}
+}
+
+// deliverLoop hands messages from other nodes to the broker, one at a time
+// (the broker's flow control holds this loop when a subscriber is full).
+func (n *Node) deliverLoop() {
+	defer n.wg.Done()
+	for {
+		select {
+		case <-n.stop:
+			return
+		case msg := <-n.msgs:
+			origin := msg.Header.Get(hdrOrigin)
+			seq, _ := strconv.ParseUint(msg.Header.Get(hdrSeq), 10, 64)
+			n.mu.Lock()
+			dup := seq != 0 && seq <= n.last[origin]
+			if !dup {
+				n.last[origin] = seq
+			}
+			n.mu.Unlock()
+			if dup {
+				continue // the same message through an overlapping subscription
+			}
+			topic, err := DecodeTopic(strings.TrimPrefix(msg.Subject, msgPrefix))
+			if err != nil {
+				n.log.Error("undecodable subject from the cluster", "subject", msg.Subject)
+				continue
+			}
+			qos, _ := strconv.Atoi(msg.Header.Get(hdrQoS))
+			n.node.Deliver(broker.Message{Topic: topic, Payload: msg.Data, QoS: byte(min(max(qos, 0), 2)), Retain: msg.Header.Get(hdrRetain) == "1"})
+		}
+	}
+}
+
+// writeLoop writes retained messages and session claims to JetStream in
+// order, off the clients' read loops.
+func (n *Node) writeLoop() {
+	defer n.wg.Done()
+	for {
+		select {
+		case <-n.stop:
+			return
+		case m := <-n.retains:
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			key := EncodeTopic(m.Topic)
+			var err error
+			if len(m.Payload) == 0 {
+				err = n.kvR.Delete(ctx, key)
+			} else {
+				_, err = n.kvR.Put(ctx, key, append([]byte{m.QoS, byte(len(n.id))}, append([]byte(n.id), m.Payload...)...))
+			}
+			cancel()
+			if err != nil {
+				n.log.Error("retained message not stored cluster-wide", "topic", m.Topic, "err", err)
+			}
+		case c := <-n.claims:
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			rev, err := n.kvS.Put(ctx, EncodeTopic(c.clientID), []byte(n.id+"\n"+c.serial))
+			var cur jetstream.KeyValueEntry
+			if err == nil {
+				cur, err = n.kvS.Get(ctx, EncodeTopic(c.clientID))
+			}
+			cancel()
+			if err != nil {
+				n.log.Error("session claim not published", "client_id", c.clientID, "err", err)
+				continue
+			}
+			n.mu.Lock()
+			if n.claimR[c.clientID] == pendingRev {
+				n.claimR[c.clientID] = rev
+			}
+			n.mu.Unlock()
+			// a newer claim by another node landed while ours was in flight
+			if cur.Revision() > rev {
+				n.claimed(cur)
+			}
+		}
+	}
+}
+
+// watchLoop mirrors the cluster's retained messages and reacts to other
+// nodes' session claims.
+func (n *Node) watchLoop() {
+	defer n.wg.Done()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	wr, err := n.kvR.WatchAll(ctx)
+	if err != nil {
+		n.log.Error("cannot watch retained messages", "err", err)
+		return
+	}
+	ws, err := n.kvS.WatchAll(ctx, jetstream.UpdatesOnly())
+	if err != nil {
+		n.log.Error("cannot watch session claims", "err", err)
+		return
+	}
+	for {
+		select {
+		case <-n.stop:
+			return
+		case e := <-wr.Updates():
+			if e == nil {
+				continue // initial values done
+			}
+			n.retained(e)
+		case e := <-ws.Updates():
+			if e != nil {
+				n.claimed(e)
+			}
+		}
+	}
+}
+
+func (n *Node) retained(e jetstream.KeyValueEntry) {
+	topic, err := DecodeTopic(e.Key())
+	if err != nil {
+		return
+	}
+	if e.Operation() != jetstream.KeyValuePut {
+		n.node.Retain(broker.Message{Topic: topic, Retain: true})
+		return
+	}
+	v := e.Value()
+	if len(v) < 2 || len(v) < 2+int(v[1]) {
+		return
+	}
+	if string(v[2:2+int(v[1])]) == n.id {
+		return // ours: already in the local store
+	}
+	n.node.Retain(broker.Message{Topic: topic, QoS: v[0], Retain: true, Payload: v[2+int(v[1]):]})
+}
+
+// claimed handles a session claim: another node's newer claim closes ours.
+func (n *Node) claimed(e jetstream.KeyValueEntry) {
+	if e.Operation() != jetstream.KeyValuePut {
+		return
+	}
+	owner, serial, _ := strings.Cut(string(e.Value()), "\n")
+	if owner == n.id {
+		return
+	}
+	clientID, err := DecodeTopic(e.Key())
+	if err != nil {
+		return
+	}
+	n.mu.Lock()
+	mine, ok := n.claimR[clientID]
+	if ok && mine != pendingRev && mine < e.Revision() {
+		delete(n.claimR, clientID)
+	}
+	n.mu.Unlock()
+	if !ok || mine == pendingRev || mine > e.Revision() {
+		return // not ours, or ours is newer (or still being written: re-checked then)
+	}
+	node := owner
+	if i := strings.LastIndexByte(owner, '-'); i > 0 {
+		node = owner[:i]
+	}
+	n.node.TakeOver(clientID, serial, node)
+}
+
+// Close leaves the cluster: stops routing and the embedded NATS server.
+func (n *Node) Close() error {
+	select {
+	case <-n.stop:
+		return nil
+	default:
+	}
+	close(n.stop)
+	n.wg.Wait()
+	if n.nc != nil {
+		n.nc.Close()
+	}
+	if n.srv != nil {
+		n.srv.Shutdown()
+		n.srv.WaitForShutdown()
+	}
+	return nil
+}
+
+// natsLog passes the embedded NATS server's log to slog (notices at
+// debug: routine cluster chatter; warnings and errors as such).
+type natsLog struct{ l *slog.Logger }
+
+func (n natsLog) Noticef(f string, a ...any) { n.l.Debug("nats: " + fmt.Sprintf(f, a...)) }
+func (n natsLog) Warnf(f string, a ...any)   { n.l.Warn("nats: " + fmt.Sprintf(f, a...)) }
+func (n natsLog) Fatalf(f string, a ...any)  { n.l.Error("nats: " + fmt.Sprintf(f, a...)) }
+func (n natsLog) Errorf(f string, a ...any)  { n.l.Error("nats: " + fmt.Sprintf(f, a...)) }
+func (n natsLog) Debugf(f string, a ...any)  { n.l.Debug("nats: " + fmt.Sprintf(f, a...)) }
+func (n natsLog) Tracef(f string, a ...any)  {}

@@ -1,0 +1,365 @@
+package cluster_test
+
+import (
+	"crypto/tls"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/mqtls/mqtls/broker"
+	"github.com/mqtls/mqtls/broker/policy"
+	"github.com/mqtls/mqtls/cluster"
+	"github.com/mqtls/mqtls/internal/brokertest"
+	"github.com/mqtls/mqtls/internal/testtool"
+)
+
+// node is one broker of a test cluster.
+type node struct {
+	name    string
+	b       *broker.Broker
+	addr    string
+	metrics *prometheus.Registry
+}
+
+// startCluster runs n broker nodes sharing env's PKI and registry, each
+// with an embedded NATS server clustered with the others (mutual TLS with
+// the broker certificate). Nodes start concurrently: JetStream needs a
+// quorum.
+func startCluster(t *testing.T, env *brokertest.Env, n int) []*node {
+	t.Helper()
+	pol, err := policy.Parse([]byte(policy.Example))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srvCert, err := env.CA.ServerCertificate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	routes := make([]string, n)
+	for i := range routes {
+		routes[i] = testtool.FreeAddr(t)
+	}
+	nodes := make([]*node, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		var peers []string
+		for j, r := range routes {
+			if j != i {
+				peers = append(peers, r)
+			}
+		}
+		name := fmt.Sprintf("n%d", i+1)
+		cn, err := cluster.New(cluster.Config{Name: name, RouteAddr: routes[i], Peers: peers,
+			StoreDir: filepath.Join(t.TempDir(), "js"), Certificate: srvCert, Root: env.CA.Root,
+			Logger: slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug})).With("node", name)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := prometheus.NewRegistry()
+		b, err := broker.New(broker.Config{Addr: "127.0.0.1:0", Certificate: srvCert, Root: env.CA.Root, Registry: env.Registry,
+			RevocationPoll: 100 * time.Millisecond, Metrics: m, Policy: pol, Cluster: cn,
+			Logger: slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn})).With("node", name)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		nodes[i] = &node{name: name, b: b, metrics: m}
+		wg.Go(func() { errs[i] = b.Start() })
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("node %d: %v", i+1, err)
+		}
+		nodes[i].addr = nodes[i].b.Addr().String()
+		t.Cleanup(func() { nodes[i].b.Close() })
+	}
+	return nodes
+}
+
+type client struct {
+	paho.Client
+	lost chan error
+	msgs chan string
+}
+
+func dial(t *testing.T, env *brokertest.Env, n *node, d *brokertest.Device, clean bool) (*client, error) {
+	t.Helper()
+	c := &client{lost: make(chan error, 1), msgs: make(chan string, 20000)}
+	o := paho.NewClientOptions().AddBroker("ssl://" + n.addr).SetClientID(d.ID).SetTLSConfig(env.TLS(t, d)).
+		SetProtocolVersion(4).SetAutoReconnect(false).SetConnectRetry(false).SetCleanSession(clean).
+		SetConnectionLostHandler(func(_ paho.Client, err error) { c.lost <- err }).
+		SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) { c.msgs <- m.Topic() + " " + string(m.Payload()) })
+	c.Client = paho.NewClient(o)
+	if err := wait(t, c.Connect()); err != nil {
+		return nil, err
+	}
+	t.Cleanup(func() { c.Disconnect(0) })
+	return c, nil
+}
+
+func mustDial(t *testing.T, env *brokertest.Env, n *node, d *brokertest.Device) *client {
+	t.Helper()
+	c, err := dial(t, env, n, d, true)
+	if err != nil {
+		t.Fatalf("connect %s to %s: %v", d.ID, n.name, err)
+	}
+	return c
+}
+
+func wait(t *testing.T, tok paho.Token) error {
+	t.Helper()
+	select {
+	case <-tok.Done():
+		return tok.Error()
+	case <-time.After(15 * time.Second):
+		t.Fatal("MQTT operation timed out")
+		return nil
+	}
+}
+
+func subscribe(t *testing.T, c *client, filter string) {
+	t.Helper()
+	tok := c.Subscribe(filter, 1, nil)
+	if err := wait(t, tok); err != nil || tok.(*paho.SubscribeToken).Result()[filter] != 1 {
+		t.Fatalf("subscribe %s: %v %v", filter, err, tok.(*paho.SubscribeToken).Result())
+	}
+}
+
+func expect(t *testing.T, c *client, want string) {
+	t.Helper()
+	select {
+	case m := <-c.msgs:
+		if m != want {
+			t.Fatalf("received %q, want %q", m, want)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("did not receive %q", want)
+	}
+}
+
+// A subscription made on one node reaches the others; expect tolerates
+// the moment it takes to propagate by publishing until one arrives.
+func publishUntilRouted(t *testing.T, pub, sub *client, topic string) {
+	t.Helper()
+	testtool.Eventually(t, 10*time.Second, "first message routed across nodes", func() bool {
+		wait(t, pub.Publish(topic, 1, false, "probe"))
+		select {
+		case <-sub.msgs:
+			return true
+		case <-time.After(100 * time.Millisecond):
+			return false
+		}
+	})
+	for len(sub.msgs) > 0 { // late probes
+		<-sub.msgs
+	}
+}
+
+func metric(t *testing.T, n *node, name string) float64 {
+	t.Helper()
+	mfs, err := n.metrics.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var v float64
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			for _, m := range mf.GetMetric() {
+				v += m.GetGauge().GetValue() + m.GetCounter().GetValue()
+			}
+		}
+	}
+	return v
+}
+
+func TestCluster(t *testing.T) {
+	env := brokertest.Start(t, nil) // the PKI and the shared registry
+	nodes := startCluster(t, env, 3)
+	n1, n2, n3 := nodes[0], nodes[1], nodes[2]
+	devA := env.Device(t, "dev-a", 0)
+	be := env.Device(t, "backend-1", 0, "backend")
+
+	t.Run("cross-node QoS 1, no loss, no duplicates", func(t *testing.T) {
+		sub := mustDial(t, env, n3, be)
+		subscribe(t, sub, "devices/+/telemetry")
+		pub := mustDial(t, env, n1, devA)
+		publishUntilRouted(t, pub, sub, "devices/dev-a/telemetry")
+		const count = 10_000
+		var toks []paho.Token
+		for i := range count {
+			toks = append(toks, pub.Publish("devices/dev-a/telemetry", 1, false, fmt.Sprint(i)))
+		}
+		for _, tok := range toks {
+			if err := wait(t, tok); err != nil {
+				t.Fatal(err)
+			}
+		}
+		seen := map[string]int{}
+		deadline := time.After(30 * time.Second)
+		for len(seen) < count {
+			select {
+			case m := <-sub.msgs:
+				seen[m]++
+			case <-deadline:
+				t.Fatalf("%d of %d messages crossed n1 -> n3", len(seen), count)
+			}
+		}
+		select {
+		case m := <-sub.msgs:
+			seen[m]++
+		case <-time.After(300 * time.Millisecond):
+		}
+		for m, n := range seen {
+			if n > 1 {
+				t.Fatalf("%q delivered %d times", m, n)
+			}
+		}
+	})
+
+	t.Run("a device on n1 cannot reach another device's topic on n2", func(t *testing.T) {
+		devB := env.Device(t, "dev-b", 0)
+		b := mustDial(t, env, n2, devB)
+		subscribe(t, b, "devices/dev-b/#")
+		backend := mustDial(t, env, n1, be)
+		publishUntilRouted(t, backend, b, "devices/dev-b/commands/probe")
+		a := mustDial(t, env, n1, devA)
+		a.Publish("devices/dev-b/commands/evil", 0, false, "x") // denied on n1 (QoS 0: silently)
+		wait(t, backend.Publish("devices/dev-b/commands/ok", 1, false, "fine"))
+		expect(t, b, "devices/dev-b/commands/ok fine")
+	})
+
+	t.Run("retained set on n1, read on n2 and n3, cleared on n3", func(t *testing.T) {
+		a := mustDial(t, env, n1, devA)
+		if err := wait(t, a.Publish("devices/dev-a/state", 1, true, "on")); err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range []*node{n2, n3} {
+			testtool.Eventually(t, 10*time.Second, "retained state on "+n.name, func() bool {
+				c := mustDial(t, env, n, devA)
+				defer c.Disconnect(0)
+				c.Subscribe("devices/dev-a/state", 1, nil)
+				select {
+				case m := <-c.msgs:
+					return m == "devices/dev-a/state on"
+				case <-time.After(500 * time.Millisecond):
+					return false
+				}
+			})
+		}
+		c3 := mustDial(t, env, n3, devA)
+		wait(t, c3.Publish("devices/dev-a/state", 1, true, ""))
+		c3.Disconnect(0)
+		for _, n := range []*node{n1, n2} {
+			testtool.Eventually(t, 10*time.Second, "retained state cleared on "+n.name, func() bool {
+				c := mustDial(t, env, n, devA)
+				defer c.Disconnect(0)
+				c.Subscribe("devices/dev-a/state", 1, nil)
+				select {
+				case <-c.msgs:
+					return false
+				case <-time.After(300 * time.Millisecond):
+					return true
+				}
+			})
+		}
+	})
+
+	t.Run("takeover across nodes closes the old session within 1s; a clone is flagged", func(t *testing.T) {
+		devC := env.Device(t, "dev-c", 0)
+		old := mustDial(t, env, n1, devC)
+		clones := metric(t, n1, "mqtls_certificate_clones_total")
+		start := time.Now()
+		mustDial(t, env, n2, devC)
+		select {
+		case <-old.lost:
+			if d := time.Since(start); d > time.Second {
+				t.Errorf("old session closed after %v, want <= 1s", d)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("session on n1 still open after the client took it over on n2")
+		}
+		if got := metric(t, n1, "mqtls_certificate_clones_total"); got != clones+1 {
+			t.Errorf("clone across nodes counted %v, want %v", got, clones+1)
+		}
+	})
+
+	t.Run("revocation closes a session on any node within 2s and is refused everywhere", func(t *testing.T) {
+		devD := env.Device(t, "dev-d", 0)
+		c := mustDial(t, env, n3, devD)
+		start := time.Now()
+		if _, err := env.Registry.Revoke(t.Context(), "dev-d", "stolen"); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-c.lost:
+			t.Logf("closed %v after the revocation", time.Since(start))
+		case <-time.After(2 * time.Second):
+			t.Fatal("revoked device still connected on n3 after 2s")
+		}
+		for _, n := range nodes { // each node within its registry poll
+			testtool.Eventually(t, 2*time.Second, n.name+" refuses the revoked device", func() bool {
+				c, err := dial(t, env, n, devD, true)
+				if err == nil {
+					c.Disconnect(0)
+				}
+				return err != nil && strings.Contains(err.Error(), "not Authorized")
+			})
+		}
+	})
+}
+
+// Nodes accept only peers with a broker certificate of the same root: a
+// node with another CA's certificate never joins (it cannot reach its
+// JetStream quorum and its start fails), the two genuine ones route.
+func TestClusterRefusesForeignNode(t *testing.T) {
+	env := brokertest.Start(t, nil)
+	other := brokertest.Start(t, nil) // another CA
+	srv, _ := env.CA.ServerCertificate()
+	foreign, _ := other.CA.ServerCertificate()
+	routes := []string{testtool.FreeAddr(t), testtool.FreeAddr(t), testtool.FreeAddr(t)}
+	certs := []tls.Certificate{srv, srv, foreign}
+	brokers := make([]*broker.Broker, 3)
+	errs := make([]error, 3)
+	var wg sync.WaitGroup
+	for i := range 3 {
+		var peers []string
+		for j, r := range routes {
+			if j != i {
+				peers = append(peers, r)
+			}
+		}
+		cn, err := cluster.New(cluster.Config{Name: fmt.Sprintf("n%d", i+1), RouteAddr: routes[i], Peers: peers, StoreDir: t.TempDir(),
+			Certificate: certs[i], Root: env.CA.Root, Replicas: 1, ReadyTimeout: 8 * time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pol, _ := policy.Parse([]byte(policy.Example))
+		br, err := broker.New(broker.Config{Addr: "127.0.0.1:0", Certificate: srv, Root: env.CA.Root, Cluster: cn, Policy: pol})
+		if err != nil {
+			t.Fatal(err)
+		}
+		brokers[i] = br
+		t.Cleanup(func() { br.Close() })
+		wg.Go(func() { errs[i] = br.Start() })
+	}
+	wg.Wait()
+	if errs[0] != nil || errs[1] != nil {
+		t.Fatalf("genuine nodes: %v, %v", errs[0], errs[1])
+	}
+	if errs[2] == nil {
+		t.Fatal("a node with another CA's certificate joined the cluster")
+	}
+	t.Logf("foreign node: %v", errs[2])
+	sub := mustDial(t, env, &node{name: "n2", addr: brokers[1].Addr().String()}, env.Device(t, "backend-1", 0, "backend"))
+	subscribe(t, sub, "devices/+/telemetry")
+	pub := mustDial(t, env, &node{name: "n1", addr: brokers[0].Addr().String()}, env.Device(t, "dev-a", 0))
+	publishUntilRouted(t, pub, sub, "devices/dev-a/telemetry")
+}
