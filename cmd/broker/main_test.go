@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"strings"
 	"testing"
@@ -206,7 +207,7 @@ func TestBrokerErrorsNameTheFix(t *testing.T) {
 		file := filepath.Join(t.TempDir(), "broker.yaml")
 		os.WriteFile(file, []byte("# nothing yet\n"), 0o600)
 		cfg := defaultServeConfig()
-		if err := loadServeConfig(file, &cfg); err != nil || cfg != defaultServeConfig() {
+		if err := loadServeConfig(file, &cfg); err != nil || !reflect.DeepEqual(cfg, defaultServeConfig()) {
 			t.Errorf("an empty config file: %v, %+v", err, cfg)
 		}
 	})

@@ -29,6 +29,7 @@ import (
 
 	"github.com/mqtls/mqtls/broker"
 	"github.com/mqtls/mqtls/broker/policy"
+	"github.com/mqtls/mqtls/cluster"
 	"github.com/mqtls/mqtls/cmd/internal/cli"
 	"github.com/mqtls/mqtls/provisioning/ca"
 	"github.com/mqtls/mqtls/provisioning/registry"
@@ -62,6 +63,11 @@ type serveConfig struct {
 	MaxQueuedMessages     int           `yaml:"max_queued_messages"`
 	MaxMessageExpiry      time.Duration `yaml:"max_message_expiry"`
 	MaxSessionExpiry      time.Duration `yaml:"max_session_expiry"`
+	// cluster (experimental): nodes over embedded NATS
+	NodeName      string   `yaml:"node_name"`
+	ClusterListen string   `yaml:"cluster_listen"`
+	ClusterPeers  []string `yaml:"cluster_peers"`
+	ClusterStore  string   `yaml:"cluster_store"`
 }
 
 func defaultServeConfig() serveConfig {
@@ -163,8 +169,15 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&cfg.MaxQueuedMessages, "max-queued-messages", 0, "QoS 1/2 messages kept per session, offline ones included (default 1024)")
 	fs.DurationVar(&cfg.MaxMessageExpiry, "max-message-expiry", 0, "expire retained and queued messages older than this (default 0: only a publisher's own v5 expiry)")
 	fs.DurationVar(&cfg.MaxSessionExpiry, "max-session-expiry", 0, "keep a disconnected persistent session at most this long (default 24h)")
+	fs.StringVar(&cfg.ClusterListen, "cluster-listen", "", "join a cluster of nodes: this node's NATS route address HOST:PORT (experimental; the registry must be shared: PostgreSQL)")
+	peers := fs.String("cluster-peers", "", "the other nodes' --cluster-listen addresses, comma-separated")
+	fs.StringVar(&cfg.NodeName, "node-name", "", "this node's name in the cluster (default: the host name)")
+	fs.StringVar(&cfg.ClusterStore, "cluster-store", "", "JetStream data of this node (default DATA/cluster)")
 	if err := parse(fs, args); err != nil {
 		return err
+	}
+	if *peers != "" {
+		cfg.ClusterPeers = strings.Split(*peers, ",")
 	}
 	if *configFile != "" {
 		fileCfg := defaultServeConfig()
@@ -197,6 +210,10 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		override(&cfg.MaxQueuedMessages, flagCfg.MaxQueuedMessages, set["max-queued-messages"])
 		override(&cfg.MaxMessageExpiry, flagCfg.MaxMessageExpiry, set["max-message-expiry"])
 		override(&cfg.MaxSessionExpiry, flagCfg.MaxSessionExpiry, set["max-session-expiry"])
+		override(&cfg.ClusterListen, flagCfg.ClusterListen, set["cluster-listen"])
+		override(&cfg.ClusterPeers, flagCfg.ClusterPeers, set["cluster-peers"])
+		override(&cfg.NodeName, flagCfg.NodeName, set["node-name"])
+		override(&cfg.ClusterStore, flagCfg.ClusterStore, set["cluster-store"])
 	}
 	if err := needData(cfg.Data); err != nil {
 		return err
@@ -276,8 +293,15 @@ func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io
 	var closers []func(context.Context) error
 
 	if cfg.MQTTAddr != "" {
+		var node broker.Cluster
+		if cfg.ClusterListen != "" {
+			if node, err = newClusterNode(cfg, srvCert, c.Root, log); err != nil {
+				return err
+			}
+		}
 		b, err := broker.New(broker.Config{
-			Addr: cfg.MQTTAddr, Certificate: srvCert, Root: c.Root, Issuers: []*x509.Certificate{c.Issuing},
+			Cluster: node,
+			Addr:    cfg.MQTTAddr, Certificate: srvCert, Root: c.Root, Issuers: []*x509.Certificate{c.Issuing},
 			MinTLSVersion: minTLS, Policy: pol, Registry: reg, CRLFile: cfg.CRL,
 			HandshakeTimeout: cfg.HandshakeTimeout, MaxWritesPending: cfg.MaxWritesPending, MaxPacketSize: cfg.MaxPacketSize,
 			AdmitWhenRegistryDown: cfg.AdmitWhenRegistryDown, MaxIntermediates: cfg.MaxIntermediates,
@@ -436,4 +460,35 @@ func watchPolicy(ctx context.Context, path string, b *broker.Broker, log *slog.L
 			log.Error("policy refused; the previous policy stays", "file", path, "err", err)
 		}
 	}
+}
+
+// newClusterNode joins this node to its peers (experimental).
+func newClusterNode(cfg serveConfig, cert tls.Certificate, root *x509.Certificate, log *slog.Logger) (broker.Cluster, error) {
+	name := cfg.NodeName
+	if name == "" {
+		h, err := os.Hostname()
+		if err != nil {
+			return nil, fmt.Errorf("cluster: no --node-name and no host name: %w", err)
+		}
+		name = strings.ReplaceAll(h, ".", "-")
+	}
+	store := cfg.ClusterStore
+	if store == "" {
+		store = filepath.Join(cfg.Data, "cluster")
+	}
+	if err := os.MkdirAll(store, 0o700); err != nil {
+		return nil, fmt.Errorf("cluster store: %w", err)
+	}
+	var peers []string
+	for _, p := range cfg.ClusterPeers {
+		if p = strings.TrimSpace(p); p != "" {
+			peers = append(peers, p)
+		}
+	}
+	n, err := cluster.New(cluster.Config{Name: name, RouteAddr: cfg.ClusterListen, Peers: peers, StoreDir: store,
+		Certificate: cert, Root: root, Logger: log.With("component", "cluster")})
+	if err != nil {
+		return nil, usageErr("%v", err)
+	}
+	return n, nil
 }
