@@ -55,7 +55,7 @@ type Config struct {
 	// smaller).
 	Replicas int
 	// ReadyTimeout bounds the wait for the NATS cluster and JetStream
-	// (default 30s).
+	// (default 1m).
 	ReadyTimeout time.Duration
 	// Logger (default: discard).
 	Logger *slog.Logger
@@ -128,7 +128,7 @@ func New(cfg Config) (*Node, error) {
 		cfg.Replicas = min(3, 1+len(cfg.Peers))
 	}
 	if cfg.ReadyTimeout == 0 {
-		cfg.ReadyTimeout = 30 * time.Second
+		cfg.ReadyTimeout = time.Minute
 	}
 	log := cfg.Logger
 	if log == nil {

@@ -58,7 +58,7 @@ func startCluster(t *testing.T, env *brokertest.Env, n int) []*node {
 		}
 		name := fmt.Sprintf("n%d", i+1)
 		cn, err := cluster.New(cluster.Config{Name: name, RouteAddr: routes[i], Peers: peers,
-			StoreDir: filepath.Join(t.TempDir(), "js"), Certificate: srvCert, Root: env.CA.Root,
+			StoreDir: filepath.Join(t.TempDir(), "js"), Certificate: srvCert, Root: env.CA.Root, ReadyTimeout: 90 * time.Second,
 			Logger: slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug})).With("node", name)})
 		if err != nil {
 			t.Fatal(err)
