@@ -158,10 +158,11 @@ func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io
 		return usageErr("min TLS %q: want 1.2 or 1.3", cfg.MinTLS)
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
-	c, err := ca.Load(cfg.Data)
+	c, release, err := loadCA(ctx, cfg.Data)
 	if err != nil {
 		return err
 	}
+	defer release()
 	srvCert, err := c.ServerCertificate()
 	if err != nil {
 		return err

@@ -385,6 +385,12 @@ func IssuingKeyURI(dir string) (string, error) {
 	return u.String(), nil
 }
 
+// LoadRoot reads the root CA certificate of dir (what binds a registry),
+// without the issuing CA or any key.
+func LoadRoot(dir string) (*x509.Certificate, error) {
+	return readCert(filepath.Join(dir, RootCertFile))
+}
+
 // Load reads the PKI from dir. The root key is not needed (nor read). The
 // issuing key is dir's issuing key file unless dir records an external
 // one (IssuingKeyURIFile): then the caller passes that key with
