@@ -183,6 +183,9 @@ func TestIssuingKeyPKCS11(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(data, ca.IssuingKeyFile)); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("%s exists (%v): the issuing key touched the disk", ca.IssuingKeyFile, err)
 	}
+	if keys := privateKeyFiles(t, data); strings.Join(keys, " ") != ca.RootKeyFile+" "+ca.ServerKeyFile {
+		t.Fatalf("private keys on disk: %v, want the root's and the server's only", keys)
+	}
 	fi, err := os.Stat(filepath.Join(data, ca.IssuingKeyURIFile))
 	if err != nil || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("%s: %v %v, want mode 0600", ca.IssuingKeyURIFile, err, fi)
@@ -289,6 +292,30 @@ func TestIssuingKeyPKCS11(t *testing.T) {
 	serveFails(t, data, uri, "token not found", "connect the token", "correct the URI recorded in "+filepath.Join(data, ca.IssuingKeyURIFile))
 }
 
+// privateKeyFiles lists the files under dir holding a PEM private key.
+func privateKeyFiles(t *testing.T, dir string) []string {
+	t.Helper()
+	var keys []string
+	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		if strings.Contains(string(b), "PRIVATE KEY-----") {
+			rel, _ := filepath.Rel(dir, path)
+			keys = append(keys, rel)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return keys
+}
+
 // serveFails runs broker serve and wants exit 1 with the URI, the
 // recording file and says in stderr, and no PIN.
 func serveFails(t *testing.T, data, uri string, says ...string) {
@@ -375,7 +402,6 @@ func TestInitIssuingKeyAdopted(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer release()
 	if !c.Issuing.PublicKey.(*ecdsa.PublicKey).Equal(pub) {
 		t.Fatal("the issuing CA is not for the adopted key")
 	}
@@ -385,6 +411,22 @@ func TestInitIssuingKeyAdopted(t *testing.T) {
 	}
 	if _, err := c.IssueDevice(pub, "dev-1", nil, time.Hour); err != nil {
 		t.Fatalf("issuing after a refused second init: %v", err)
+	}
+	release()
+
+	// an init interrupted before the server certificate resumes with the
+	// recorded store, without the flag
+	for _, f := range []string{"tls", RegistryFile} { // init makes the registry last
+		if err := os.RemoveAll(filepath.Join(data, f)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, errs, code := brokerCLI(t, "init", "--data", data); code != 0 {
+		t.Fatalf("resumed init: %s", errs)
+	}
+	leaf := readCert(t, filepath.Join(data, ca.ServerCertFile))
+	if err := leaf.CheckSignatureFrom(c.Issuing); err != nil {
+		t.Fatalf("server certificate of the resumed init: %v", err)
 	}
 }
 
