@@ -107,6 +107,8 @@ func issuingKeyErr(data string, u keystore.URI, atInit bool, err error) error {
 		fix = "install the token's PKCS#11 module, or " + correct
 	case u.Kind == keystore.KindPKCS11:
 		fix = "check the token (connected, initialised, holding the key) and its module, or " + correct
+	case u.Kind == keystore.KindTPMSim:
+		fix = fmt.Sprintf("tpmsim is the in-process TPM simulator (simulations only, cgo builds): check its directory and that %s holds the key blob made by init, or %s", filepath.Join(data, caKeystoreDir), correct)
 	default:
 		fix = fmt.Sprintf("check that the TPM is reachable and that %s holds the key blob made by init, or %s", filepath.Join(data, caKeystoreDir), correct)
 	}
