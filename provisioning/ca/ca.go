@@ -115,21 +115,25 @@ type InitConfig struct {
 	IssuingKeyURI string
 }
 
-func (cfg InitConfig) validate() error {
+// validate checks cfg and returns it with IssuingKeyURI in the form
+// keystore.ParseURI prints.
+func (cfg InitConfig) validate() (InitConfig, error) {
 	switch {
 	case cfg.IssuingSigner != nil && cfg.IssuingKeyURI == "":
-		return errors.New("ca: an IssuingSigner needs its IssuingKeyURI (recorded so that the store can be reopened)")
+		return cfg, errors.New("ca: an IssuingSigner needs its IssuingKeyURI (recorded so that the store can be reopened)")
 	case cfg.IssuingSigner == nil && cfg.IssuingKeyURI != "":
-		return errors.New("ca: an IssuingKeyURI needs the IssuingSigner of its store")
+		return cfg, errors.New("ca: an IssuingKeyURI needs the IssuingSigner of its store")
 	case cfg.IssuingSigner != nil && cfg.IssuingKey != "":
-		return errors.New("ca: the issuing key is either in a keystore (issuing key URI) or a file (--issuing-key), not both")
+		return cfg, errors.New("ca: the issuing key is either in a keystore (issuing key URI) or a file (--issuing-key), not both")
 	}
 	if cfg.IssuingKeyURI != "" {
-		if _, err := keystore.ParseURI(cfg.IssuingKeyURI); err != nil {
-			return fmt.Errorf("ca: issuing key URI: %w", err)
+		u, err := keystore.ParseURI(cfg.IssuingKeyURI)
+		if err != nil {
+			return cfg, fmt.Errorf("ca: issuing key URI: %w", err)
 		}
+		cfg.IssuingKeyURI = u.String()
 	}
-	return nil
+	return cfg, nil
 }
 
 // CA is a loaded PKI, ready to issue. It is safe for concurrent use when
@@ -148,7 +152,8 @@ type CA struct {
 // is missing (an interrupted init), it issues that, with cfg.IssuingSigner
 // when the issuing key is external.
 func Init(dir string, cfg InitConfig) error {
-	if err := cfg.validate(); err != nil {
+	cfg, err := cfg.validate() // a copy: the caller's config is not changed
+	if err != nil {
 		return err
 	}
 	hosts := cfg.Hosts
@@ -284,8 +289,7 @@ func buildCA(caDir string, cfg InitConfig) (*CA, error) {
 		}
 	}
 	if cfg.IssuingSigner != nil {
-		u, _ := keystore.ParseURI(cfg.IssuingKeyURI) // checked by validate
-		files["issuing.keyuri"] = []byte(u.String() + "\n")
+		files["issuing.keyuri"] = []byte(cfg.IssuingKeyURI + "\n")
 	} else if files["issuing.key"], err = pemKey(issKey); err != nil {
 		return nil, err
 	}
