@@ -95,8 +95,10 @@ func issuingKeyErr(data string, u keystore.URI, atInit bool, err error) error {
 	}
 	var fix string
 	switch {
+	case errors.Is(err, keystore.ErrNotFound) && u.Kind == keystore.KindPKCS11:
+		fix = fmt.Sprintf("the store holds no key %q: restore it to the token from the token's backup, or %s", keyName(u), correct)
 	case errors.Is(err, keystore.ErrNotFound):
-		fix = fmt.Sprintf("the store holds no key %q: restore the token (or %s) from its backup, or %s", keyName(u), filepath.Join(data, caKeystoreDir), correct)
+		fix = fmt.Sprintf("the store holds no key %q: restore %s from its backup (usable only with the same TPM), or %s", keyName(u), filepath.Join(data, caKeystoreDir, keyName(u)+".tpmkey"), correct)
 	case errors.Is(err, pkcs11.ErrUnavailable):
 		fix = "run a broker built with cgo (CGO_ENABLED=1)"
 	case errors.Is(err, pkcs11.ErrNoToken):

@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -24,6 +25,7 @@ import (
 	"github.com/mqtls/mqtls/cmd/internal/keystores"
 	"github.com/mqtls/mqtls/device"
 	"github.com/mqtls/mqtls/hardware/pkcs11/softhsmtest"
+	"github.com/mqtls/mqtls/hardware/tpm/swtpmtest"
 	"github.com/mqtls/mqtls/internal/testtool"
 	"github.com/mqtls/mqtls/keystore"
 	"github.com/mqtls/mqtls/provisioning"
@@ -292,7 +294,9 @@ func TestIssuingKeyPKCS11(t *testing.T) {
 	serveFails(t, data, uri, "token not found", "connect the token", "correct the URI recorded in "+filepath.Join(data, ca.IssuingKeyURIFile))
 }
 
-// privateKeyFiles lists the files under dir holding a PEM private key.
+// privateKeyFiles lists the files under dir holding a software private
+// key (PEM PKCS#8, SEC1 or PKCS#1; not the TPM-wrapped TSS2 blobs that
+// only their TPM can load).
 func privateKeyFiles(t *testing.T, dir string) []string {
 	t.Helper()
 	var keys []string
@@ -304,7 +308,7 @@ func privateKeyFiles(t *testing.T, dir string) []string {
 		if err != nil {
 			return err
 		}
-		if strings.Contains(string(b), "PRIVATE KEY-----") {
+		if regexp.MustCompile(`-----BEGIN (|EC |RSA |ENCRYPTED )PRIVATE KEY-----`).Match(b) {
 			rel, _ := filepath.Rel(dir, path)
 			keys = append(keys, rel)
 		}
@@ -468,4 +472,31 @@ func readCert(t *testing.T, path string) *x509.Certificate {
 		t.Fatal(err)
 	}
 	return c
+}
+
+// swtpm: the key survives the TPM's restart; serve without the TPM exits 1
+// naming it.
+func TestIssuingKeySWTPM(t *testing.T) {
+	tpm := swtpmtest.Start(t)
+	data := filepath.Join(t.TempDir(), "data")
+	uri := "swtpm:" + tpm.Addr
+	if _, errs, code := brokerCLI(t, "init", "--data", data, "--issuing-key-uri", uri); code != 0 {
+		t.Fatalf("init: %s", errs)
+	}
+	if keys := privateKeyFiles(t, data); strings.Join(keys, " ") != ca.RootKeyFile+" "+ca.ServerKeyFile {
+		t.Fatalf("private keys on disk: %v, want the root's and the server's only", keys)
+	}
+	if b, err := os.ReadFile(filepath.Join(data, caKeystoreDir, issuingKeyName+".tpmkey")); err != nil || !strings.Contains(string(b), "BEGIN TSS2 PRIVATE KEY") {
+		t.Fatalf("TPM-wrapped issuing key: %v", err)
+	}
+	tpm.Stop()
+	serveFails(t, data, uri, "check that the TPM is reachable")
+	tpm.Restart(t)
+	estAddr, _, _, _, stop := startServe(t, data)
+	defer stop()
+	lines, errs, code := brokerCLI(t, "token", "--data", data, "--count", "3", "--prefix", "swtpm")
+	if code != 0 {
+		t.Fatal(errs)
+	}
+	enrollAll(t, estAddr, readCert(t, filepath.Join(data, ca.RootCertFile)), readCert(t, filepath.Join(data, ca.IssuingCertFile)), strings.Split(strings.TrimSpace(lines), "\n"))
 }
