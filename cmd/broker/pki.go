@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"os"
 	"path/filepath"
 	"text/tabwriter"
 	"time"
@@ -39,6 +40,7 @@ func cmdInit(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs.StringVar(&cfg.RootKey, "root-key", "", "key of --root-cert (needed to create the issuing CA)")
 	fs.StringVar(&cfg.IssuingCert, "issuing-cert", "", "adopt this issuing CA certificate (PEM), signed by --root-cert")
 	fs.StringVar(&cfg.IssuingKey, "issuing-key", "", "key of --issuing-cert")
+	issuingKeyURI := fs.String("issuing-key-uri", "", "keep the issuing CA key in this hardware keystore: pkcs11:...?module-path=...&pin-source=file:PATH|env:NAME, tpm, tpm:/dev/PATH, swtpm:HOST:PORT, tpmsim:DIR; the key is made there (ECDSA P-256) or adopted if it exists, never written to disk")
 	regFlags := addRegistryFlags(fs)
 	registryOnly := fs.Bool("registry-only", false, "create only the registry, for the data directory's existing PKI (after losing the registry: every revocation is lost with it)")
 	bindRegistry := fs.Bool("bind-registry", false, "bind an existing registry made before registries were bound to their CA to the data directory's root CA")
@@ -56,17 +58,42 @@ func cmdInit(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return bindExisting(ctx, loc, *data, stdout)
 	}
 	cfg.Hosts = hosts
+	var c *ca.CA
+	var keyNote string
 	if !*registryOnly {
+		key, err := initIssuingKey(ctx, *data, *issuingKeyURI, &cfg)
+		if err != nil {
+			return err
+		}
+		if key != nil {
+			defer key.store.Close()
+			keyNote = fmt.Sprintf("  issuing key: %s (adopted from the store; no key file)\n", key.uri)
+			if key.created {
+				keyNote = fmt.Sprintf("  issuing key: %s (made in the store; no key file)\n", key.uri)
+			}
+		}
 		if err := ca.Init(*data, cfg); err != nil {
+			if key != nil {
+				err = errors.Join(err, key.discard(ctx))
+			}
 			if errors.Is(err, ca.ErrExists) && loc.missing() {
 				return fmt.Errorf("%w\n  the registry is missing: restore it from a backup, or create an empty one (every revocation is lost): broker init --data %s --registry-only", err, *data)
 			}
 			return err
 		}
-	}
-	c, err := ca.Load(*data)
-	if err != nil {
-		return err
+		var opts []ca.Option
+		if key != nil {
+			opts = append(opts, ca.WithIssuingSigner(key.signer))
+		}
+		if c, err = ca.Load(*data, opts...); err != nil {
+			return err
+		}
+	} else {
+		root, err := ca.LoadRoot(*data)
+		if err != nil {
+			return err
+		}
+		c = &ca.CA{Root: root}
 	}
 	reg, err := loc.create(ctx, ca.Fingerprint(c.Root))
 	if err != nil {
@@ -79,10 +106,46 @@ func cmdInit(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if *registryOnly {
 		what = "registry"
 	}
-	fmt.Fprintf(stdout, "created %s in %s\n  root CA:    %s (SPKI sha256 %s)\n  issuing CA: %s\n  server:     %s\n  registry:   %s (bound to root sha256 %s)\n",
-		what, *data, filepath.Join(*data, ca.RootCertFile), ca.SPKIFingerprint(c.Root), filepath.Join(*data, ca.IssuingCertFile),
+	fmt.Fprintf(stdout, "created %s in %s\n  root CA:    %s (SPKI sha256 %s)\n  issuing CA: %s\n%s  server:     %s\n  registry:   %s (bound to root sha256 %s)\n",
+		what, *data, filepath.Join(*data, ca.RootCertFile), ca.SPKIFingerprint(c.Root), filepath.Join(*data, ca.IssuingCertFile), keyNote,
 		filepath.Join(*data, ca.ServerCertFile), loc, ca.Fingerprint(c.Root))
 	return nil
+}
+
+// initIssuingKey opens the hardware store of the issuing key for init:
+// the --issuing-key-uri one (the key is made there unless the data
+// directory already holds an issuing CA, or adopted when the store has
+// it), or the one an interrupted init recorded. It returns nil for a key
+// file. The caller closes the key's store.
+func initIssuingKey(ctx context.Context, data, uri string, cfg *ca.InitConfig) (*issuingKey, error) {
+	_, issErr := os.Stat(filepath.Join(data, ca.IssuingCertFile))
+	_, srvErr := os.Stat(filepath.Join(data, ca.ServerCertFile))
+	haveCA := issErr == nil
+	if uri == "" {
+		if !haveCA || srvErr == nil {
+			return nil, nil // a new CA with a key file, or ca.Init refuses
+		}
+		recorded, err := ca.IssuingKeyURI(data)
+		if err != nil || recorded == "" {
+			return nil, err // resumed with its key file
+		}
+		uri = recorded
+	} else if cfg.IssuingKey != "" {
+		return nil, usageErr("give --issuing-key (a key file) or --issuing-key-uri (a hardware store), not both")
+	}
+	u, err := parseIssuingKeyURI(uri)
+	if err != nil {
+		return nil, err
+	}
+	if haveCA && srvErr == nil {
+		return nil, nil // ca.Init refuses: leave the store alone
+	}
+	key, err := openIssuingKey(ctx, data, u, !haveCA, true)
+	if err != nil {
+		return nil, err
+	}
+	cfg.IssuingSigner, cfg.IssuingKeyURI = key.signer, u.String()
+	return key, nil
 }
 
 func cmdToken(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -219,10 +282,11 @@ func cmdDevices(ctx context.Context, args []string, stdout, stderr io.Writer) er
 
 // bindExisting binds an unbound registry to the data directory's root CA.
 func bindExisting(ctx context.Context, loc registryLocation, data string, stdout io.Writer) error {
-	c, err := ca.Load(data)
+	root, err := ca.LoadRoot(data)
 	if err != nil {
 		return err
 	}
+	c := &ca.CA{Root: root}
 	reg, err := loc.open(ctx)
 	if err != nil {
 		return err

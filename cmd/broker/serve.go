@@ -255,10 +255,11 @@ func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io
 	if err := haveCA(cfg.Data); err != nil {
 		return err
 	}
-	c, err := ca.Load(cfg.Data)
+	c, release, err := loadCA(ctx, cfg.Data)
 	if err != nil {
 		return err
 	}
+	defer release()
 	srvCert, err := c.ServerCertificate()
 	if err != nil {
 		return err

@@ -129,7 +129,7 @@ func TestServe(t *testing.T) {
 // MQTT (3.1.1, no auto-reconnect); lost receives the connection's end.
 func enrollAndConnect(t *testing.T, data, id, token, estAddr, mqttAddr string) (cl paho.Client, lost <-chan error) {
 	t.Helper()
-	c, err := ca.Load(data)
+	root, err := ca.LoadRoot(data)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -139,7 +139,7 @@ func enrollAndConnect(t *testing.T, data, id, token, estAddr, mqttAddr string) (
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { store.Close() })
-	ident, err := device.Enroll(t.Context(), device.EnrollConfig{Dir: idDir, DeviceID: id, Token: strings.TrimSpace(token), EST: "https://" + estAddr, Root: c.Root, Store: store, Keystore: "file"})
+	ident, err := device.Enroll(t.Context(), device.EnrollConfig{Dir: idDir, DeviceID: id, Token: strings.TrimSpace(token), EST: "https://" + estAddr, Root: root, Store: store, Keystore: "file"})
 	if err != nil {
 		t.Fatalf("enroll %s: %v", id, err)
 	}

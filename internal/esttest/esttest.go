@@ -28,7 +28,8 @@ type Env struct {
 }
 
 // Start initialises a PKI in a temporary directory and serves EST on a
-// loopback port until the test ends. tweak may adjust the server config.
+// loopback port until the test ends. tweak may adjust the server config
+// (and put another CA or registry in place: Env reports the ones served).
 func Start(t testing.TB, tweak func(*server.Config)) *Env {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "data")
@@ -70,7 +71,7 @@ func Start(t testing.TB, tweak func(*server.Config)) *Env {
 			t.Errorf("EST server: %v", err)
 		}
 	})
-	return &Env{Dir: dir, CA: c, Registry: cfg.Registry, Server: srv, URL: "https://" + ln.Addr().String()}
+	return &Env{Dir: dir, CA: cfg.CA, Registry: cfg.Registry, Server: srv, URL: "https://" + ln.Addr().String()}
 }
 
 // Token mints an enrollment token for id.

@@ -7,14 +7,20 @@
 //	DIR/ca/root.crt     root CA certificate (the trust anchor devices pin)
 //	DIR/ca/root.key     root CA key (keep offline in production)
 //	DIR/ca/issuing.crt  issuing CA certificate (pathlen 0)
-//	DIR/ca/issuing.key  issuing CA key
+//	DIR/ca/issuing.key  issuing CA key, or
+//	DIR/ca/issuing.keyuri  the keystore URI of an issuing key kept in a
+//	                    hardware store (PKCS#11 token, TPM) instead
 //	DIR/tls/server.crt  broker server certificate + issuing CA
 //	DIR/tls/server.key  broker server key
 //
 // # Security
 //
 // Keys are PKCS#8 PEM files of mode 0600 in directories of mode 0700,
-// written atomically and never overwritten. Device certificates take only
+// written atomically and never overwritten. The issuing key may instead
+// live in a keystore the caller opens ([InitConfig.IssuingSigner],
+// [WithIssuingSigner]): this package then never sees the key, only a
+// [crypto.Signer], and records no secret (the URI holds where the PIN is
+// read, never the PIN). Device certificates take only
 // the public key and the device ID from a request: everything else (no SANs,
 // no CA flag, no extra key usages) is the policy's.
 package ca
@@ -37,6 +43,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/mqtls/mqtls/internal/atomicfile"
@@ -49,8 +56,11 @@ const (
 	RootKeyFile     = "ca/root.key"
 	IssuingCertFile = "ca/issuing.crt"
 	IssuingKeyFile  = "ca/issuing.key"
-	ServerCertFile  = "tls/server.crt"
-	ServerKeyFile   = "tls/server.key"
+	// IssuingKeyURIFile records the keystore URI of an issuing key held
+	// outside the data directory (see [InitConfig.IssuingSigner]).
+	IssuingKeyURIFile = "ca/issuing.keyuri"
+	ServerCertFile    = "tls/server.crt"
+	ServerKeyFile     = "tls/server.key"
 )
 
 // Lifetimes.
@@ -69,6 +79,12 @@ var (
 	ErrExists = errors.New("ca: a CA already exists")
 	// ErrPolicy reports a request the issuance policy refuses.
 	ErrPolicy = errors.New("ca: refused by issuance policy")
+	// ErrExternalKey reports a Load of a CA whose issuing key is held in
+	// another keystore (recorded in IssuingKeyURIFile) without
+	// [WithIssuingSigner]: open that keystore and pass its signer.
+	ErrExternalKey = errors.New("ca: the issuing key is held in a keystore the caller must open")
+	// ErrKeyMismatch reports a key that is not the certificate's.
+	ErrKeyMismatch = errors.New("ca: key does not match the certificate")
 )
 
 // DefaultHosts are the server certificate's names when none are given.
@@ -86,9 +102,44 @@ type InitConfig struct {
 	// IssuingCert and IssuingKey (PEM files) adopt an existing issuing CA;
 	// RootCert is then required.
 	IssuingCert, IssuingKey string
+	// IssuingSigner, if set, is the issuing CA's key, held in a keystore
+	// the caller opened (a PKCS#11 token, a TPM): Init creates the issuing
+	// CA for it (or, with IssuingCert, checks that it is that
+	// certificate's key) and writes no issuing key file. IssuingKeyURI is
+	// then required, IssuingKey refused.
+	IssuingSigner crypto.Signer
+	// IssuingKeyURI is the keystore URI ([keystore.ParseURI]) of
+	// IssuingSigner's store, recorded in IssuingKeyURIFile (mode 0600) so
+	// that the data directory's users know what to open before [Load].
+	// A URI holding a PIN is refused.
+	IssuingKeyURI string
 }
 
-// CA is a loaded PKI, ready to issue. It is safe for concurrent use.
+// validate checks cfg and returns it with IssuingKeyURI in the form
+// keystore.ParseURI prints.
+func (cfg InitConfig) validate() (InitConfig, error) {
+	switch {
+	case cfg.IssuingSigner != nil && cfg.IssuingKeyURI == "":
+		return cfg, errors.New("ca: an IssuingSigner needs its IssuingKeyURI (recorded so that the store can be reopened)")
+	case cfg.IssuingSigner == nil && cfg.IssuingKeyURI != "":
+		return cfg, errors.New("ca: an IssuingKeyURI needs the IssuingSigner of its store")
+	case cfg.IssuingSigner != nil && cfg.IssuingKey != "":
+		return cfg, errors.New("ca: the issuing key is either in a keystore (issuing key URI) or a file (--issuing-key), not both")
+	}
+	if cfg.IssuingKeyURI != "" {
+		u, err := keystore.ParseURI(cfg.IssuingKeyURI)
+		if err != nil {
+			return cfg, fmt.Errorf("ca: issuing key URI: %w", err)
+		}
+		cfg.IssuingKeyURI = u.String()
+	}
+	return cfg, nil
+}
+
+// CA is a loaded PKI, ready to issue. It is safe for concurrent use when
+// its issuing key's signer is (file keys are; see the keystore's
+// documentation otherwise). A CA does not own an external signer: the
+// caller closes its keystore after the CA's last use.
 type CA struct {
 	Root    *x509.Certificate
 	Issuing *x509.Certificate
@@ -98,8 +149,13 @@ type CA struct {
 
 // Init creates the PKI in dir. It refuses (ErrExists) when dir already
 // holds a CA with a server certificate; when only the server certificate
-// is missing (an interrupted init), it issues that.
+// is missing (an interrupted init), it issues that, with cfg.IssuingSigner
+// when the issuing key is external.
 func Init(dir string, cfg InitConfig) error {
+	cfg, err := cfg.validate() // a copy: the caller's config is not changed
+	if err != nil {
+		return err
+	}
 	hosts := cfg.Hosts
 	if len(hosts) == 0 {
 		hosts = DefaultHosts
@@ -108,7 +164,11 @@ func Init(dir string, cfg InitConfig) error {
 		if _, err := os.Stat(filepath.Join(dir, ServerCertFile)); err == nil {
 			return fmt.Errorf("%w in %s (refusing to overwrite it)", ErrExists, dir)
 		}
-		c, err := Load(dir)
+		var opts []Option
+		if cfg.IssuingSigner != nil {
+			opts = append(opts, WithIssuingSigner(cfg.IssuingSigner))
+		}
+		c, err := Load(dir, opts...)
 		if err != nil {
 			return err
 		}
@@ -184,14 +244,24 @@ func buildCA(caDir string, cfg InitConfig) (*CA, error) {
 		if !iss.IsCA || iss.CheckSignatureFrom(root) != nil {
 			return nil, fmt.Errorf("ca: %s is not a CA certificate signed by %s", cfg.IssuingCert, cfg.RootCert)
 		}
-		if issKey, err = readKey(cfg.IssuingKey, iss.PublicKey); err != nil {
+		if cfg.IssuingSigner != nil {
+			if !publicKeyEqual(cfg.IssuingSigner.Public(), iss.PublicKey) {
+				return nil, fmt.Errorf("%w: the issuing key in the keystore is not the key of %s", ErrKeyMismatch, cfg.IssuingCert)
+			}
+			issKey = cfg.IssuingSigner
+		} else if issKey, err = readKey(cfg.IssuingKey, iss.PublicKey); err != nil {
 			return nil, err
 		}
 	} else {
 		if rootKey == nil {
 			return nil, errors.New("ca: creating the issuing CA needs the root key (--root-key)")
 		}
-		if issKey, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader); err != nil {
+		if cfg.IssuingSigner != nil {
+			if err := CheckKey(cfg.IssuingSigner.Public()); err != nil {
+				return nil, fmt.Errorf("ca: issuing key: %w", err)
+			}
+			issKey = cfg.IssuingSigner
+		} else if issKey, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader); err != nil {
 			return nil, fmt.Errorf("ca: %w", err)
 		}
 		if iss, err = create(&x509.Certificate{
@@ -218,12 +288,14 @@ func buildCA(caDir string, cfg InitConfig) (*CA, error) {
 			return nil, err
 		}
 	}
-	if files["issuing.key"], err = pemKey(issKey); err != nil {
+	if cfg.IssuingSigner != nil {
+		files["issuing.keyuri"] = []byte(cfg.IssuingKeyURI + "\n")
+	} else if files["issuing.key"], err = pemKey(issKey); err != nil {
 		return nil, err
 	}
 	for name, data := range files {
 		perm := os.FileMode(0o644)
-		if filepath.Ext(name) == ".key" {
+		if ext := filepath.Ext(name); ext == ".key" || ext == ".keyuri" {
 			perm = 0o600
 		}
 		if err := atomicfile.WriteExclusive(r, name, data, perm); err != nil {
@@ -284,8 +356,55 @@ func (c *CA) writeServer(hosts []string) error {
 	return nil
 }
 
-// Load reads the PKI from dir. The root key is not needed (nor read).
-func Load(dir string) (*CA, error) {
+// Option configures [Load].
+type Option func(*loadOptions)
+
+type loadOptions struct {
+	signer crypto.Signer
+}
+
+// WithIssuingSigner gives Load the issuing CA's key, held in a keystore
+// the caller opened from the URI [IssuingKeyURI] returns. Load checks that
+// it is the issuing certificate's key. Its Sign may block (a token); it is
+// called by every issuance.
+func WithIssuingSigner(s crypto.Signer) Option {
+	return func(o *loadOptions) { o.signer = s }
+}
+
+// IssuingKeyURI returns the keystore URI recorded in dir by an Init with
+// an external issuing key, or "" when the issuing key is a file in dir. The
+// URI is checked with [keystore.ParseURI] (which refuses PINs).
+func IssuingKeyURI(dir string) (string, error) {
+	data, err := os.ReadFile(filepath.Join(dir, IssuingKeyURIFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("ca: %w", err)
+	}
+	u, err := keystore.ParseURI(strings.TrimSpace(string(data)))
+	if err != nil {
+		return "", fmt.Errorf("ca: %s: %w", filepath.Join(dir, IssuingKeyURIFile), err)
+	}
+	return u.String(), nil
+}
+
+// LoadRoot reads the root CA certificate of dir (what binds a registry),
+// without the issuing CA or any key.
+func LoadRoot(dir string) (*x509.Certificate, error) {
+	return readCert(filepath.Join(dir, RootCertFile))
+}
+
+// Load reads the PKI from dir. The root key is not needed (nor read). The
+// issuing key is dir's issuing key file unless dir records an external
+// one (IssuingKeyURIFile): then the caller passes that key with
+// [WithIssuingSigner], and Load without it returns [ErrExternalKey]. A key
+// that is not the issuing certificate's gets [ErrKeyMismatch].
+func Load(dir string, opts ...Option) (*CA, error) {
+	var o loadOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
 	root, err := readCert(filepath.Join(dir, RootCertFile))
 	if err != nil {
 		return nil, err
@@ -297,6 +416,19 @@ func Load(dir string) (*CA, error) {
 	if err := iss.CheckSignatureFrom(root); err != nil {
 		return nil, fmt.Errorf("ca: %s is not signed by %s: %w", IssuingCertFile, RootCertFile, err)
 	}
+	if o.signer != nil {
+		if !publicKeyEqual(o.signer.Public(), iss.PublicKey) {
+			return nil, fmt.Errorf("%w: the issuing key given is not the key of %s", ErrKeyMismatch, filepath.Join(dir, IssuingCertFile))
+		}
+		return &CA{Root: root, Issuing: iss, key: o.signer, dir: dir}, nil
+	}
+	uri, err := IssuingKeyURI(dir)
+	if err != nil {
+		return nil, err
+	}
+	if uri != "" {
+		return nil, fmt.Errorf("%w: %s (recorded in %s)", ErrExternalKey, uri, filepath.Join(dir, IssuingKeyURIFile))
+	}
 	ks, err := keystore.NewFile(filepath.Join(dir, "ca"))
 	if err != nil {
 		return nil, fmt.Errorf("ca: %w", err)
@@ -307,7 +439,7 @@ func Load(dir string) (*CA, error) {
 		return nil, fmt.Errorf("ca: issuing key: %w", err)
 	}
 	if !publicKeyEqual(key.Public(), iss.PublicKey) {
-		return nil, fmt.Errorf("ca: %s does not match %s", IssuingKeyFile, IssuingCertFile)
+		return nil, fmt.Errorf("%w: %s does not match %s", ErrKeyMismatch, IssuingKeyFile, IssuingCertFile)
 	}
 	return &CA{Root: root, Issuing: iss, key: key, dir: dir}, nil
 }
