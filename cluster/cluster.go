@@ -84,7 +84,7 @@ type Node struct {
 	subs   map[string]*interest // filter -> local interest
 	byID   map[string][]string  // client ID -> filters
 	last   map[string]uint64    // origin -> last sequence delivered (duplicates from overlapping subscriptions)
-	claimR map[string]uint64    // client ID -> revision of this node's newest claim (pending: max)
+	claimT map[string]int64     // client ID -> when this node's session for it went live (unix ns)
 }
 
 type interest struct {
@@ -92,7 +92,10 @@ type interest struct {
 	subs    []*nats.Subscription
 }
 
-type claim struct{ clientID, serial string }
+type claim struct {
+	clientID, serial string
+	at               int64 // unix ns the session went live
+}
 
 const (
 	msgPrefix   = "mqtls.m."
@@ -102,7 +105,6 @@ const (
 	hdrRetain   = "Mqtls-Retain"
 	bucketRet   = "mqtls_retained"
 	bucketSess  = "mqtls_sessions"
-	pendingRev  = ^uint64(0)
 	clusterName = "mqtls"
 )
 
@@ -140,7 +142,7 @@ func New(cfg Config) (*Node, error) {
 		cfg: cfg, log: log.With("node", cfg.Name), id: cfg.Name + "-" + hex.EncodeToString(nonce[:]),
 		msgs: make(chan *nats.Msg, 65536), retains: make(chan broker.Message, 4096), claims: make(chan claim, 4096),
 		stop: make(chan struct{}), subs: map[string]*interest{}, byID: map[string][]string{},
-		last: map[string]uint64{}, claimR: map[string]uint64{},
+		last: map[string]uint64{}, claimT: map[string]int64{},
 	}, nil
 }
 
@@ -353,7 +355,7 @@ func (n *Node) Forget(clientID string) {
 		n.dropLocked(clientID, f)
 	}
 	delete(n.byID, clientID)
-	delete(n.claimR, clientID)
+	delete(n.claimT, clientID)
 }
 
 func (n *Node) dropLocked(clientID, filter string) {
@@ -371,13 +373,16 @@ func (n *Node) dropLocked(clientID, filter string) {
 }
 
 // Claim records that clientID is live on this node; the node that held it
-// before closes its session.
+// before closes its session. Claims are ordered by the time the session
+// went live (the nodes' clocks must agree, as with NTP), not by when the
+// claim reached JetStream.
 func (n *Node) Claim(clientID, serial string) {
+	at := time.Now().UnixNano()
 	n.mu.Lock()
-	n.claimR[clientID] = pendingRev
+	n.claimT[clientID] = at
 	n.mu.Unlock()
 	select {
-	case n.claims <- claim{clientID, serial}:
+	case n.claims <- claim{clientID, serial, at}:
 	default:
 		n.log.Error("session claim not published: queue full", "client_id", clientID)
 	}
@@ -437,24 +442,10 @@ func (n *Node) writeLoop() {
 			}
 		case c := <-n.claims:
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			rev, err := n.kvS.Put(ctx, EncodeTopic(c.clientID), []byte(n.id+"\n"+c.serial))
-			var cur jetstream.KeyValueEntry
-			if err == nil {
-				cur, err = n.kvS.Get(ctx, EncodeTopic(c.clientID))
-			}
+			_, err := n.kvS.Put(ctx, EncodeTopic(c.clientID), []byte(n.id+"\n"+c.serial+"\n"+strconv.FormatInt(c.at, 10)))
 			cancel()
 			if err != nil {
 				n.log.Error("session claim not published", "client_id", c.clientID, "err", err)
-				continue
-			}
-			n.mu.Lock()
-			if n.claimR[c.clientID] == pendingRev {
-				n.claimR[c.clientID] = rev
-			}
-			n.mu.Unlock()
-			// a newer claim by another node landed while ours was in flight
-			if cur.Revision() > rev {
-				n.claimed(cur)
 			}
 		}
 	}
@@ -517,8 +508,13 @@ func (n *Node) claimed(e jetstream.KeyValueEntry) {
 	if e.Operation() != jetstream.KeyValuePut {
 		return
 	}
-	owner, serial, _ := strings.Cut(string(e.Value()), "\n")
-	if owner == n.id {
+	parts := strings.SplitN(string(e.Value()), "\n", 3)
+	if len(parts) != 3 || parts[0] == n.id {
+		return
+	}
+	owner, serial := parts[0], parts[1]
+	at, err := strconv.ParseInt(parts[2], 10, 64)
+	if err != nil {
 		return
 	}
 	clientID, err := DecodeTopic(e.Key())
@@ -526,13 +522,14 @@ func (n *Node) claimed(e jetstream.KeyValueEntry) {
 		return
 	}
 	n.mu.Lock()
-	mine, ok := n.claimR[clientID]
-	if ok && mine != pendingRev && mine < e.Revision() {
-		delete(n.claimR, clientID)
+	mine, ok := n.claimT[clientID]
+	newer := ok && at > mine
+	if newer {
+		delete(n.claimT, clientID)
 	}
 	n.mu.Unlock()
-	if !ok || mine == pendingRev || mine > e.Revision() {
-		return // not ours, or ours is newer (or still being written: re-checked then)
+	if !newer {
+		return // not ours, or ours went live later
 	}
 	node := owner
 	if i := strings.LastIndexByte(owner, '-'); i > 0 {

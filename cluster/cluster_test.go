@@ -326,6 +326,7 @@ func TestClusterRefusesForeignNode(t *testing.T) {
 	foreign, _ := other.CA.ServerCertificate()
 	routes := []string{testtool.FreeAddr(t), testtool.FreeAddr(t), testtool.FreeAddr(t)}
 	certs := []tls.Certificate{srv, srv, foreign}
+	readyTimeout := []time.Duration{90 * time.Second, 90 * time.Second, 10 * time.Second} // the foreign one is expected to fail
 	brokers := make([]*broker.Broker, 3)
 	errs := make([]error, 3)
 	var wg sync.WaitGroup
@@ -337,7 +338,7 @@ func TestClusterRefusesForeignNode(t *testing.T) {
 			}
 		}
 		cn, err := cluster.New(cluster.Config{Name: fmt.Sprintf("n%d", i+1), RouteAddr: routes[i], Peers: peers, StoreDir: t.TempDir(),
-			Certificate: certs[i], Root: env.CA.Root, Replicas: 1, ReadyTimeout: 8 * time.Second})
+			Certificate: certs[i], Root: env.CA.Root, Replicas: 1, ReadyTimeout: readyTimeout[i]})
 		if err != nil {
 			t.Fatal(err)
 		}
