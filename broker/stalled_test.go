@@ -10,6 +10,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/mqtls/mqtls/broker"
+	"github.com/mqtls/mqtls/internal/brokertest"
 	"github.com/mqtls/mqtls/internal/testtool"
 )
 
@@ -22,29 +23,9 @@ import (
 func TestStalledV5ClientBlocksRevocationsIndefinitely(t *testing.T) {
 	env := backendEnv(t, nil)
 	evil := env.Device(t, "dev-evil", 0)
-	conn, err := tls.Dial("tcp", env.Addr, env.TLS(t, evil))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	c := &raw{t: t, conn: conn, r: bufio.NewReader(conn), v: 5}
-	c.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect},
-		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), ClientIdentifier: evil.ID, Keepalive: 10, Clean: true}})
-	if ack, err := c.read(); err != nil || ack.ReasonCode != 0 {
-		t.Fatalf("CONNACK %v", err)
-	}
-	c.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1}, PacketID: 1,
-		Filters: packets.Subscriptions{{Filter: "devices/dev-evil/#", Qos: 0}}})
-	c.read()
 	// Stop reading; publish big QoS 0 messages to itself until its writer is
 	// stuck in a TCP write and its queue is full.
-	big := bytes.Repeat([]byte("x"), 200<<10)
-	testtool.Eventually(t, 30*time.Second, "own queue full", func() bool {
-		pk := publish(0, 0, "devices/dev-evil/x", 0)
-		pk.Payload = big
-		c.send(pk)
-		return broker.OutboundLen(env.Broker, evil.ID) >= 63
-	})
+	c := stalledV5(t, env, evil, 10)
 
 	victim := mustDial(t, env, env.Device(t, "dev-b", 0))
 	be := mustDial(t, env, env.Device(t, "backend-1", 0, "backend"))
@@ -77,4 +58,49 @@ func TestStalledV5ClientBlocksRevocationsIndefinitely(t *testing.T) {
 		}
 	}
 	t.Fatal("dev-b revoked 25 s ago (> 1.5 x keepalive) is still connected: the poller is stuck for as long as dev-evil keeps publishing")
+}
+
+// Broker.Close -> Mochi closeListenerClients -> DisconnectClient blocks on
+// the stalled v5 client's write lock: shutdown hangs.
+func TestStalledV5ClientBlocksClose(t *testing.T) {
+	env := backendEnv(t, nil)
+	evil := env.Device(t, "dev-evil", 0)
+	c := stalledV5(t, env, evil, 1200)
+	done := make(chan struct{})
+	go func() { env.Broker.Close(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		c.conn.Close() // let the test end
+		t.Fatal("Broker.Close blocked for 5 s by one stalled v5 client")
+	}
+}
+
+// stalledV5 connects a v5 client as evil with keepalive ka, subscribes it
+// to its own namespace and fills its queue until Mochi's writer is stuck
+// on it (the client never reads).
+func stalledV5(t *testing.T, env *brokertest.Env, evil *brokertest.Device, ka uint16) *raw {
+	t.Helper()
+	conn, err := tls.Dial("tcp", env.Addr, env.TLS(t, evil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	c := &raw{t: t, conn: conn, r: bufio.NewReader(conn), v: 5}
+	c.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect},
+		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), ClientIdentifier: evil.ID, Keepalive: ka, Clean: true}})
+	if ack, err := c.read(); err != nil || ack.ReasonCode != 0 {
+		t.Fatalf("CONNACK %v", err)
+	}
+	c.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1}, PacketID: 1,
+		Filters: packets.Subscriptions{{Filter: "devices/" + evil.ID + "/#", Qos: 0}}})
+	c.read()
+	big := bytes.Repeat([]byte("x"), 200<<10)
+	testtool.Eventually(t, 30*time.Second, "own queue full", func() bool {
+		pk := publish(0, 0, "devices/"+evil.ID+"/x", 0)
+		pk.Payload = big
+		c.send(pk)
+		return broker.OutboundLen(env.Broker, evil.ID) >= 63
+	})
+	return c
 }
