@@ -430,7 +430,9 @@ func (c *Client) classify(err error, rc byte) error {
 		case errors.As(dialErr, &unknown):
 			return fmt.Errorf("%w: broker certificate is not signed by the pinned root CA (wrong CA, or a man in the middle): %w", ErrTLS, dialErr)
 		case errors.As(dialErr, &host):
-			return fmt.Errorf("%w: broker certificate does not name %q: %w", ErrTLS, c.cfg.ServerName, dialErr)
+			// The fix is on the broker: a certificate naming this host.
+			return fmt.Errorf("%w: broker certificate does not name %q (on the broker, add the name: broker server-cert --data DIR --host %s, keeping its other --host names; or connect by a name it has): %w",
+				ErrTLS, host.Host, host.Host, dialErr)
 		case errors.As(dialErr, &invalid), errors.As(dialErr, &verify):
 			return fmt.Errorf("%w: broker certificate: %w", ErrTLS, dialErr)
 		case isTimeout(dialErr):
