@@ -16,7 +16,8 @@
 // # Security
 //
 // Keys are PKCS#8 PEM files of mode 0600 in directories of mode 0700,
-// written atomically and never overwritten. The issuing key may instead
+// written atomically and never overwritten. Only the server certificate
+// is ever replaced ([CA.ReissueServer]), atomically, keeping its key. The issuing key may instead
 // live in a keystore the caller opens ([InitConfig.IssuingSigner],
 // [WithIssuingSigner]): this package then never sees the key, only a
 // [crypto.Signer], and records no secret (the URI holds where the PIN is
@@ -311,23 +312,7 @@ func (c *CA) writeServer(hosts []string) error {
 	if err != nil {
 		return fmt.Errorf("ca: %w", err)
 	}
-	now := time.Now()
-	tmpl := &x509.Certificate{
-		Subject:               pkix.Name{CommonName: hosts[0]},
-		NotBefore:             now.Add(-backdate),
-		NotAfter:              minTime(now.Add(ServerValidity), c.Issuing.NotAfter),
-		KeyUsage:              x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		BasicConstraintsValid: true,
-	}
-	for _, h := range hosts {
-		if ip := net.ParseIP(h); ip != nil {
-			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
-		} else {
-			tmpl.DNSNames = append(tmpl.DNSNames, h)
-		}
-	}
-	cert, err := create(tmpl, c.Issuing, key.Public(), c.key)
+	cert, err := c.issueServer(key.Public(), hosts)
 	if err != nil {
 		return err
 	}
@@ -354,6 +339,74 @@ func (c *CA) writeServer(hosts []string) error {
 		return fmt.Errorf("ca: %w", err)
 	}
 	return nil
+}
+
+// ReissueServer issues a new server certificate for hosts (DNS names and
+// IP addresses) from the issuing CA and replaces ServerCertFile with it
+// atomically (temporary file, fsync, rename; mode 0600). The server key is
+// kept: only the certificate file changes, so a reader (a broker
+// reloading it) never sees a key and a certificate that do not match. A
+// missing server key is made first. It returns the new certificate.
+func (c *CA) ReissueServer(hosts []string) (*x509.Certificate, error) {
+	if len(hosts) == 0 {
+		return nil, errors.New("ca: a server certificate needs at least one host name")
+	}
+	for _, h := range hosts {
+		if h == "" || strings.ContainsAny(h, " \t\r\n/") {
+			return nil, fmt.Errorf("ca: host %q is not a DNS name or an IP address", h)
+		}
+	}
+	tlsDir := filepath.Join(c.dir, "tls")
+	if err := os.MkdirAll(tlsDir, 0o700); err != nil {
+		return nil, fmt.Errorf("ca: %w", err)
+	}
+	ks, err := keystore.NewFile(tlsDir)
+	if err != nil {
+		return nil, fmt.Errorf("ca: %w", err)
+	}
+	defer ks.Close()
+	key, err := ks.Signer(context.Background(), "server")
+	if errors.Is(err, keystore.ErrNotFound) {
+		key, err = ks.Generate(context.Background(), "server", keystore.ECDSAP256)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("ca: server key: %w", err)
+	}
+	cert, err := c.issueServer(key.Public(), hosts)
+	if err != nil {
+		return nil, err
+	}
+	r, err := os.OpenRoot(tlsDir)
+	if err != nil {
+		return nil, fmt.Errorf("ca: %w", err)
+	}
+	defer r.Close()
+	chain := append(pemCert(cert), pemCert(c.Issuing)...)
+	if err := atomicfile.Write(r, "server.crt", chain, 0o600); err != nil {
+		return nil, fmt.Errorf("ca: %w", err)
+	}
+	return cert, nil
+}
+
+// issueServer signs a server certificate for pub naming hosts.
+func (c *CA) issueServer(pub crypto.PublicKey, hosts []string) (*x509.Certificate, error) {
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		Subject:               pkix.Name{CommonName: hosts[0]},
+		NotBefore:             now.Add(-backdate),
+		NotAfter:              minTime(now.Add(ServerValidity), c.Issuing.NotAfter),
+		KeyUsage:              x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+	}
+	for _, h := range hosts {
+		if ip := net.ParseIP(h); ip != nil {
+			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+		} else {
+			tmpl.DNSNames = append(tmpl.DNSNames, h)
+		}
+	}
+	return create(tmpl, c.Issuing, pub, c.key)
 }
 
 // Option configures [Load].

@@ -184,3 +184,49 @@ func TestCheckKey(t *testing.T) {
 		}
 	}
 }
+
+// ReissueServer replaces the server certificate (new names, same key,
+// mode 0600, no temporary file left) and refuses empty host lists.
+func TestReissueServer(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	if err := ca.Init(dir, ca.InitConfig{}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := ca.Load(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before, err := c.ServerCertificate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.ReissueServer(nil); err == nil {
+		t.Error("ReissueServer(nil) accepted")
+	}
+	if _, err := c.ReissueServer([]string{"a.example", ""}); err == nil {
+		t.Error("ReissueServer with an empty host accepted")
+	}
+	leaf, err := c.ReissueServer([]string{"mqtt.example", "10.0.0.7"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	after, err := c.ServerCertificate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !after.Leaf.Equal(leaf) || after.Leaf.Equal(before.Leaf) {
+		t.Error("ServerCertificate does not return the re-issued certificate")
+	}
+	if after.Leaf.Subject.CommonName != "mqtt.example" || after.Leaf.VerifyHostname("10.0.0.7") != nil || after.Leaf.VerifyHostname("localhost") == nil {
+		t.Errorf("re-issued names: CN %q, DNS %v, IP %v", after.Leaf.Subject.CommonName, after.Leaf.DNSNames, after.Leaf.IPAddresses)
+	}
+	if !after.Leaf.PublicKey.(*ecdsa.PublicKey).Equal(before.Leaf.PublicKey) {
+		t.Error("the server key changed")
+	}
+	if fi, err := os.Stat(filepath.Join(dir, ca.ServerCertFile)); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("server certificate: %v, mode %v; want 0600", err, fi.Mode().Perm())
+	}
+	if ents, _ := os.ReadDir(filepath.Join(dir, "tls")); len(ents) != 2 {
+		t.Errorf("tls/ holds %d entries, want server.crt and server.key", len(ents))
+	}
+}
