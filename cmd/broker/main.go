@@ -25,6 +25,7 @@ const usage = `usage: broker <command> [flags]
 
 commands:
   init     create the root CA, issuing CA, server certificate and registry
+  server-cert  re-issue the server certificate with new host names (serve reloads it)
   token    mint one-time enrollment tokens
   serve    run the broker: MQTT over mutual TLS, EST enrollment, metrics
   revoke   revoke every certificate of a device
@@ -36,13 +37,14 @@ Run "broker <command> -h" for its flags.
 `
 
 var commands = map[string]cli.Command{
-	"init":    cmdInit,
-	"token":   cmdToken,
-	"serve":   cmdServe,
-	"revoke":  cmdRevoke,
-	"devices": cmdDevices,
-	"policy":  cmdPolicy,
-	"gateway": cmdGateway,
+	"init":        cmdInit,
+	"server-cert": cmdServerCert,
+	"token":       cmdToken,
+	"serve":       cmdServe,
+	"revoke":      cmdRevoke,
+	"devices":     cmdDevices,
+	"policy":      cmdPolicy,
+	"gateway":     cmdGateway,
 }
 
 // run is main without the process: it returns the exit code.

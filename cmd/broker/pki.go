@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -76,6 +77,9 @@ func cmdInit(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			if key != nil {
 				err = errors.Join(err, key.discard(ctx))
 			}
+			if errors.Is(err, ca.ErrExists) {
+				err = fmt.Errorf("%w\n  init already ran here and changes nothing; to give the server certificate other host names: %s", err, serverCertCommand(*data, hosts))
+			}
 			if errors.Is(err, ca.ErrExists) && loc.missing() {
 				return fmt.Errorf("%w\n  the registry is missing: restore it from a backup, or create an empty one (every revocation is lost): broker init --data %s --registry-only", err, *data)
 			}
@@ -110,6 +114,15 @@ func cmdInit(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		what, *data, filepath.Join(*data, ca.RootCertFile), ca.SPKIFingerprint(c.Root), filepath.Join(*data, ca.IssuingCertFile), keyNote,
 		filepath.Join(*data, ca.ServerCertFile), loc, ca.Fingerprint(c.Root))
 	return nil
+}
+
+// serverCertCommand is the server-cert command line for hosts (a
+// placeholder when none were given).
+func serverCertCommand(data string, hosts []string) string {
+	if len(hosts) == 0 {
+		return "broker server-cert --data " + data + " --host NAME [--host NAME ...]"
+	}
+	return "broker server-cert --data " + data + " --host " + strings.Join(hosts, " --host ")
 }
 
 // initIssuingKey opens the hardware store of the issuing key for init:

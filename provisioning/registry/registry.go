@@ -163,7 +163,7 @@ const AggregateWindow = time.Minute
 // Event is one audit record.
 type Event struct {
 	At       time.Time
-	Event    string // enroll, enroll_replay, enroll_refused, reenroll, reenroll_refused, token, revoke, reinstate
+	Event    string // enroll, enroll_replay, enroll_refused, reenroll, reenroll_refused, token, revoke, reinstate, server_cert (no device)
 	DeviceID string
 	Serial   string
 	Remote   string
