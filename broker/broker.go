@@ -25,8 +25,14 @@ type Config struct {
 	Addr string
 	// Listener, if set, is used instead of listening on Addr (tests).
 	Listener net.Listener
-	// Certificate is the server's chain and key (required).
+	// Certificate is the server's chain and key (required unless
+	// GetCertificate is set).
 	Certificate tls.Certificate
+	// GetCertificate, if set, returns the server's chain and key for each
+	// handshake instead of Certificate (give one of them): a certificate
+	// re-issued on disk is served without restart. It is called
+	// concurrently, as [tls.Config.GetCertificate] is.
+	GetCertificate func(*tls.ClientHelloInfo) (*tls.Certificate, error)
 	// Root is the trust anchor for client certificates (required). Clients
 	// send their intermediate.
 	Root *x509.Certificate
@@ -123,8 +129,12 @@ type Broker struct {
 
 // New validates cfg and builds the broker (not yet listening).
 func New(cfg Config) (*Broker, error) {
-	if cfg.Root == nil || len(cfg.Certificate.Certificate) == 0 {
-		return nil, errors.New("broker: Config.Root and Config.Certificate are required")
+	haveCert := len(cfg.Certificate.Certificate) != 0
+	switch {
+	case cfg.Root == nil || !haveCert && cfg.GetCertificate == nil:
+		return nil, errors.New("broker: Config.Root and Config.Certificate (or Config.GetCertificate) are required")
+	case haveCert && cfg.GetCertificate != nil:
+		return nil, errors.New("broker: give Config.Certificate or Config.GetCertificate, not both")
 	}
 	if cfg.Addr == "" {
 		cfg.Addr = "127.0.0.1:8883"
@@ -206,13 +216,16 @@ func New(cfg Config) (*Broker, error) {
 	pool := x509.NewCertPool()
 	pool.AddCert(cfg.Root)
 	b.tls = &tls.Config{
-		Certificates: []tls.Certificate{cfg.Certificate},
-		ClientAuth:   tls.RequireAndVerifyClientCert,
-		ClientCAs:    pool,
-		MinVersion:   cfg.MinTLSVersion,
+		GetCertificate: cfg.GetCertificate,
+		ClientAuth:     tls.RequireAndVerifyClientCert,
+		ClientCAs:      pool,
+		MinVersion:     cfg.MinTLSVersion,
 		// Session resumption stays on (Go's default tickets): devices with
 		// slow TPMs depend on it. Identity and revocation checks run at
 		// every CONNECT, resumed or not.
+	}
+	if haveCert {
+		b.tls.Certificates = []tls.Certificate{cfg.Certificate}
 	}
 
 	caps := mqtt.NewDefaultServerCapabilities()
