@@ -260,10 +260,11 @@ func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io
 		return err
 	}
 	defer release()
-	srvCert, err := c.ServerCertificate()
+	certs, err := newCertReloader(c, cfg.Data, log)
 	if err != nil {
 		return err
 	}
+	srvCert := *certs.cur.Load() // the cluster link keeps the certificate it started with
 	unlock, err := lockDataDir(cfg.Data)
 	if err != nil {
 		return err
@@ -290,6 +291,7 @@ func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	go certs.watch(ctx, certPoll)
 	errc := make(chan error, 3)
 	var closers []func(context.Context) error
 
@@ -302,7 +304,7 @@ func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io
 		}
 		b, err := broker.New(broker.Config{
 			Cluster: node,
-			Addr:    cfg.MQTTAddr, Certificate: srvCert, Root: c.Root, Issuers: []*x509.Certificate{c.Issuing},
+			Addr:    cfg.MQTTAddr, GetCertificate: certs.get, Root: c.Root, Issuers: []*x509.Certificate{c.Issuing},
 			MinTLSVersion: minTLS, Policy: pol, Registry: reg, CRLFile: cfg.CRL,
 			HandshakeTimeout: cfg.HandshakeTimeout, MaxWritesPending: cfg.MaxWritesPending, MaxPacketSize: cfg.MaxPacketSize,
 			AdmitWhenRegistryDown: cfg.AdmitWhenRegistryDown, MaxIntermediates: cfg.MaxIntermediates,
@@ -330,6 +332,7 @@ func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io
 		if err != nil {
 			return err
 		}
+		tlsCfg.Certificates, tlsCfg.GetCertificate = nil, certs.get // the MQTT listener's, reloaded
 		hs, err := listenHTTP(cfg.ESTAddr, est.Handler(), tlsCfg, log, errc)
 		if err != nil {
 			return fmt.Errorf("EST listener: %w", err)
@@ -410,6 +413,9 @@ func listenHTTP(addr string, h http.Handler, tlsCfg *tls.Config, log *slog.Logge
 	}()
 	return hs, nil
 }
+
+// certPoll is how often serve looks for a changed server certificate.
+const certPoll = time.Second
 
 func readPolicy(path string) (*policy.Policy, error) {
 	data, err := os.ReadFile(path)
