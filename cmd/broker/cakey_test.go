@@ -448,6 +448,14 @@ func TestIssuingKeyTPMSim(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(data, caKeystoreDir, issuingKeyName+".tpmkey")); err != nil {
 		t.Fatal(err)
 	}
+	// server-cert signs through the TPM too
+	if _, errs, code := brokerCLI(t, "server-cert", "--data", data, "--host", "mqtt.example.com", "--host", "127.0.0.1"); code != 0 {
+		t.Fatalf("server-cert with the issuing key in the TPM: %s", errs)
+	}
+	leaf := readCert(t, filepath.Join(data, ca.ServerCertFile))
+	if err := leaf.CheckSignatureFrom(readCert(t, filepath.Join(data, ca.IssuingCertFile))); err != nil || leaf.VerifyHostname("mqtt.example.com") != nil {
+		t.Errorf("re-issued server certificate: names %v, signature %v", leaf.DNSNames, err)
+	}
 	estAddr, _, _, _, stop := startServe(t, data)
 	defer stop()
 	lines, errs, code := brokerCLI(t, "token", "--data", data, "--count", "3", "--prefix", "tpm")
