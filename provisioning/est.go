@@ -222,7 +222,8 @@ func explainTLS(err error) error {
 	case errors.As(err, &unknown):
 		return fmt.Errorf("EST server certificate is not signed by the pinned root CA (wrong --ca or a man in the middle): %w", err)
 	case errors.As(err, &host):
-		return fmt.Errorf("EST server certificate does not name this host: %w", err)
+		return fmt.Errorf("EST server certificate does not name %q (on the broker, add the name: broker server-cert --data DIR --host %s, keeping its other --host names; or use a URL with a name it has): %w",
+			host.Host, host.Host, err)
 	case errors.As(err, &invalid):
 		return fmt.Errorf("EST server certificate is invalid: %w", err)
 	}

@@ -643,6 +643,26 @@ func TestClientPinsRoot(t *testing.T) {
 	}
 }
 
+// A server certificate that does not name the host the client dials is
+// refused with an error naming the fix on the broker (issue 12 item 5).
+func TestClientHostnameMismatchNamesFix(t *testing.T) {
+	env := esttest.Start(t, func(cfg *server.Config) {
+		if _, err := cfg.CA.ReissueServer([]string{"est.example.test"}); err != nil {
+			t.Fatal(err)
+		}
+	})
+	c, err := provisioning.NewClient(env.URL, env.CA.Root) // https://127.0.0.1:PORT
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.CACerts(t.Context())
+	for _, want := range []string{"does not name", "broker server-cert", "--host 127.0.0.1"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("cacerts from a server certificate for another name = %v, want %q", err, want)
+		}
+	}
+}
+
 // Enrollments by result, refusals by reason and registry errors are counted.
 func TestMetrics(t *testing.T) {
 	m := prometheus.NewRegistry()
