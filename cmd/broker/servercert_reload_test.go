@@ -3,6 +3,7 @@ package main
 import (
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/pem"
 	"io"
 	"net/http"
 	"os"
@@ -14,6 +15,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/mqtls/mqtls/device"
+	"github.com/mqtls/mqtls/internal/testpki"
 	"github.com/mqtls/mqtls/internal/testtool"
 	"github.com/mqtls/mqtls/keystore"
 	"github.com/mqtls/mqtls/provisioning/ca"
@@ -92,5 +94,37 @@ func TestServeReloadsServerCert(t *testing.T) {
 	case err := <-lost:
 		t.Errorf("the connection made before the re-issue was lost: %v", err)
 	default:
+	}
+}
+
+// A server certificate replaced by one that does not chain to the data
+// directory's root is refused by the running serve, which keeps serving
+// the current one and says so.
+func TestServeRefusesForeignServerCert(t *testing.T) {
+	data := initData(t)
+	_, mqttAddr, logs, _, stop := startServe(t, data)
+	defer stop()
+	cur := serverCert(t, data)
+	other := testpki.New(t)
+	var chain []byte
+	for _, der := range other.Server(t, cur.PublicKey, "127.0.0.1") {
+		chain = append(chain, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})...)
+	}
+	if err := os.WriteFile(filepath.Join(data, ca.ServerCertFile), chain, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	testtool.Eventually(t, 10*time.Second, "foreign certificate refused", func() bool {
+		return strings.Contains(logs.String(), "server certificate refused")
+	})
+	root, _ := ca.LoadRoot(data)
+	roots := x509.NewCertPool()
+	roots.AddCert(root)
+	conn, err := tls.Dial("tcp", mqttAddr, &tls.Config{RootCAs: roots, ServerName: "127.0.0.1"})
+	if err != nil {
+		t.Fatalf("after a refused certificate: %v", err)
+	}
+	defer conn.Close()
+	if got := conn.ConnectionState().PeerCertificates[0]; !got.Equal(cur) {
+		t.Errorf("serving serial %x, want the current %x", got.SerialNumber, cur.SerialNumber)
 	}
 }
