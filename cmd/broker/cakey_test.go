@@ -261,8 +261,20 @@ func TestIssuingKeyPKCS11(t *testing.T) {
 		t.Fatal(errs)
 	}
 	enrollAll(t, estAddr, c.Root, c.Issuing, strings.Split(strings.TrimSpace(lines), "\n"))
+	// server-cert signs through the token while serve uses it; serve
+	// picks the new certificate up
+	scOut, errs, code := brokerCLI(t, "server-cert", "--data", data, "--host", "127.0.0.1", "--host", "ca-in-token.example")
+	if code != 0 {
+		t.Fatalf("server-cert with the issuing key in the token: %s", errs)
+	}
+	if leaf := readCert(t, filepath.Join(data, ca.ServerCertFile)); leaf.CheckSignatureFrom(c.Issuing) != nil || leaf.VerifyHostname("ca-in-token.example") != nil {
+		t.Errorf("re-issued server certificate names %v", leaf.DNSNames)
+	}
+	testtool.Eventually(t, 10*time.Second, "serve reloads the server certificate", func() bool {
+		return strings.Contains(logs.String(), "server certificate reloaded")
+	})
 	stop()
-	assertNoSecret(t, filepath.Dir(data), []string{tok.PIN}, out, logs.String())
+	assertNoSecret(t, filepath.Dir(data), []string{tok.PIN}, out, scOut, errs, logs.String())
 
 	// serve with a wrong PIN, then without the token: exit 1, named cause
 	pin, err := os.ReadFile(tok.PINFile)
