@@ -108,7 +108,7 @@ func newCertReloader(c *ca.CA, dir string, log *slog.Logger) (*certReloader, err
 	r.last = r.stamp()
 	cert, err := r.load()
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("server certificate: %w\n  re-issue it from the data directory's CA: %s", err, serverCertCommand(dir, nil))
 	}
 	r.cur.Store(cert)
 	return r, nil

@@ -128,3 +128,22 @@ func TestServeRefusesForeignServerCert(t *testing.T) {
 		t.Errorf("serving serial %x, want the current %x", got.SerialNumber, cur.SerialNumber)
 	}
 }
+
+// serve does not start with a server certificate that does not chain to
+// the root; the error names the command that re-issues it.
+func TestServeRefusesForeignServerCertAtStart(t *testing.T) {
+	data := initData(t)
+	cur := serverCert(t, data)
+	other := testpki.New(t)
+	var chain []byte
+	for _, der := range other.Server(t, cur.PublicKey, "127.0.0.1") {
+		chain = append(chain, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})...)
+	}
+	if err := os.WriteFile(filepath.Join(data, ca.ServerCertFile), chain, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, errs, code := brokerCLI(t, serveArgs(t, data)...)
+	if want := "broker server-cert --data " + data + " --host"; code != 1 || !strings.Contains(errs, want) || !strings.Contains(errs, ca.ServerCertFile) {
+		t.Errorf("serve with a foreign server certificate: exit %d, stderr %q; want 1, the file and %q", code, errs, want)
+	}
+}
