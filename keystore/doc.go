@@ -19,7 +19,8 @@
 // key is never overwritten. A key file that group or others may read is
 // refused with [ErrInsecurePermissions]. Key names are confined to
 // [A-Za-z0-9._-] (1–64 characters, no leading dot) and resolved with
-// [os.Root], so a name can never escape the directory.
+// [os.Root], so a name can never escape the directory. A key name is a
+// file name, not a device ID (package deviceid): it keeps its own rule.
 //
 // # Concurrency
 //

@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/mqtls/mqtls/device"
+	"github.com/mqtls/mqtls/deviceid"
 	"github.com/mqtls/mqtls/keystore"
 	"github.com/mqtls/mqtls/provisioning"
 )
@@ -198,7 +199,7 @@ func (cfg *Config) Validate() error {
 		return fmt.Errorf("sim: enroll workers %d: must not be negative", cfg.EnrollWorkers)
 	}
 	for i, tk := range cfg.Tokens {
-		if err := provisioning.CheckDeviceID(tk.ID); err != nil {
+		if err := deviceid.Check(tk.ID); err != nil {
 			return fmt.Errorf("sim: token %d: %w", i+1, err)
 		}
 	}
