@@ -26,8 +26,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/mqtls/mqtls/deviceid"
-	"github.com/mqtls/mqtls/internal/esttest"
-	"github.com/mqtls/mqtls/internal/testpki"
+	"github.com/mqtls/mqtls/internal/testing/esttest"
+	"github.com/mqtls/mqtls/internal/testing/testpki"
 	"github.com/mqtls/mqtls/keystore"
 	"github.com/mqtls/mqtls/provisioning"
 	"github.com/mqtls/mqtls/provisioning/registry"
