@@ -11,6 +11,10 @@
 // smart cards, HSMs; pkcs11: URIs, [PKCS11]) in package
 // github.com/mqtls/mqtls/hardware/pkcs11.
 //
+// Imports: the standard library and the module's internal atomicfile and
+// keyfiles (the key-file directory and Generate checks it shares with the
+// TPM backend); never a backend, provisioning or device.
+//
 // # Security
 //
 // No method exports key material. FileStore keeps keys in a directory of mode

@@ -42,7 +42,7 @@ func TestImportsFlowOneWay(t *testing.T) {
 	if len(m) == 0 {
 		t.Fatal("go list found no packages")
 	}
-	for _, p := range []string{"deviceid", "internal/spki", "internal/atomicfile"} {
+	for _, p := range []string{"deviceid", "internal/spki", "internal/atomicfile", "internal/keyfiles"} {
 		if d, ok := m[p]; !ok || len(d) > 0 {
 			t.Errorf("%s must be a leaf (found %v), links %v", p, ok, d)
 		}
