@@ -3,6 +3,11 @@
 // connects them over mutual TLS at a ramp rate from spread loopback source
 // addresses, publishes telemetry, measures end-to-end latency on a sample of
 // devices, and reports statistics (JSON, HTML).
+//
+// It is device-side only: it imports device, keystore, provisioning (the EST
+// client) and deviceid, never the broker, its policy or the CA and EST
+// server. Whole-system compositions live apart: sim/demo (everything in one
+// process) and sim/bench (the broker binary against mosquitto).
 package sim
 
 import (

@@ -53,6 +53,7 @@ func TestImportsFlowOneWay(t *testing.T) {
 		"keystore":      {"hardware/tpm", "hardware/pkcs11", "provisioning", "device"},
 		"provisioning":  {"keystore", "provisioning/ca", "broker"},
 		"device":        {"broker", "broker/policy", "provisioning/ca", "provisioning/server"},
+		"sim":           {"broker", "broker/policy", "provisioning/ca", "provisioning/registry", "provisioning/server"},
 	}
 	for p, bad := range forbidden {
 		d, ok := m[p]
