@@ -2,11 +2,15 @@
 // mutual-TLS listener, with one authorization hook that maps the verified
 // client certificate to topic permissions (package broker/policy).
 //
+// Imports: broker/policy, deviceid, provisioning/registry and
+// provisioning/ca (key rules), Mochi; never the provisioning root package
+// (EST client, pkcs7) nor device.
+//
 // # Security
 //
 // Deny by default. A client is admitted only over TLS with a client
 // certificate chain that Go verified against the pinned root; the leaf must
-// not be a CA, must carry EKU clientAuth, a CN of [A-Za-z0-9._-]{1,64} equal
+// not be a CA, must carry EKU clientAuth, a CN that is a device ID (package deviceid: [A-Za-z0-9._-]{1,64}) equal
 // to the MQTT client ID, and must not be revoked (registry or CRL); its Will
 // topic must be one it may publish to. Refusals get CONNACK "not authorized"
 // (v5 0x87, v3 0x05) and one audit line (CN, serial, remote, reason).

@@ -20,7 +20,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/mqtls/mqtls/broker/policy"
-	"github.com/mqtls/mqtls/provisioning"
+	"github.com/mqtls/mqtls/deviceid"
 	"github.com/mqtls/mqtls/provisioning/ca"
 )
 
@@ -204,7 +204,7 @@ func (b *Broker) identify(cl *mqtt.Client, pk packets.Packet) (*session, *refusa
 			return s, &refusal{label: "weak_key", reason: fmt.Sprintf("%s: %v", what, err)}
 		}
 	}
-	if err := provisioning.CheckDeviceID(s.id.CN); err != nil {
+	if err := deviceid.Check(s.id.CN); err != nil {
 		return s, &refusal{label: "bad_cn", reason: fmt.Sprintf("certificate CN %q is not a valid device ID", s.id.CN)}
 	}
 	if time.Now().After(s.notAfter) {

@@ -14,9 +14,9 @@ import (
 	"time"
 
 	"github.com/mqtls/mqtls/broker"
-	"github.com/mqtls/mqtls/internal/brokertest"
-	"github.com/mqtls/mqtls/internal/testpki"
-	"github.com/mqtls/mqtls/internal/testtool"
+	"github.com/mqtls/mqtls/internal/testing/brokertest"
+	"github.com/mqtls/mqtls/internal/testing/testpki"
+	"github.com/mqtls/mqtls/internal/testing/testtool"
 )
 
 // mosq runs mosquitto_pub or mosquitto_sub as device d against env and

@@ -14,7 +14,7 @@ import (
 
 	"github.com/mochi-mqtt/server/v2/packets"
 
-	"github.com/mqtls/mqtls/internal/brokertest"
+	"github.com/mqtls/mqtls/internal/testing/brokertest"
 )
 
 // fanIn drives 50 publishers into one subscriber of devices/+/telemetry

@@ -11,7 +11,7 @@ import (
 
 	"github.com/mochi-mqtt/server/v2/packets"
 
-	"github.com/mqtls/mqtls/internal/brokertest"
+	"github.com/mqtls/mqtls/internal/testing/brokertest"
 )
 
 // raw is a hand-driven MQTT connection for protocol details paho hides.

@@ -6,7 +6,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mqtls/mqtls/internal/brokertest"
+	"github.com/mqtls/mqtls/internal/testing/brokertest"
 )
 
 // A resumed TLS session (no client signature: what saves a TPM device

@@ -14,8 +14,8 @@ import (
 
 	"github.com/mqtls/mqtls/broker"
 	"github.com/mqtls/mqtls/broker/policy"
-	"github.com/mqtls/mqtls/internal/brokertest"
-	"github.com/mqtls/mqtls/internal/testtool"
+	"github.com/mqtls/mqtls/internal/testing/brokertest"
+	"github.com/mqtls/mqtls/internal/testing/testtool"
 )
 
 func persistent(o *paho.ClientOptions) { o.SetCleanSession(false) }

@@ -10,8 +10,8 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/mqtls/mqtls/broker"
-	"github.com/mqtls/mqtls/internal/brokertest"
-	"github.com/mqtls/mqtls/internal/testtool"
+	"github.com/mqtls/mqtls/internal/testing/brokertest"
+	"github.com/mqtls/mqtls/internal/testing/testtool"
 )
 
 // disconnect() writes a v5 DISCONNECT before closing. A stalled client's

@@ -6,7 +6,7 @@ import (
 
 	"github.com/mqtls/mqtls/broker"
 	"github.com/mqtls/mqtls/broker/policy"
-	"github.com/mqtls/mqtls/internal/brokertest"
+	"github.com/mqtls/mqtls/internal/testing/brokertest"
 )
 
 // Client-ID patterns let two identities share a client ID namespace

@@ -10,7 +10,7 @@ import (
 
 	"github.com/mochi-mqtt/server/v2/packets"
 
-	"github.com/mqtls/mqtls/internal/brokertest"
+	"github.com/mqtls/mqtls/internal/testing/brokertest"
 )
 
 // A v5 QoS 1 PUBLISH carrying properties must get a valid PUBACK: Mochi

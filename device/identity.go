@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/mqtls/mqtls/deviceid"
 	"github.com/mqtls/mqtls/internal/atomicfile"
 	"github.com/mqtls/mqtls/keystore"
 	"github.com/mqtls/mqtls/provisioning"
@@ -177,7 +178,7 @@ type EnrollConfig struct {
 // identity (ErrIdentityExists). A crash or refusal leaves no device.crt;
 // running Enroll again reuses the key already generated.
 func Enroll(ctx context.Context, cfg EnrollConfig) (*Identity, error) {
-	if err := provisioning.CheckDeviceID(cfg.DeviceID); err != nil {
+	if err := deviceid.Check(cfg.DeviceID); err != nil {
 		return nil, err
 	}
 	if _, err := os.Stat(filepath.Join(cfg.Dir, CertFile)); err == nil {

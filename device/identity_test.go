@@ -15,8 +15,8 @@ import (
 	"github.com/mqtls/mqtls/hardware/tpm"
 	"github.com/mqtls/mqtls/hardware/tpm/swtpmtest"
 	"github.com/mqtls/mqtls/hardware/tpm/tpmsim"
-	"github.com/mqtls/mqtls/internal/esttest"
-	"github.com/mqtls/mqtls/internal/testtool"
+	"github.com/mqtls/mqtls/internal/testing/esttest"
+	"github.com/mqtls/mqtls/internal/testing/testtool"
 	"github.com/mqtls/mqtls/keystore"
 	"github.com/mqtls/mqtls/provisioning"
 )

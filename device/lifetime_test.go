@@ -11,7 +11,7 @@ import (
 	"time"
 
 	"github.com/mqtls/mqtls/device"
-	"github.com/mqtls/mqtls/internal/testtool"
+	"github.com/mqtls/mqtls/internal/testing/testtool"
 	"github.com/mqtls/mqtls/keystore"
 )
 

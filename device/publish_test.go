@@ -6,7 +6,7 @@ import (
 	"time"
 
 	"github.com/mqtls/mqtls/device"
-	"github.com/mqtls/mqtls/internal/testtool"
+	"github.com/mqtls/mqtls/internal/testing/testtool"
 )
 
 // A topic no broker accepts for a PUBLISH is refused locally, at QoS 0

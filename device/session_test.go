@@ -10,8 +10,8 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/eclipse/paho.mqtt.golang/packets"
 
-	"github.com/mqtls/mqtls/internal/brokertest"
-	"github.com/mqtls/mqtls/internal/testtool"
+	"github.com/mqtls/mqtls/internal/testing/brokertest"
+	"github.com/mqtls/mqtls/internal/testing/testtool"
 )
 
 // recordingStore logs what paho does to the session store.

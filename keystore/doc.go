@@ -11,6 +11,10 @@
 // smart cards, HSMs; pkcs11: URIs, [PKCS11]) in package
 // github.com/mqtls/mqtls/hardware/pkcs11.
 //
+// Imports: the standard library and the module's internal atomicfile and
+// keyfiles (the key-file directory and Generate checks it shares with the
+// TPM backend); never a backend, provisioning or device.
+//
 // # Security
 //
 // No method exports key material. FileStore keeps keys in a directory of mode
@@ -19,7 +23,8 @@
 // key is never overwritten. A key file that group or others may read is
 // refused with [ErrInsecurePermissions]. Key names are confined to
 // [A-Za-z0-9._-] (1–64 characters, no leading dot) and resolved with
-// [os.Root], so a name can never escape the directory.
+// [os.Root], so a name can never escape the directory. A key name is a
+// file name, not a device ID (package deviceid): it keeps its own rule.
 //
 // # Concurrency
 //

@@ -11,10 +11,9 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"slices"
-	"strings"
 
 	"github.com/mqtls/mqtls/internal/atomicfile"
+	"github.com/mqtls/mqtls/internal/keyfiles"
 )
 
 // KeyFileExt is the file name extension of a [FileStore] key.
@@ -65,20 +64,11 @@ func (s *FileStore) Close() error { return s.root.Close() }
 
 // Generate implements [Store].
 func (s *FileStore) Generate(ctx context.Context, name string, alg KeyAlg) (crypto.Signer, error) {
-	if err := ctx.Err(); err != nil {
-		return nil, err
-	}
-	if err := CheckName(name); err != nil {
-		return nil, err
-	}
-	alg, err := alg.Resolve()
+	alg, err := keyfiles.Prepare(ctx, name, alg, func() error { return keyfiles.Absent(s.root, s.dir, name, KeyFileExt) })
 	if err != nil {
 		return nil, err
 	}
 	file := name + KeyFileExt
-	if _, err := s.root.Lstat(file); err == nil {
-		return nil, fmt.Errorf("%w: %s", ErrExists, s.Path(name))
-	}
 	key, err := generateSoft(alg)
 	if err != nil {
 		return nil, fmt.Errorf("keystore: generate %s: %w", alg, err)
@@ -152,80 +142,15 @@ func (s *FileStore) Signer(ctx context.Context, name string) (crypto.Signer, err
 
 // List implements [Store].
 func (s *FileStore) List(ctx context.Context) ([]string, error) {
-	return ListFiles(s.root, s.dir, KeyFileExt)
+	return keyfiles.List(s.root, s.dir, KeyFileExt)
 }
 
 // Delete implements [Store].
 func (s *FileStore) Delete(ctx context.Context, name string) error {
-	return DeleteFile(s.root, s.dir, name, KeyFileExt)
-}
-
-// ListFiles lists the keys of a backend that keeps one file NAME+ext per
-// key in the directory dir (opened as root), sorted.
-func ListFiles(root *os.Root, dir, ext string) ([]string, error) {
-	d, err := root.Open(".")
-	if err != nil {
-		return nil, fmt.Errorf("keystore: %w", err)
-	}
-	defer d.Close()
-	entries, err := d.ReadDir(-1)
-	if err != nil {
-		return nil, fmt.Errorf("keystore: list %s: %w", dir, err)
-	}
-	var names []string
-	for _, e := range entries {
-		name, ok := strings.CutSuffix(e.Name(), ext)
-		if ok && e.Type().IsRegular() && CheckName(name) == nil {
-			names = append(names, name)
-		}
-	}
-	slices.Sort(names)
-	return names, nil
-}
-
-// DeleteFile removes the key file NAME+ext, or returns [ErrNotFound].
-func DeleteFile(root *os.Root, dir, name, ext string) error {
-	if err := CheckName(name); err != nil {
-		return err
-	}
-	err := root.Remove(name + ext)
-	if errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("%w: %s", ErrNotFound, filepath.Join(dir, name+ext))
-	}
-	if err != nil {
-		return fmt.Errorf("keystore: delete: %w", err)
-	}
-	return nil
+	return keyfiles.Delete(s.root, s.dir, name, KeyFileExt)
 }
 
 // Rename implements [Renamer] with an atomic rename of the key file.
 func (s *FileStore) Rename(ctx context.Context, oldName, newName string) error {
-	return RenameFile(s.root, s.dir, oldName, newName, KeyFileExt)
-}
-
-// RenameFile renames the key file oldName+ext to newName+ext inside root
-// (the directory dir), replacing the target atomically: the [Renamer] of
-// every backend that keeps one file per key.
-func RenameFile(root *os.Root, dir, oldName, newName, ext string) error {
-	if err := CheckName(oldName); err != nil {
-		return err
-	}
-	if err := CheckName(newName); err != nil {
-		return err
-	}
-	err := root.Rename(oldName+ext, newName+ext)
-	if errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("%w: %s", ErrNotFound, filepath.Join(dir, oldName+ext))
-	}
-	if err != nil {
-		return fmt.Errorf("keystore: rename: %w", err)
-	}
-	if d, err := root.Open("."); err == nil {
-		err = d.Sync()
-		d.Close()
-		if err != nil {
-			return fmt.Errorf("keystore: rename: %w", err)
-		}
-	}
-	return nil
+	return keyfiles.Rename(s.root, s.dir, oldName, newName, KeyFileExt)
 }

@@ -10,14 +10,16 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+
+	"github.com/mqtls/mqtls/internal/keyfiles"
 )
 
 // Sentinel errors. Backends wrap them with context; compare with [errors.Is].
 var (
-	ErrNotFound            = errors.New("keystore: key not found")
-	ErrExists              = errors.New("keystore: key already exists")
+	ErrNotFound            = keyfiles.ErrNotFound
+	ErrExists              = keyfiles.ErrExists
 	ErrUnsupported         = errors.New("keystore: unsupported algorithm")
-	ErrInvalidName         = errors.New("keystore: invalid key name")
+	ErrInvalidName         = keyfiles.ErrInvalidName
 	ErrInsecurePermissions = errors.New("keystore: insecure permissions")
 )
 
@@ -131,17 +133,7 @@ func AlgOf(pub crypto.PublicKey) (KeyAlg, error) {
 
 // CheckName reports whether name is a valid key name: 1–64 characters of
 // [A-Za-z0-9._-], not starting with a dot. The error wraps [ErrInvalidName].
-func CheckName(name string) error {
-	if len(name) == 0 || len(name) > 64 || name[0] == '.' {
-		return fmt.Errorf("%w %q: want 1-64 characters of [A-Za-z0-9._-], not starting with '.'", ErrInvalidName, name)
-	}
-	for _, c := range []byte(name) {
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
-			return fmt.Errorf("%w %q: character %q not in [A-Za-z0-9._-]", ErrInvalidName, name, c)
-		}
-	}
-	return nil
-}
+func CheckName(name string) error { return keyfiles.CheckName(name) }
 
 // ErrCorrupt reports a key file that exists but cannot be parsed.
 var ErrCorrupt = errors.New("keystore: corrupt key file")

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+
+	"github.com/mqtls/mqtls/internal/keyfiles"
 )
 
 // MemoryStore keeps keys in process memory; they are gone when the process
@@ -25,21 +27,16 @@ func NewMemory() *MemoryStore {
 
 // Generate implements [Store].
 func (m *MemoryStore) Generate(ctx context.Context, name string, alg KeyAlg) (crypto.Signer, error) {
-	if err := ctx.Err(); err != nil {
-		return nil, err
-	}
-	if err := CheckName(name); err != nil {
-		return nil, err
-	}
-	alg, err := alg.Resolve()
+	alg, err := keyfiles.Prepare(ctx, name, alg, func() error {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		if _, taken := m.keys[name]; taken {
+			return fmt.Errorf("%w: %q", ErrExists, name)
+		}
+		return nil
+	})
 	if err != nil {
 		return nil, err
-	}
-	m.mu.Lock()
-	_, taken := m.keys[name]
-	m.mu.Unlock()
-	if taken {
-		return nil, fmt.Errorf("%w: %q", ErrExists, name)
 	}
 	key, err := generateSoft(alg)
 	if err != nil {

@@ -6,7 +6,9 @@
 //
 // The server side lives in the subpackages: ca (the PKI and the issuance
 // policy), registry (devices, tokens, certificates, audit) and server (the
-// EST HTTP handlers). A device links only this package.
+// EST HTTP handlers). A device links only this package. Device IDs are
+// checked by package deviceid, which the broker shares without linking the
+// EST client.
 //
 // # Security
 //

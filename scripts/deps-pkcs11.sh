@@ -3,7 +3,7 @@
 # softhsm2 (softhsm2-util and the module /usr/lib/softhsm/libsofthsm2.so)
 # and opensc (pkcs11-tool). Needs root (apt-get). Under CI=true a package
 # that is still missing is an error; elsewhere the tests that need it skip
-# with a message (internal/testtool).
+# with a message (internal/testing/testtool).
 set -eu
 
 module=/usr/lib/softhsm/libsofthsm2.so

@@ -18,7 +18,7 @@ check() {
 	[ -e "$provider" ] || missing="$missing tpm2-openssl"
 	# mosquitto lives in /usr/sbin, which is not on every PATH
 	[ -x /usr/sbin/mosquitto ] && missing=$(echo "$missing" | sed 's/ mosquitto\( \|$\)/ /')
-	# the PostgreSQL server (internal/pgtest) is not on PATH either
+	# the PostgreSQL server (internal/testing/pgtest) is not on PATH either
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$missing postgresql"
 	missing=$(echo "$missing" | xargs -n1 2>/dev/null | sort -u | xargs)
 }

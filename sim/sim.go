@@ -3,6 +3,11 @@
 // connects them over mutual TLS at a ramp rate from spread loopback source
 // addresses, publishes telemetry, measures end-to-end latency on a sample of
 // devices, and reports statistics (JSON, HTML).
+//
+// It is device-side only: it imports device, keystore, provisioning (the EST
+// client) and deviceid, never the broker, its policy or the CA and EST
+// server. Whole-system compositions live apart: sim/demo (everything in one
+// process) and sim/bench (the broker binary against mosquitto).
 package sim
 
 import (
@@ -23,6 +28,7 @@ import (
 	"time"
 
 	"github.com/mqtls/mqtls/device"
+	"github.com/mqtls/mqtls/deviceid"
 	"github.com/mqtls/mqtls/keystore"
 	"github.com/mqtls/mqtls/provisioning"
 )
@@ -198,7 +204,7 @@ func (cfg *Config) Validate() error {
 		return fmt.Errorf("sim: enroll workers %d: must not be negative", cfg.EnrollWorkers)
 	}
 	for i, tk := range cfg.Tokens {
-		if err := provisioning.CheckDeviceID(tk.ID); err != nil {
+		if err := deviceid.Check(tk.ID); err != nil {
 			return fmt.Errorf("sim: token %d: %w", i+1, err)
 		}
 	}

@@ -1,6 +1,7 @@
 // Package policy maps a verified client identity (certificate CN, OUs,
 // SANs) to the MQTT topics it may publish to and subscribe to. It is pure
-// Go with no broker dependency.
+// Go with no broker dependency: it imports only the standard library and
+// the device-ID rule (package deviceid), never Mochi.
 //
 // A [Policy] is a list of rules; a rule applies to identities its match
 // selects (CN glob, OU, SAN glob) and grants publish and subscribe topic
@@ -22,6 +23,8 @@ import (
 	"path"
 	"slices"
 	"strings"
+
+	"github.com/mqtls/mqtls/deviceid"
 )
 
 // Access is what a client wants to do with a topic.
@@ -152,19 +155,9 @@ func (m Match) matches(id Identity) bool {
 }
 
 // safeValue reports whether v may be substituted into a topic template: no
-// wildcard, separator, '$' or NUL can reach a filter through it.
-func safeValue(v string) bool {
-	if v == "" || len(v) > 64 {
-		return false
-	}
-	for i := 0; i < len(v); i++ {
-		c := v[i]
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
-			return false
-		}
-	}
-	return true
-}
+// wildcard, separator, '$' or NUL can reach a filter through it. CNs,
+// children and OUs take the device-ID rule.
+func safeValue(v string) bool { return deviceid.Valid(v) }
 
 // expand substitutes {cn}, {ou} (once per OU) and {child} (once per
 // child) into templates. A template whose values are unsafe or missing

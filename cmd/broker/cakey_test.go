@@ -26,7 +26,7 @@ import (
 	"github.com/mqtls/mqtls/device"
 	"github.com/mqtls/mqtls/hardware/pkcs11/softhsmtest"
 	"github.com/mqtls/mqtls/hardware/tpm/swtpmtest"
-	"github.com/mqtls/mqtls/internal/testtool"
+	"github.com/mqtls/mqtls/internal/testing/testtool"
 	"github.com/mqtls/mqtls/keystore"
 	"github.com/mqtls/mqtls/provisioning"
 	"github.com/mqtls/mqtls/provisioning/ca"

@@ -11,8 +11,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mqtls/mqtls/internal/pgtest"
-	"github.com/mqtls/mqtls/internal/testtool"
+	"github.com/mqtls/mqtls/internal/testing/pgtest"
+	"github.com/mqtls/mqtls/internal/testing/testtool"
 )
 
 // Three `broker serve` nodes with --cluster-listen/--cluster-peers and one

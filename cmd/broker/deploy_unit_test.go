@@ -15,7 +15,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mqtls/mqtls/internal/testtool"
+	"github.com/mqtls/mqtls/internal/testing/testtool"
 )
 
 const (

@@ -18,7 +18,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mqtls/mqtls/internal/testtool"
+	"github.com/mqtls/mqtls/internal/testing/testtool"
 	"github.com/mqtls/mqtls/provisioning"
 	"github.com/mqtls/mqtls/provisioning/ca"
 	"github.com/mqtls/mqtls/provisioning/registry"

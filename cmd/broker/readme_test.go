@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mqtls/mqtls/internal/testtool"
+	"github.com/mqtls/mqtls/internal/testing/testtool"
 )
 
 // readmeBlock returns the first ```sh block after heading in README.md.

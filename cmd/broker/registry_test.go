@@ -13,8 +13,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mqtls/mqtls/internal/pgtest"
-	"github.com/mqtls/mqtls/internal/testtool"
+	"github.com/mqtls/mqtls/internal/testing/pgtest"
+	"github.com/mqtls/mqtls/internal/testing/testtool"
 )
 
 // initData runs broker init in a new directory and mints one token.

@@ -6,7 +6,7 @@ import (
 	"os/exec"
 	"time"
 
-	"github.com/mqtls/mqtls/sim"
+	"github.com/mqtls/mqtls/sim/bench"
 )
 
 func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -33,5 +33,5 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if *verbose {
 		log = stderr
 	}
-	return sim.Compare(ctx, sim.BenchConfig{BrokerBin: *brokerBin, Mosquitto: *mosquitto, Devices: *devices, Duration: *duration, Out: stdout, Log: log})
+	return bench.Compare(ctx, bench.Config{BrokerBin: *brokerBin, Mosquitto: *mosquitto, Devices: *devices, Duration: *duration, Out: stdout, Log: log})
 }

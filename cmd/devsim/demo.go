@@ -7,7 +7,7 @@ import (
 
 	"github.com/mqtls/mqtls/cmd/internal/keystores"
 	"github.com/mqtls/mqtls/keystore"
-	"github.com/mqtls/mqtls/sim"
+	"github.com/mqtls/mqtls/sim/demo"
 )
 
 func cmdDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -16,7 +16,7 @@ func cmdDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	return sim.Demo(ctx, sim.DemoConfig{Out: stdout, Devices: *devices, OpenTPMSim: openTPMSim})
+	return demo.Run(ctx, demo.Config{Out: stdout, Devices: *devices, OpenTPMSim: openTPMSim})
 }
 
 // openTPMSim opens the in-process TPM simulator (its seed next to the key).

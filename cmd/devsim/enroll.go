@@ -11,8 +11,8 @@ import (
 
 	"github.com/mqtls/mqtls/cmd/internal/keystores"
 	"github.com/mqtls/mqtls/device"
+	"github.com/mqtls/mqtls/internal/spki"
 	"github.com/mqtls/mqtls/keystore"
-	"github.com/mqtls/mqtls/provisioning/ca"
 )
 
 func cmdEnroll(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -133,6 +133,6 @@ func readToken(flagValue, file string) (string, error) {
 func printIdentity(w io.Writer, verb string, id *device.Identity) {
 	leaf := id.Leaf()
 	fmt.Fprintf(w, "%s %s in %s\n  serial:      %s\n  SPKI sha256: %s\n  valid until: %s\n  keystore:    %s\n",
-		verb, leaf.Subject.CommonName, id.Dir, leaf.SerialNumber.Text(16), ca.SPKIFingerprint(leaf),
+		verb, leaf.Subject.CommonName, id.Dir, leaf.SerialNumber.Text(16), spki.Fingerprint(leaf),
 		leaf.NotAfter.UTC().Format(time.RFC3339), id.Config.Keystore)
 }

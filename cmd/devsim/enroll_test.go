@@ -10,7 +10,7 @@ import (
 
 	"github.com/mqtls/mqtls/device"
 	"github.com/mqtls/mqtls/hardware/tpm/swtpmtest"
-	"github.com/mqtls/mqtls/internal/esttest"
+	"github.com/mqtls/mqtls/internal/testing/esttest"
 	"github.com/mqtls/mqtls/provisioning/ca"
 )
 

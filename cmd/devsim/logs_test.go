@@ -7,9 +7,9 @@ import (
 	"time"
 
 	"github.com/mqtls/mqtls/broker"
-	"github.com/mqtls/mqtls/internal/brokertest"
-	"github.com/mqtls/mqtls/internal/esttest"
-	"github.com/mqtls/mqtls/internal/testtool"
+	"github.com/mqtls/mqtls/internal/testing/brokertest"
+	"github.com/mqtls/mqtls/internal/testing/esttest"
+	"github.com/mqtls/mqtls/internal/testing/testtool"
 )
 
 // pub and sub write the SDK's log (connection lost, reconnects, refusals)

@@ -13,10 +13,10 @@ import (
 
 	"github.com/mqtls/mqtls/broker"
 	"github.com/mqtls/mqtls/broker/policy"
-	"github.com/mqtls/mqtls/internal/brokertest"
-	"github.com/mqtls/mqtls/internal/esttest"
-	"github.com/mqtls/mqtls/internal/testpki"
-	"github.com/mqtls/mqtls/internal/testtool"
+	"github.com/mqtls/mqtls/internal/testing/brokertest"
+	"github.com/mqtls/mqtls/internal/testing/esttest"
+	"github.com/mqtls/mqtls/internal/testing/testpki"
+	"github.com/mqtls/mqtls/internal/testing/testtool"
 	"github.com/mqtls/mqtls/keystore"
 	"github.com/mqtls/mqtls/provisioning/ca"
 )

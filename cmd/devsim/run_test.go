@@ -13,8 +13,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mqtls/mqtls/internal/esttest"
-	"github.com/mqtls/mqtls/internal/testtool"
+	"github.com/mqtls/mqtls/internal/testing/esttest"
+	"github.com/mqtls/mqtls/internal/testing/testtool"
 	"github.com/mqtls/mqtls/provisioning/ca"
 	"github.com/mqtls/mqtls/sim"
 )

@@ -19,8 +19,8 @@ import (
 	"testing"
 
 	"github.com/mqtls/mqtls/hardware/pkcs11/softhsmtest"
-	"github.com/mqtls/mqtls/internal/testpki"
-	"github.com/mqtls/mqtls/internal/testtool"
+	"github.com/mqtls/mqtls/internal/testing/testpki"
+	"github.com/mqtls/mqtls/internal/testing/testtool"
 	"github.com/mqtls/mqtls/keystore"
 	"github.com/mqtls/mqtls/keystore/keystoretest"
 )

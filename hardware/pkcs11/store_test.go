@@ -23,7 +23,7 @@ import (
 
 	"github.com/mqtls/mqtls/hardware/pkcs11"
 	"github.com/mqtls/mqtls/hardware/pkcs11/softhsmtest"
-	"github.com/mqtls/mqtls/internal/testtool"
+	"github.com/mqtls/mqtls/internal/testing/testtool"
 	"github.com/mqtls/mqtls/keystore"
 	"github.com/mqtls/mqtls/keystore/keystoretest"
 )

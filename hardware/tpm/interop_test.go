@@ -11,7 +11,7 @@ import (
 	"testing"
 
 	"github.com/mqtls/mqtls/hardware/tpm/swtpmtest"
-	"github.com/mqtls/mqtls/internal/testtool"
+	"github.com/mqtls/mqtls/internal/testing/testtool"
 	"github.com/mqtls/mqtls/keystore/keystoretest"
 )
 

@@ -22,6 +22,7 @@ import (
 	"github.com/google/go-tpm/tpm2/transport/tcp"
 
 	"github.com/mqtls/mqtls/internal/atomicfile"
+	"github.com/mqtls/mqtls/internal/keyfiles"
 	"github.com/mqtls/mqtls/keystore"
 )
 
@@ -251,20 +252,11 @@ func (s *Store) Path(name string) string { return filepath.Join(s.dir, name+KeyF
 // Generate implements [keystore.Store]: the TPM creates the key and the
 // wrapped blob is written to DIR/NAME.tpmkey.
 func (s *Store) Generate(ctx context.Context, name string, alg keystore.KeyAlg) (crypto.Signer, error) {
-	if err := ctx.Err(); err != nil {
-		return nil, err
-	}
-	if err := keystore.CheckName(name); err != nil {
-		return nil, err
-	}
-	alg, err := alg.Resolve()
+	alg, err := keyfiles.Prepare(ctx, name, alg, func() error { return keyfiles.Absent(s.root, s.dir, name, KeyFileExt) })
 	if err != nil {
 		return nil, err
 	}
 	file := name + KeyFileExt
-	if _, err := s.root.Lstat(file); err == nil {
-		return nil, fmt.Errorf("%w: %s", keystore.ErrExists, s.Path(name))
-	}
 	tmpl := keyTemplate(alg)
 	var k *key
 	err = s.do(func(t transport.TPM) error {
@@ -322,13 +314,13 @@ func (s *Store) Signer(ctx context.Context, name string) (crypto.Signer, error) 
 
 // List implements [keystore.Store].
 func (s *Store) List(ctx context.Context) ([]string, error) {
-	return keystore.ListFiles(s.root, s.dir, KeyFileExt)
+	return keyfiles.List(s.root, s.dir, KeyFileExt)
 }
 
 // Delete implements [keystore.Store]. The TPM holds nothing for the key, so
 // removing the blob destroys it.
 func (s *Store) Delete(ctx context.Context, name string) error {
-	return keystore.DeleteFile(s.root, s.dir, name, KeyFileExt)
+	return keyfiles.Delete(s.root, s.dir, name, KeyFileExt)
 }
 
 // do runs f with exclusive use of the TPM.
@@ -378,5 +370,5 @@ func tpmErr(op string, err error) error {
 // Rename implements [keystore.Renamer]: the blob file is renamed
 // atomically, replacing any key of the new name.
 func (s *Store) Rename(ctx context.Context, oldName, newName string) error {
-	return keystore.RenameFile(s.root, s.dir, oldName, newName, KeyFileExt)
+	return keyfiles.Rename(s.root, s.dir, oldName, newName, KeyFileExt)
 }

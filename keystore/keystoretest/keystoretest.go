@@ -21,7 +21,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mqtls/mqtls/internal/testpki"
+	"github.com/mqtls/mqtls/internal/testing/testpki"
 	"github.com/mqtls/mqtls/keystore"
 )
 

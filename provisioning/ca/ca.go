@@ -48,6 +48,7 @@ import (
 	"time"
 
 	"github.com/mqtls/mqtls/internal/atomicfile"
+	"github.com/mqtls/mqtls/internal/spki"
 	"github.com/mqtls/mqtls/keystore"
 )
 
@@ -604,11 +605,10 @@ func Fingerprint(c *x509.Certificate) string {
 }
 
 // SPKIFingerprint is the hex SHA-256 of a certificate's public key info:
-// what logs and the registry show instead of the certificate.
-func SPKIFingerprint(c *x509.Certificate) string {
-	sum := sha256.Sum256(c.RawSubjectPublicKeyInfo)
-	return fmt.Sprintf("%x", sum)
-}
+// what logs and the registry show instead of the certificate. The
+// definition lives in internal/spki, which the device side shares without
+// linking the CA.
+func SPKIFingerprint(c *x509.Certificate) string { return spki.Fingerprint(c) }
 
 func readCert(path string) (*x509.Certificate, error) {
 	data, err := os.ReadFile(path)

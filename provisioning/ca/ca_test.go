@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mqtls/mqtls/internal/testpki"
+	"github.com/mqtls/mqtls/internal/testing/testpki"
 	"github.com/mqtls/mqtls/provisioning/ca"
 )
 

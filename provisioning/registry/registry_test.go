@@ -13,7 +13,7 @@ import (
 	_ "github.com/jackc/pgx/v5/stdlib"
 	_ "modernc.org/sqlite"
 
-	"github.com/mqtls/mqtls/internal/pgtest"
+	"github.com/mqtls/mqtls/internal/testing/pgtest"
 	"github.com/mqtls/mqtls/provisioning/registry"
 	"github.com/mqtls/mqtls/provisioning/registry/registrytest"
 )

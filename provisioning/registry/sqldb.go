@@ -16,7 +16,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/mqtls/mqtls/provisioning"
+	"github.com/mqtls/mqtls/deviceid"
 )
 
 // dialect is what differs between the SQL databases.
@@ -307,12 +307,12 @@ func (r *sqlDB) CreateToken(ctx context.Context, deviceID, group string, ttl tim
 // CreateTokens mints tokens for many devices in one transaction.
 func (r *sqlDB) CreateTokens(ctx context.Context, deviceIDs []string, group string, ttl time.Duration) ([]string, error) {
 	for _, id := range deviceIDs {
-		if err := provisioning.CheckDeviceID(id); err != nil {
+		if err := deviceid.Check(id); err != nil {
 			return nil, err
 		}
 	}
 	if group != "" {
-		if err := provisioning.CheckDeviceID(group); err != nil {
+		if err := deviceid.Check(group); err != nil {
 			return nil, fmt.Errorf("registry: group: %w", err)
 		}
 	}
@@ -719,7 +719,7 @@ func (r *sqlDB) RevokedDevices(ctx context.Context) ([]string, error) {
 func (r *sqlDB) SetChildren(ctx context.Context, gateway string, children []string) error {
 	set := map[string]bool{}
 	for _, c := range children {
-		if err := provisioning.CheckDeviceID(c); err != nil {
+		if err := deviceid.Check(c); err != nil {
 			return fmt.Errorf("registry: child %w", err)
 		}
 		if c == gateway {

@@ -17,8 +17,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mqtls/mqtls/internal/esttest"
-	"github.com/mqtls/mqtls/internal/pgtest"
+	"github.com/mqtls/mqtls/internal/testing/esttest"
+	"github.com/mqtls/mqtls/internal/testing/pgtest"
 	"github.com/mqtls/mqtls/provisioning"
 	"github.com/mqtls/mqtls/provisioning/ca"
 	"github.com/mqtls/mqtls/provisioning/registry"

@@ -39,6 +39,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/mqtls/mqtls/deviceid"
 	"github.com/mqtls/mqtls/provisioning"
 	"github.com/mqtls/mqtls/provisioning/ca"
 	"github.com/mqtls/mqtls/provisioning/registry"
@@ -319,7 +320,7 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	host := remoteHost(r)
-	if err := provisioning.CheckDeviceID(id); err != nil {
+	if err := deviceid.Check(id); err != nil {
 		s.tokenFailed(w, r, "", host, refusal{http.StatusUnauthorized, "bad_device_id", err.Error(), ""})
 		return
 	}

@@ -25,8 +25,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/mqtls/mqtls/internal/esttest"
-	"github.com/mqtls/mqtls/internal/testpki"
+	"github.com/mqtls/mqtls/deviceid"
+	"github.com/mqtls/mqtls/internal/testing/esttest"
+	"github.com/mqtls/mqtls/internal/testing/testpki"
 	"github.com/mqtls/mqtls/keystore"
 	"github.com/mqtls/mqtls/provisioning"
 	"github.com/mqtls/mqtls/provisioning/registry"
@@ -239,7 +240,7 @@ func TestEnrollRefusals(t *testing.T) {
 	}
 	// Bad IDs are refused at minting already.
 	for _, id := range []string{"a+b", "a#b", "a/b", "$x", strings.Repeat("a", 65), "", "a\x00b"} {
-		if _, err := env.Registry.CreateToken(ctx, id, "", time.Hour); !errors.Is(err, provisioning.ErrBadDeviceID) {
+		if _, err := env.Registry.CreateToken(ctx, id, "", time.Hour); !errors.Is(err, deviceid.ErrInvalid) {
 			t.Errorf("CreateToken(%q) = %v, want ErrBadDeviceID", id, err)
 		}
 	}

@@ -11,7 +11,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/mqtls/mqtls/internal/testtool"
+	"github.com/mqtls/mqtls/internal/testing/testtool"
 )
 
 func TestVersionText(t *testing.T) {

@@ -14,8 +14,8 @@ import (
 
 	"github.com/mqtls/mqtls/device"
 	"github.com/mqtls/mqtls/hardware/pkcs11/softhsmtest"
-	"github.com/mqtls/mqtls/internal/brokertest"
-	"github.com/mqtls/mqtls/internal/esttest"
+	"github.com/mqtls/mqtls/internal/testing/brokertest"
+	"github.com/mqtls/mqtls/internal/testing/esttest"
 	"github.com/mqtls/mqtls/provisioning/ca"
 )
 

@@ -20,7 +20,7 @@ import (
 	"strconv"
 	"testing"
 
-	"github.com/mqtls/mqtls/internal/testtool"
+	"github.com/mqtls/mqtls/internal/testing/testtool"
 	"github.com/mqtls/mqtls/keystore"
 )
 

@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mqtls/mqtls/internal/testtool"
+	"github.com/mqtls/mqtls/internal/testing/testtool"
 )
 
 // SWTPM is a running swtpm.

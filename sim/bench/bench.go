@@ -1,4 +1,11 @@
-package sim
+// Package bench runs the side-by-side benchmark behind `devsim bench`
+// (`task bench`): the same fleet scenario, driven by package sim, against
+// the `broker serve` binary and against mosquitto, with the same
+// certificates.
+//
+// It is a composition, not an engine: it starts the broker binary and reads
+// its CA (provisioning/ca), which the fleet engine in package sim must not.
+package bench
 
 import (
 	"bufio"
@@ -17,10 +24,11 @@ import (
 
 	"github.com/mqtls/mqtls/device"
 	"github.com/mqtls/mqtls/provisioning/ca"
+	"github.com/mqtls/mqtls/sim"
 )
 
-// BenchConfig configures Compare.
-type BenchConfig struct {
+// Config configures Compare.
+type Config struct {
 	BrokerBin string // the cmd/broker binary (required)
 	Mosquitto string // the mosquitto binary (required)
 	Devices   int    // default 2000
@@ -32,8 +40,8 @@ type BenchConfig struct {
 // Side is one broker's results in a comparison.
 type Side struct {
 	Name   string
-	Idle   *Report // connect phase and idle sessions
-	Flood  *Report // publish throughput
+	Idle   *sim.Report // connect phase and idle sessions
+	Flood  *sim.Report // publish throughput
 	PID    int
 	Broker string
 }
@@ -44,7 +52,7 @@ type Side struct {
 // certificates and the same TLS key exchange (X25519 on both: Go would
 // otherwise negotiate a hybrid post-quantum group that mosquitto's OpenSSL
 // lacks), and prints the ratios.
-func Compare(ctx context.Context, cfg BenchConfig) error {
+func Compare(ctx context.Context, cfg Config) error {
 	if cfg.Devices == 0 {
 		cfg.Devices = 2000
 	}
@@ -68,10 +76,10 @@ func Compare(ctx context.Context, cfg BenchConfig) error {
 	if err != nil {
 		return fmt.Errorf("broker token: %w", err)
 	}
-	var tokens []Token
+	var tokens []sim.Token
 	for _, line := range strings.Split(strings.TrimSpace(string(tokOut)), "\n") {
 		id, tok, _ := strings.Cut(line, " ")
-		tokens = append(tokens, Token{ID: id, Token: tok})
+		tokens = append(tokens, sim.Token{ID: id, Token: tok})
 	}
 	c, err := ca.Load(data)
 	if err != nil {
@@ -88,7 +96,7 @@ func Compare(ctx context.Context, cfg BenchConfig) error {
 		return err
 	}
 	fmt.Fprintf(out, "enrolling %d devices over EST...\n", cfg.Devices)
-	ids, err := Enroll(ctx, Config{EST: "https://" + estAddr, Root: c.Root, Tokens: tokens, Devices: cfg.Devices})
+	ids, err := sim.Enroll(ctx, sim.Config{EST: "https://" + estAddr, Root: c.Root, Tokens: tokens, Devices: cfg.Devices})
 	if err != nil {
 		return err
 	}
@@ -99,18 +107,18 @@ func Compare(ctx context.Context, cfg BenchConfig) error {
 	}
 	scenario := func(name, addr string, pid int) (*Side, error) {
 		fmt.Fprintf(out, "%s: %d idle connections...\n", name, cfg.Devices)
-		base := Config{Broker: "mqtts://" + addr, EST: "https://" + estAddr, Root: c.Root, Identities: ids, Devices: cfg.Devices,
+		base := sim.Config{Broker: "mqtts://" + addr, EST: "https://" + estAddr, Root: c.Root, Identities: ids, Devices: cfg.Devices,
 			ConnectRate: 400, ServerPID: pid, Client: x25519, QoS: 1, Sample: 20}
 		idle := base
 		idle.NoTraffic, idle.Duration = true, 2*time.Second
-		ri, err := Run(ctx, idle)
+		ri, err := sim.Run(ctx, idle)
 		if err != nil {
 			return nil, err
 		}
 		fmt.Fprintf(out, "%s: QoS 1 flood from 200 devices for %v...\n", name, cfg.Duration)
 		flood := base
 		flood.Devices, flood.Flood, flood.Duration, flood.ConnectRate = min(200, cfg.Devices), true, cfg.Duration, 1000
-		rf, err := Run(ctx, flood)
+		rf, err := sim.Run(ctx, flood)
 		if err != nil {
 			return nil, err
 		}
@@ -183,7 +191,7 @@ func printComparison(w io.Writer, a, b *Side) {
 	sa, sb := a.Idle.Server, b.Idle.Server
 	if sa != nil && sb != nil {
 		row("server CPU per mTLS connect", sa.CPUPerConnect, sb.CPUPerConnect, "ms", false)
-		rate := func(s *ServerStats) float64 {
+		rate := func(s *sim.ServerStats) float64 {
 			if s.CPUPerConnect == 0 {
 				return 0
 			}
@@ -199,7 +207,7 @@ func printComparison(w io.Writer, a, b *Side) {
 	row("connect p50", a.Idle.ConnectMS.P50, b.Idle.ConnectMS.P50, "ms", false)
 	row("end-to-end p50 under flood", a.Flood.E2EMS.P50, b.Flood.E2EMS.P50, "ms", false)
 	for _, s := range []*Side{a, b} {
-		for _, r := range []*Report{s.Idle, s.Flood} {
+		for _, r := range []*sim.Report{s.Idle, s.Flood} {
 			for k, n := range r.Errors {
 				fmt.Fprintf(w, "%s error: %d × %s\n", s.Name, n, k)
 			}

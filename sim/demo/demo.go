@@ -1,4 +1,11 @@
-package sim
+// Package demo composes the whole system in one process — CA, SQLite
+// registry, EST server, broker, a backend and simulated devices — for
+// `devsim demo` (the README's first command).
+//
+// It is a composition, not an engine: it may import both sides (broker,
+// broker/policy, provisioning/...) and the device side, which the fleet
+// engine in package sim must not.
+package demo
 
 import (
 	"context"
@@ -25,8 +32,8 @@ import (
 	"github.com/mqtls/mqtls/provisioning/server"
 )
 
-// DemoConfig configures Demo.
-type DemoConfig struct {
+// Config configures Run.
+type Config struct {
 	Out     io.Writer
 	Devices int // default 20 (one of them with a TPM-simulator key)
 	// OpenTPMSim opens a TPM-simulator keystore with key blobs in dir; nil
@@ -34,12 +41,12 @@ type DemoConfig struct {
 	OpenTPMSim func(ctx context.Context, dir string) (keystore.Store, io.Closer, error)
 }
 
-// Demo runs the whole system in one process on loopback, in a temporary
+// Run runs the whole system in one process on loopback, in a temporary
 // directory it removes: CA, SQLite registry, EST, broker, a backend and
 // devices; then traffic, a command, a refused cross-device publish, a
 // revocation closing a live session and a renewal. It returns an error if
 // any step does not behave as it should.
-func Demo(ctx context.Context, cfg DemoConfig) (err error) {
+func Run(ctx context.Context, cfg Config) (err error) {
 	if cfg.Devices == 0 {
 		cfg.Devices = 20
 	}
