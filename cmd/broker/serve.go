@@ -18,6 +18,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -146,74 +147,25 @@ func yamlErrorLine(data []byte) (int, string) {
 }
 
 func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("serve", stderr)
+	// The config file is read first and becomes the flags' defaults, so a
+	// flag given on the command line wins and every flag is a config key
+	// (TestServeFlagsAreConfigKeys): no hand-written merge to forget one.
 	cfg := defaultServeConfig()
-	configFile := fs.String("config", "", "YAML config file with the same settings (flags override it)")
-	fs.StringVar(&cfg.Data, "data", "", "data directory (CA, server certificate, registry)")
-	regFlags := addRegistryFlags(fs)
-	fs.StringVar(&cfg.MQTTAddr, "mqtt-addr", cfg.MQTTAddr, "MQTT over mutual TLS listen address")
-	fs.StringVar(&cfg.ESTAddr, "est-addr", cfg.ESTAddr, "EST (HTTPS) listen address; empty disables EST")
-	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", cfg.MetricsAddr, "Prometheus /metrics listen address; empty disables it")
-	fs.StringVar(&cfg.Policy, "policy", "", "topic policy file (YAML); default: each device owns devices/{cn}/#")
-	fs.StringVar(&cfg.CRL, "crl", "", "CRL file (PEM or DER) for certificates issued elsewhere; reloaded on change")
-	fs.DurationVar(&cfg.Validity, "validity", cfg.Validity, "lifetime of issued device certificates")
-	fs.DurationVar(&cfg.HandshakeTimeout, "handshake-timeout", cfg.HandshakeTimeout, "deadline for TLS handshake + MQTT CONNECT")
-	fs.StringVar(&cfg.MinTLS, "min-tls", cfg.MinTLS, "lowest TLS version for MQTT clients: 1.2 (constrained devices) or 1.3")
-	fs.StringVar(&cfg.LogLevel, "log-level", cfg.LogLevel, "debug, info, warn or error")
-	fs.StringVar(&cfg.LogFormat, "log-format", cfg.LogFormat, "text (key=value) or json (one object a line, the same keys)")
-	fs.BoolVar(&cfg.LogConnections, "log-connections", false, "log every connection made and ended at info (default: only audit events: refusals, revocations, denials, enrollments)")
-	fs.IntVar(&cfg.AuditMaxRows, "audit-max-rows", cfg.AuditMaxRows, "keep at most this many audit records (negative: no bound)")
-	fs.DurationVar(&cfg.AuditMaxAge, "audit-max-age", cfg.AuditMaxAge, "delete audit records older than this (negative: no bound)")
-	fs.BoolVar(&cfg.AdmitWhenRegistryDown, "admit-when-registry-down", false, "admit new connections (against the last revocation data) while the registry cannot be read; default: refuse them")
-	fs.IntVar(&cfg.MaxIntermediates, "max-intermediates", 0, "intermediate CAs allowed in a client chain (default 2)")
-	fs.IntVar(&cfg.MaxQueuedMessages, "max-queued-messages", 0, "QoS 1/2 messages kept per session, offline ones included (default 1024)")
-	fs.DurationVar(&cfg.MaxMessageExpiry, "max-message-expiry", 0, "expire retained and queued messages older than this (default 0: only a publisher's own v5 expiry)")
-	fs.DurationVar(&cfg.MaxSessionExpiry, "max-session-expiry", 0, "keep a disconnected persistent session at most this long (default 24h)")
-	fs.StringVar(&cfg.ClusterListen, "cluster-listen", "", "join a cluster of nodes: this node's NATS route address HOST:PORT (experimental; the registry must be shared: PostgreSQL)")
-	peers := fs.String("cluster-peers", "", "the other nodes' --cluster-listen addresses, comma-separated")
-	fs.StringVar(&cfg.NodeName, "node-name", "", "this node's name in the cluster (default: the host name)")
-	fs.StringVar(&cfg.ClusterStore, "cluster-store", "", "JetStream data of this node (default DATA/cluster)")
+	if path, err := configArg(args); err != nil {
+		return err
+	} else if path != "" {
+		if err := loadServeConfig(path, &cfg); err != nil {
+			return err
+		}
+	}
+	fs := newFlags("serve", stderr)
+	regFlags, peers := serveFlags(fs, &cfg)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
+	cfg.ClusterPeers = nil
 	if *peers != "" {
 		cfg.ClusterPeers = strings.Split(*peers, ",")
-	}
-	if *configFile != "" {
-		fileCfg := defaultServeConfig()
-		if err := loadServeConfig(*configFile, &fileCfg); err != nil {
-			return err
-		}
-		// flags given explicitly override the file
-		set := map[string]bool{}
-		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-		flagCfg := cfg
-		cfg = fileCfg
-		override(&cfg.Data, flagCfg.Data, set["data"])
-		override(&regFlags.url, cfg.Registry, !set["registry"] && cfg.Registry != "")
-		override(&regFlags.passwordFile, cfg.RegistryPassword, !set["registry-password-file"] && cfg.RegistryPassword != "")
-		override(&cfg.MQTTAddr, flagCfg.MQTTAddr, set["mqtt-addr"])
-		override(&cfg.ESTAddr, flagCfg.ESTAddr, set["est-addr"])
-		override(&cfg.MetricsAddr, flagCfg.MetricsAddr, set["metrics-addr"])
-		override(&cfg.Policy, flagCfg.Policy, set["policy"])
-		override(&cfg.CRL, flagCfg.CRL, set["crl"])
-		override(&cfg.Validity, flagCfg.Validity, set["validity"])
-		override(&cfg.HandshakeTimeout, flagCfg.HandshakeTimeout, set["handshake-timeout"])
-		override(&cfg.MinTLS, flagCfg.MinTLS, set["min-tls"])
-		override(&cfg.LogLevel, flagCfg.LogLevel, set["log-level"])
-		override(&cfg.LogFormat, flagCfg.LogFormat, set["log-format"])
-		override(&cfg.LogConnections, flagCfg.LogConnections, set["log-connections"])
-		override(&cfg.AuditMaxRows, flagCfg.AuditMaxRows, set["audit-max-rows"])
-		override(&cfg.AuditMaxAge, flagCfg.AuditMaxAge, set["audit-max-age"])
-		override(&cfg.AdmitWhenRegistryDown, flagCfg.AdmitWhenRegistryDown, set["admit-when-registry-down"])
-		override(&cfg.MaxIntermediates, flagCfg.MaxIntermediates, set["max-intermediates"])
-		override(&cfg.MaxQueuedMessages, flagCfg.MaxQueuedMessages, set["max-queued-messages"])
-		override(&cfg.MaxMessageExpiry, flagCfg.MaxMessageExpiry, set["max-message-expiry"])
-		override(&cfg.MaxSessionExpiry, flagCfg.MaxSessionExpiry, set["max-session-expiry"])
-		override(&cfg.ClusterListen, flagCfg.ClusterListen, set["cluster-listen"])
-		override(&cfg.ClusterPeers, flagCfg.ClusterPeers, set["cluster-peers"])
-		override(&cfg.NodeName, flagCfg.NodeName, set["node-name"])
-		override(&cfg.ClusterStore, flagCfg.ClusterStore, set["cluster-store"])
 	}
 	if err := needData(cfg.Data); err != nil {
 		return err
@@ -235,12 +187,6 @@ func haveCA(dir string) error {
 		return fmt.Errorf("data directory %s holds no CA (no %s): run \"broker init --data %s\" to create it", dir, ca.RootCertFile, dir)
 	}
 	return nil
-}
-
-func override[T any](dst *T, v T, set bool) {
-	if set {
-		*dst = v
-	}
 }
 
 func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io.Writer) error {
@@ -498,4 +444,68 @@ func newClusterNode(cfg serveConfig, cert tls.Certificate, root *x509.Certificat
 		return nil, usageErr("%v", err)
 	}
 	return n, nil
+}
+
+// serveFlags defines serve's flags over cfg, with cfg's values as their
+// defaults. Every flag but --config is a key of serveConfig ("-" as "_").
+func serveFlags(fs *flag.FlagSet, cfg *serveConfig) (*registryFlags, *string) {
+	fs.String("config", "", "YAML config file with the same settings (flags override it)")
+	fs.StringVar(&cfg.Data, "data", cfg.Data, "data directory (CA, server certificate, registry)")
+	regFlags := addRegistryFlags(fs)
+	regFlags.url, regFlags.passwordFile = cfg.Registry, cfg.RegistryPassword
+	fs.StringVar(&cfg.MQTTAddr, "mqtt-addr", cfg.MQTTAddr, "MQTT over mutual TLS listen address")
+	fs.StringVar(&cfg.ESTAddr, "est-addr", cfg.ESTAddr, "EST (HTTPS) listen address; empty disables EST")
+	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", cfg.MetricsAddr, "Prometheus /metrics listen address; empty disables it")
+	fs.StringVar(&cfg.Policy, "policy", cfg.Policy, "topic policy file (YAML); default: each device owns devices/{cn}/#")
+	fs.StringVar(&cfg.CRL, "crl", cfg.CRL, "CRL file (PEM or DER) for certificates issued elsewhere; reloaded on change")
+	fs.DurationVar(&cfg.Validity, "validity", cfg.Validity, "lifetime of issued device certificates")
+	fs.DurationVar(&cfg.HandshakeTimeout, "handshake-timeout", cfg.HandshakeTimeout, "deadline for TLS handshake + MQTT CONNECT")
+	fs.Func("max-writes-pending", fmt.Sprintf("per-client outbound queue (default %d)", 64), func(v string) error {
+		n, err := strconv.ParseInt(v, 10, 32)
+		cfg.MaxWritesPending = int32(n)
+		return err
+	})
+	fs.Func("max-packet-size", "largest MQTT packet in bytes (default 262144)", func(v string) error {
+		n, err := strconv.ParseUint(v, 10, 32)
+		cfg.MaxPacketSize = uint32(n)
+		return err
+	})
+	fs.StringVar(&cfg.MinTLS, "min-tls", cfg.MinTLS, "lowest TLS version for MQTT clients: 1.2 (constrained devices) or 1.3")
+	fs.StringVar(&cfg.LogLevel, "log-level", cfg.LogLevel, "debug, info, warn or error")
+	fs.StringVar(&cfg.LogFormat, "log-format", cfg.LogFormat, "text (key=value) or json (one object a line, the same keys)")
+	fs.BoolVar(&cfg.LogConnections, "log-connections", cfg.LogConnections, "log every connection made and ended at info (default: only audit events: refusals, revocations, denials, enrollments)")
+	fs.IntVar(&cfg.AuditMaxRows, "audit-max-rows", cfg.AuditMaxRows, "keep at most this many audit records (negative: no bound)")
+	fs.DurationVar(&cfg.AuditMaxAge, "audit-max-age", cfg.AuditMaxAge, "delete audit records older than this (negative: no bound)")
+	fs.BoolVar(&cfg.AdmitWhenRegistryDown, "admit-when-registry-down", cfg.AdmitWhenRegistryDown, "admit new connections (against the last revocation data) while the registry cannot be read; default: refuse them")
+	fs.IntVar(&cfg.MaxIntermediates, "max-intermediates", cfg.MaxIntermediates, "intermediate CAs allowed in a client chain (0: the default, 2)")
+	fs.IntVar(&cfg.MaxQueuedMessages, "max-queued-messages", cfg.MaxQueuedMessages, "QoS 1/2 messages kept per session, offline ones included (0: the default, 1024)")
+	fs.DurationVar(&cfg.MaxMessageExpiry, "max-message-expiry", cfg.MaxMessageExpiry, "expire retained and queued messages older than this (0: only a publisher's own v5 expiry)")
+	fs.DurationVar(&cfg.MaxSessionExpiry, "max-session-expiry", cfg.MaxSessionExpiry, "keep a disconnected persistent session at most this long (0: the default, 24h)")
+	fs.StringVar(&cfg.ClusterListen, "cluster-listen", cfg.ClusterListen, "join a cluster of nodes: this node's NATS route address HOST:PORT (experimental; the registry must be shared: PostgreSQL)")
+	peers := fs.String("cluster-peers", strings.Join(cfg.ClusterPeers, ","), "the other nodes' --cluster-listen addresses, comma-separated")
+	fs.StringVar(&cfg.NodeName, "node-name", cfg.NodeName, "this node's name in the cluster (default: the host name)")
+	fs.StringVar(&cfg.ClusterStore, "cluster-store", cfg.ClusterStore, "JetStream data of this node (default DATA/cluster)")
+	return regFlags, peers
+}
+
+// configArg finds --config's value in args before the flags are parsed
+// (the file supplies the other flags' defaults).
+func configArg(args []string) (string, error) {
+	for i, a := range args {
+		if a == "--" {
+			break
+		}
+		name, value, hasValue := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		if !strings.HasPrefix(a, "-") || name != "config" {
+			continue
+		}
+		if hasValue {
+			return value, nil
+		}
+		if i+1 >= len(args) {
+			return "", usageErr("flag needs an argument: -config")
+		}
+		return args[i+1], nil
+	}
+	return "", nil
 }

@@ -5,11 +5,13 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/json"
+	"flag"
 	"io"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -256,4 +258,56 @@ func TestServeLogs(t *testing.T) {
 			t.Errorf("--log-format xml: exit %d %q, want 2", code, errs)
 		}
 	})
+}
+
+// Every serve flag is a config key (and the config file supplies the
+// flags' defaults), so a new flag cannot be silently dropped when
+// --config is given.
+func TestServeFlagsAreConfigKeys(t *testing.T) {
+	keys := map[string]bool{}
+	typ := reflect.TypeFor[serveConfig]()
+	for i := range typ.NumField() {
+		keys[strings.Split(typ.Field(i).Tag.Get("yaml"), ",")[0]] = true
+	}
+	cfg := defaultServeConfig()
+	fs := newFlags("serve", io.Discard)
+	serveFlags(fs, &cfg)
+	n := 0
+	fs.VisitAll(func(f *flag.Flag) {
+		n++
+		if key := strings.ReplaceAll(f.Name, "-", "_"); f.Name != "config" && !keys[key] {
+			t.Errorf("flag --%s has no config key %q", f.Name, key)
+		}
+	})
+	if n < 25 {
+		t.Fatalf("only %d flags seen", n)
+	}
+	// a value from the file applies unless the flag is given
+	file := filepath.Join(t.TempDir(), "broker.yaml")
+	os.WriteFile(file, []byte("mqtt_addr: 127.0.0.1:1\nmax_packet_size: 1000\ncluster_peers: [a:1, b:2]\n"), 0o600)
+	for _, tc := range []struct {
+		args []string
+		addr string
+		size uint32
+	}{
+		{[]string{"--config", file}, "127.0.0.1:1", 1000},
+		{[]string{"-config=" + file, "--mqtt-addr", "127.0.0.1:2", "--max-packet-size", "2000"}, "127.0.0.1:2", 2000},
+	} {
+		path, err := configArg(tc.args)
+		if err != nil || path != file {
+			t.Fatalf("configArg(%v) = %q, %v", tc.args, path, err)
+		}
+		cfg := defaultServeConfig()
+		if err := loadServeConfig(path, &cfg); err != nil {
+			t.Fatal(err)
+		}
+		fs := newFlags("serve", io.Discard)
+		_, peers := serveFlags(fs, &cfg)
+		if err := fs.Parse(tc.args); err != nil {
+			t.Fatal(err)
+		}
+		if cfg.MQTTAddr != tc.addr || cfg.MaxPacketSize != tc.size || *peers != "a:1,b:2" {
+			t.Errorf("%v: mqtt_addr %q max_packet_size %d peers %q", tc.args, cfg.MQTTAddr, cfg.MaxPacketSize, *peers)
+		}
+	}
 }
