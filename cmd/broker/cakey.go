@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"path/filepath"
 
+	"github.com/mqtls/mqtls/cmd/internal/cli"
 	"github.com/mqtls/mqtls/cmd/internal/keystores"
 	"github.com/mqtls/mqtls/hardware/pkcs11"
 	"github.com/mqtls/mqtls/keystore"
@@ -29,11 +30,11 @@ const (
 func parseIssuingKeyURI(s string) (keystore.URI, error) {
 	u, err := keystore.ParseURI(s)
 	if err != nil {
-		return keystore.URI{}, usageErr("--issuing-key-uri: %v", err)
+		return keystore.URI{}, cli.Usagef("--issuing-key-uri: %v", err)
 	}
 	switch u.Kind {
 	case keystore.KindFile, keystore.KindMem:
-		return keystore.URI{}, usageErr("--issuing-key-uri %s: the issuing key is a file in DIR/ca unless this names a hardware store (pkcs11:..., tpm, tpm:/dev/PATH, swtpm:HOST:PORT, tpmsim:DIR); leave the flag out for a key file", u)
+		return keystore.URI{}, cli.Usagef("--issuing-key-uri %s: the issuing key is a file in DIR/ca unless this names a hardware store (pkcs11:..., tpm, tpm:/dev/PATH, swtpm:HOST:PORT, tpmsim:DIR); leave the flag out for a key file", u)
 	}
 	return u, nil
 }

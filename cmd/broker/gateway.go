@@ -5,29 +5,31 @@ import (
 	"fmt"
 	"io"
 	"strings"
+
+	"github.com/mqtls/mqtls/cmd/internal/cli"
 )
 
 // cmdGateway: broker gateway — the devices a gateway speaks for. With
 // --children it replaces them (live sessions follow within a poll), else
 // it prints them.
 func cmdGateway(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("gateway", stderr)
+	fs := cli.NewFlags("broker gateway", stderr)
 	data := dataFlag(fs)
 	id := fs.String("device", "", "the gateway's device ID")
 	children := fs.String("children", "", "comma-separated device IDs the gateway speaks for (replaces the list)")
 	clear := fs.Bool("clear", false, "remove every child")
 	regFlags := addRegistryFlags(fs)
-	if err := parse(fs, args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	if err := needData(*data); err != nil {
 		return err
 	}
 	if *id == "" {
-		return usageErr("--device ID is required")
+		return cli.Usagef("--device ID is required")
 	}
 	if *clear && *children != "" {
-		return usageErr("--clear and --children exclude each other")
+		return cli.Usagef("--clear and --children exclude each other")
 	}
 	reg, err := regFlags.open(ctx, *data)
 	if err != nil {

@@ -4,7 +4,6 @@ package main
 
 import (
 	"context"
-	"flag"
 	"io"
 	"os"
 	"os/signal"
@@ -51,14 +50,6 @@ var commands = map[string]cli.Command{
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	return cli.Run(ctx, "broker", usage, commands, args, stdout, stderr)
 }
-
-func usageErr(format string, a ...any) error { return cli.Usagef(format, a...) }
-
-func newFlags(name string, stderr io.Writer) *flag.FlagSet {
-	return cli.NewFlags("broker "+name, stderr)
-}
-
-func parse(fs *flag.FlagSet, args []string) error { return cli.Parse(fs, args) }
 
 // listFlag collects a repeated string flag.
 type listFlag []string

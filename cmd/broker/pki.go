@@ -13,6 +13,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/mqtls/mqtls/cmd/internal/cli"
 	"github.com/mqtls/mqtls/provisioning/ca"
 	"github.com/mqtls/mqtls/provisioning/registry"
 )
@@ -26,13 +27,13 @@ func dataFlag(fs *flag.FlagSet) *string {
 
 func needData(dir string) error {
 	if dir == "" {
-		return usageErr("--data DIR is required")
+		return cli.Usagef("--data DIR is required")
 	}
 	return nil
 }
 
 func cmdInit(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("init", stderr)
+	fs := cli.NewFlags("broker init", stderr)
 	data := dataFlag(fs)
 	var hosts listFlag
 	fs.Var(&hosts, "host", "broker DNS name or IP for the server certificate (repeatable; default localhost, 127.0.0.1, ::1)")
@@ -45,7 +46,7 @@ func cmdInit(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	regFlags := addRegistryFlags(fs)
 	registryOnly := fs.Bool("registry-only", false, "create only the registry, for the data directory's existing PKI (after losing the registry: every revocation is lost with it)")
 	bindRegistry := fs.Bool("bind-registry", false, "bind an existing registry made before registries were bound to their CA to the data directory's root CA")
-	if err := parse(fs, args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	if err := needData(*data); err != nil {
@@ -144,7 +145,7 @@ func initIssuingKey(ctx context.Context, data, uri string, cfg *ca.InitConfig) (
 		}
 		uri = recorded
 	} else if cfg.IssuingKey != "" {
-		return nil, usageErr("give --issuing-key (a key file) or --issuing-key-uri (a hardware store), not both")
+		return nil, cli.Usagef("give --issuing-key (a key file) or --issuing-key-uri (a hardware store), not both")
 	}
 	u, err := parseIssuingKeyURI(uri)
 	if err != nil {
@@ -162,7 +163,7 @@ func initIssuingKey(ctx context.Context, data, uri string, cfg *ca.InitConfig) (
 }
 
 func cmdToken(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("token", stderr)
+	fs := cli.NewFlags("broker token", stderr)
 	data := dataFlag(fs)
 	id := fs.String("device", "", "device ID (1-64 of [A-Za-z0-9._-]): print its token")
 	count := fs.Int("count", 0, "mint N device IDs PREFIX-000001... and print ID TOKEN lines")
@@ -172,17 +173,17 @@ func cmdToken(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	reinstate := fs.Bool("reinstate", false, "mint a token for a revoked device, letting it enroll again (audited)")
 	reason := fs.String("reason", "reinstated by operator", "with --reinstate: the reason recorded in the audit trail")
 	regFlags := addRegistryFlags(fs)
-	if err := parse(fs, args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	if err := needData(*data); err != nil {
 		return err
 	}
 	if (*id == "") == (*count == 0) {
-		return usageErr("give either --device ID or --count N")
+		return cli.Usagef("give either --device ID or --count N")
 	}
 	if *count < 0 || *count > 1_000_000 {
-		return usageErr("--count must be 1..1000000")
+		return cli.Usagef("--count must be 1..1000000")
 	}
 	ids := []string{*id}
 	if *count > 0 {
@@ -222,19 +223,19 @@ func cmdToken(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 }
 
 func cmdRevoke(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("revoke", stderr)
+	fs := cli.NewFlags("broker revoke", stderr)
 	data := dataFlag(fs)
 	id := fs.String("device", "", "device ID")
 	reason := fs.String("reason", "unspecified", "revocation reason (recorded and shown to the device)")
 	regFlags := addRegistryFlags(fs)
-	if err := parse(fs, args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	if err := needData(*data); err != nil {
 		return err
 	}
 	if *id == "" {
-		return usageErr("--device ID is required")
+		return cli.Usagef("--device ID is required")
 	}
 	reg, err := regFlags.open(ctx, *data)
 	if err != nil {
@@ -250,11 +251,11 @@ func cmdRevoke(ctx context.Context, args []string, stdout, stderr io.Writer) err
 }
 
 func cmdDevices(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("devices", stderr)
+	fs := cli.NewFlags("broker devices", stderr)
 	data := dataFlag(fs)
 	asJSON := fs.Bool("json", false, "print JSON")
 	regFlags := addRegistryFlags(fs)
-	if err := parse(fs, args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	if err := needData(*data); err != nil {

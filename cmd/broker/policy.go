@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/mqtls/mqtls/broker/policy"
+	"github.com/mqtls/mqtls/cmd/internal/cli"
 )
 
 // errDenied makes `broker policy check` exit 1 when an answer is "denied".
@@ -18,9 +19,9 @@ var errDenied = errors.New("denied")
 // identity, without connecting a device.
 func cmdPolicy(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 || args[0] != "check" {
-		return usageErr(`want "broker policy check --policy FILE --cn ID [--ou G]... [--client-id C] [--topic T --publish|--subscribe]"`)
+		return cli.Usagef(`want "broker policy check --policy FILE --cn ID [--ou G]... [--client-id C] [--topic T --publish|--subscribe]"`)
 	}
-	fs := newFlags("policy check", stderr)
+	fs := cli.NewFlags("broker policy check", stderr)
 	file := fs.String("policy", "", "policy file (YAML); default: the built-in default policy")
 	cn := fs.String("cn", "", "certificate CN (device ID)")
 	var ous, sans, children listFlag
@@ -32,14 +33,14 @@ func cmdPolicy(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	topic := fs.String("topic", "", "topic (or, with --subscribe, a filter) to check")
 	pub := fs.Bool("publish", false, "check publishing to --topic")
 	sub := fs.Bool("subscribe", false, "check subscribing to / receiving --topic")
-	if err := parse(fs, args[1:]); err != nil {
+	if err := cli.Parse(fs, args[1:]); err != nil {
 		return err
 	}
 	if *cn == "" {
-		return usageErr("--cn is required")
+		return cli.Usagef("--cn is required")
 	}
 	if *topic != "" && *pub == *sub {
-		return usageErr("--topic needs exactly one of --publish or --subscribe")
+		return cli.Usagef("--topic needs exactly one of --publish or --subscribe")
 	}
 	pol := policy.Default()
 	if *file != "" {

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/mqtls/mqtls/cmd/internal/cli"
 	"github.com/mqtls/mqtls/provisioning/registry"
 )
 
@@ -44,16 +45,16 @@ func (f *registryFlags) location(data string) (registryLocation, error) {
 	case strings.HasPrefix(u, "sqlite:"):
 		loc.sqlite = strings.TrimPrefix(strings.TrimPrefix(u, "sqlite:"), "//")
 		if loc.sqlite == "" {
-			return loc, usageErr("--registry sqlite:PATH needs a path")
+			return loc, cli.Usagef("--registry sqlite:PATH needs a path")
 		}
 	case strings.HasPrefix(u, "postgres://"), strings.HasPrefix(u, "postgresql://"):
 		loc.postgres = u
 	default:
-		return loc, usageErr("--registry %q: want sqlite:PATH or postgres://USER@HOST:PORT/DB", redactURL(u))
+		return loc, cli.Usagef("--registry %q: want sqlite:PATH or postgres://USER@HOST:PORT/DB", redactURL(u))
 	}
 	if f.passwordFile != "" {
 		if loc.postgres == "" {
-			return loc, usageErr("--registry-password-file is for a postgres:// registry")
+			return loc, cli.Usagef("--registry-password-file is for a postgres:// registry")
 		}
 		fi, err := os.Stat(f.passwordFile)
 		if err != nil {

@@ -158,9 +158,9 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			return err
 		}
 	}
-	fs := newFlags("serve", stderr)
+	fs := cli.NewFlags("broker serve", stderr)
 	regFlags, peers := serveFlags(fs, &cfg)
-	if err := parse(fs, args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	cfg.ClusterPeers = nil
@@ -196,7 +196,7 @@ func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io
 	}
 	minTLS := map[string]uint16{"1.2": tls.VersionTLS12, "1.3": tls.VersionTLS13}[cfg.MinTLS]
 	if minTLS == 0 {
-		return usageErr("min TLS %q: want 1.2 or 1.3", cfg.MinTLS)
+		return cli.Usagef("min TLS %q: want 1.2 or 1.3", cfg.MinTLS)
 	}
 	if err := haveCA(cfg.Data); err != nil {
 		return err
@@ -441,7 +441,7 @@ func newClusterNode(cfg serveConfig, cert tls.Certificate, root *x509.Certificat
 	n, err := cluster.New(cluster.Config{Name: name, RouteAddr: cfg.ClusterListen, Peers: peers, StoreDir: store,
 		Certificate: cert, Root: root, Logger: log.With("component", "cluster")})
 	if err != nil {
-		return nil, usageErr("%v", err)
+		return nil, cli.Usagef("%v", err)
 	}
 	return n, nil
 }
@@ -503,7 +503,7 @@ func configArg(args []string) (string, error) {
 			return value, nil
 		}
 		if i+1 >= len(args) {
-			return "", usageErr("flag needs an argument: -config")
+			return "", cli.Usagef("flag needs an argument: -config")
 		}
 		return args[i+1], nil
 	}

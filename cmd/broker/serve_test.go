@@ -19,6 +19,7 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"github.com/mqtls/mqtls/cmd/internal/cli"
 	"github.com/mqtls/mqtls/device"
 	"github.com/mqtls/mqtls/internal/testing/testtool"
 	"github.com/mqtls/mqtls/keystore"
@@ -66,12 +67,17 @@ func TestServe(t *testing.T) {
 	tok, _, _ := brokerCLI(t, "token", "--data", data, "--device", "dev-1")
 	cl, lost := enrollAndConnect(t, data, "dev-1", tok, estAddr, mqttAddr)
 
-	resp, err := http.Get("http://" + metricsAddr + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
+	// the session is counted once established, just after its CONNACK
+	var body []byte
+	testtool.Eventually(t, 5*time.Second, "the session counted", func() bool {
+		resp, err := http.Get("http://" + metricsAddr + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ = io.ReadAll(resp.Body)
+		resp.Body.Close()
+		return strings.Contains(string(body), "mqtls_connections 1")
+	})
 	for _, want := range []string{"mqtls_connections 1", "mqtls_tls_handshake_seconds_count", "mqtls_connects_accepted_total 1", "go_goroutines",
 		`mqtls_est_requests_total{kind="enroll",result="ok"} 1`, "mqtls_registry_errors_total 0"} {
 		if !strings.Contains(string(body), want) {
@@ -270,7 +276,7 @@ func TestServeFlagsAreConfigKeys(t *testing.T) {
 		keys[strings.Split(typ.Field(i).Tag.Get("yaml"), ",")[0]] = true
 	}
 	cfg := defaultServeConfig()
-	fs := newFlags("serve", io.Discard)
+	fs := cli.NewFlags("broker serve", io.Discard)
 	serveFlags(fs, &cfg)
 	n := 0
 	fs.VisitAll(func(f *flag.Flag) {
@@ -301,7 +307,7 @@ func TestServeFlagsAreConfigKeys(t *testing.T) {
 		if err := loadServeConfig(path, &cfg); err != nil {
 			t.Fatal(err)
 		}
-		fs := newFlags("serve", io.Discard)
+		fs := cli.NewFlags("broker serve", io.Discard)
 		_, peers := serveFlags(fs, &cfg)
 		if err := fs.Parse(tc.args); err != nil {
 			t.Fatal(err)

@@ -16,6 +16,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/mqtls/mqtls/cmd/internal/cli"
 	"github.com/mqtls/mqtls/provisioning/ca"
 	"github.com/mqtls/mqtls/provisioning/registry"
 )
@@ -27,19 +28,19 @@ import (
 // serve picks it up without restart. The re-issue is audited in the
 // registry.
 func cmdServerCert(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("server-cert", stderr)
+	fs := cli.NewFlags("broker server-cert", stderr)
 	data := dataFlag(fs)
 	var hosts listFlag
 	fs.Var(&hosts, "host", "DNS name or IP address the broker is reached by (repeatable, required): the new certificate names these and no others, so repeat the names it keeps")
 	regFlags := addRegistryFlags(fs)
-	if err := parse(fs, args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	if err := needData(*data); err != nil {
 		return err
 	}
 	if len(hosts) == 0 {
-		return usageErr("--host NAME is required (repeatable): every DNS name and IP address devices reach the broker by")
+		return cli.Usagef("--host NAME is required (repeatable): every DNS name and IP address devices reach the broker by")
 	}
 	if err := haveCA(*data); err != nil {
 		return err

@@ -5,15 +5,16 @@ import (
 	"io"
 	"path/filepath"
 
+	"github.com/mqtls/mqtls/cmd/internal/cli"
 	"github.com/mqtls/mqtls/cmd/internal/keystores"
 	"github.com/mqtls/mqtls/keystore"
 	"github.com/mqtls/mqtls/sim/demo"
 )
 
 func cmdDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("demo", stderr)
+	fs := cli.NewFlags("devsim demo", stderr)
 	devices := fs.Int("devices", 20, "devices to enroll (one with a TPM-simulator key)")
-	if err := parse(fs, args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	return demo.Run(ctx, demo.Config{Out: stdout, Devices: *devices, OpenTPMSim: openTPMSim})

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/mqtls/mqtls/cmd/internal/cli"
 	"github.com/mqtls/mqtls/cmd/internal/keystores"
 	"github.com/mqtls/mqtls/device"
 	"github.com/mqtls/mqtls/internal/spki"
@@ -16,7 +17,7 @@ import (
 )
 
 func cmdEnroll(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("enroll", stderr)
+	fs := cli.NewFlags("devsim enroll", stderr)
 	est := fs.String("est", "", "EST server, https://HOST:PORT")
 	caFile := fs.String("ca", "", "root CA certificate to pin (PEM)")
 	id := fs.String("device", "", "device ID (the certificate CN)")
@@ -27,11 +28,11 @@ func cmdEnroll(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	out := fs.String("out", "", "identity directory to create")
 	wait := 10 * time.Second
 	durationFlag(fs, &wait, "wait", "", "how long to wait for an EST server that refuses connections (still starting) (default 10s)")
-	if err := parse(fs, args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	if *est == "" || *caFile == "" || *id == "" || *out == "" {
-		return usageErr("--est, --ca, --device and --out are required")
+		return cli.Usagef("--est, --ca, --device and --out are required")
 	}
 	tok, err := readToken(*token, *tokenFile)
 	if err != nil {
@@ -42,7 +43,7 @@ func cmdEnroll(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		return err
 	}
 	if u.Kind == keystore.KindMem {
-		return usageErr("--keystore mem keeps the key in this process's memory: it would vanish when enroll exits, with the token spent. Use file, tpm, swtpm:HOST:PORT or tpmsim:DIR (mem is for devsim run and demo)")
+		return cli.Usagef("--keystore mem keeps the key in this process's memory: it would vanish when enroll exits, with the token spent. Use file, tpm, swtpm:HOST:PORT or tpmsim:DIR (mem is for devsim run and demo)")
 	}
 	roots, err := device.ReadCertFile(*caFile)
 	if err != nil {
@@ -73,15 +74,15 @@ func cmdEnroll(ctx context.Context, args []string, stdout, stderr io.Writer) err
 }
 
 func cmdRenew(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("renew", stderr)
+	fs := cli.NewFlags("devsim renew", stderr)
 	est := fs.String("est", "", "EST server (default: the one recorded at enrollment)")
 	dir := fs.String("identity", "", "identity directory")
 	rekey := fs.Bool("rekey", false, "generate a new key for the new certificate")
-	if err := parse(fs, args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	if *dir == "" {
-		return usageErr("--identity DIR is required")
+		return cli.Usagef("--identity DIR is required")
 	}
 	cfg, err := device.ReadConfig(*dir)
 	if err != nil {
@@ -111,11 +112,11 @@ func cmdRenew(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 func readToken(flagValue, file string) (string, error) {
 	switch {
 	case flagValue != "" && file != "":
-		return "", usageErr("give --token or --token-file, not both")
+		return "", cli.Usagef("give --token or --token-file, not both")
 	case flagValue != "":
 		return flagValue, nil
 	case file == "":
-		return "", usageErr("--token or --token-file is required")
+		return "", cli.Usagef("--token or --token-file is required")
 	}
 	var data []byte
 	var err error

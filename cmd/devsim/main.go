@@ -5,7 +5,6 @@ package main
 
 import (
 	"context"
-	"flag"
 	"io"
 	"os"
 	"os/signal"
@@ -67,11 +66,3 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	}
 	return code
 }
-
-func usageErr(format string, a ...any) error { return cli.Usagef(format, a...) }
-
-func newFlags(name string, stderr io.Writer) *flag.FlagSet {
-	return cli.NewFlags("devsim "+name, stderr)
-}
-
-func parse(fs *flag.FlagSet, args []string) error { return cli.Parse(fs, args) }

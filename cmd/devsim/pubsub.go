@@ -131,7 +131,7 @@ exits 0 once the broker has acknowledged every message.
 
 func cmdPub(stdin io.Reader) cli.Command {
 	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-		fs := newFlags("pub", stderr)
+		fs := cli.NewFlags("devsim pub", stderr)
 		var f clientFlags
 		var topic, msg, file string
 		var retain, whole, lines bool
@@ -147,11 +147,11 @@ func cmdPub(stdin io.Reader) cli.Command {
 		fs.BoolVar(&retain, "retain", false, "retain the message")
 		fs.BoolVar(&retain, "r", false, "short for --retain")
 		setUsage(fs, stderr, pubUsage)
-		if err := parse(fs, args); err != nil {
+		if err := cli.Parse(fs, args); err != nil {
 			return err
 		}
 		if f.broker == "" || f.dir == "" || topic == "" {
-			return usageErr("--broker, --identity (-i) and --topic (-t) are required")
+			return cli.Usagef("--broker, --identity (-i) and --topic (-t) are required")
 		}
 		sources := 0
 		for _, set := range []bool{isSet(fs, "message") || isSet(fs, "m"), file != "", whole, lines} {
@@ -160,10 +160,10 @@ func cmdPub(stdin io.Reader) cli.Command {
 			}
 		}
 		if sources != 1 {
-			return usageErr("give one of -m MSG, -f FILE, -s (stdin) or -l (stdin, a message per line)")
+			return cli.Usagef("give one of -m MSG, -f FILE, -s (stdin) or -l (stdin, a message per line)")
 		}
 		if f.qos != 0 && f.qos != 1 {
-			return usageErr("--qos must be 0 or 1")
+			return cli.Usagef("--qos must be 0 or 1")
 		}
 		if f.timeout == 0 {
 			f.timeout = 15 * time.Second
@@ -245,7 +245,7 @@ exit 5), after -C messages, or after -W.
 `
 
 func cmdSub(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("sub", stderr)
+	fs := cli.NewFlags("devsim sub", stderr)
 	var f clientFlags
 	var filters stringList
 	var count int
@@ -258,14 +258,14 @@ func cmdSub(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	fs.BoolVar(&verbose, "verbose", false, `print "topic payload" (default: the payload alone)`)
 	fs.BoolVar(&verbose, "v", false, "short for --verbose")
 	setUsage(fs, stderr, subUsage)
-	if err := parse(fs, args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	if f.broker == "" || f.dir == "" || len(filters) == 0 {
-		return usageErr("--broker, --identity (-i) and --topic (-t) are required")
+		return cli.Usagef("--broker, --identity (-i) and --topic (-t) are required")
 	}
 	if f.qos != 0 && f.qos != 1 {
-		return usageErr("--qos must be 0 or 1")
+		return cli.Usagef("--qos must be 0 or 1")
 	}
 	connectTimeout := 15 * time.Second
 	if f.timeout > 0 {

@@ -21,7 +21,7 @@ import (
 )
 
 func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("run", stderr)
+	fs := cli.NewFlags("devsim run", stderr)
 	broker := fs.String("broker", "", "broker, mqtts://HOST:PORT")
 	est := fs.String("est", "", "EST server, https://HOST:PORT")
 	caFile := fs.String("ca", "", "root CA certificate to pin (PEM)")
@@ -39,14 +39,14 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	serverPID := fs.Int("server-pid", 0, "broker process to read CPU and RSS of (/proc)")
 	jsonFile := fs.String("json", "", "write the report as JSON")
 	htmlFile := fs.String("html", "", "write the report as a self-contained HTML page")
-	if err := parse(fs, args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	if *broker == "" || *est == "" || *caFile == "" || *tokensFile == "" {
-		return usageErr("--broker, --est, --ca and --tokens are required")
+		return cli.Usagef("--broker, --est, --ca and --tokens are required")
 	}
 	if *qos != 0 && *qos != 1 {
-		return usageErr("--qos must be 0 or 1")
+		return cli.Usagef("--qos must be 0 or 1")
 	}
 	roots, err := device.ReadCertFile(*caFile)
 	if err != nil {
@@ -61,24 +61,24 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		return err
 	}
 	if u.Kind != keystore.KindMem && u.Kind != keystore.KindTPMSim {
-		return usageErr("--keystore: mem or tpmsim:DIR")
+		return cli.Usagef("--keystore: mem or tpmsim:DIR")
 	}
 	// Everything is checked before the first enrollment spends a token.
 	if *rate <= 0 {
-		return usageErr("--connect-rate %v: must be positive", *rate)
+		return cli.Usagef("--connect-rate %v: must be positive", *rate)
 	}
 	if *interval <= 0 && !*noTraffic {
-		return usageErr("--interval %v: must be positive (or --no-traffic)", *interval)
+		return cli.Usagef("--interval %v: must be positive (or --no-traffic)", *interval)
 	}
 	if *duration <= 0 {
-		return usageErr("--duration %v: must be positive", *duration)
+		return cli.Usagef("--duration %v: must be positive", *duration)
 	}
 	if *payload < 16 {
-		return usageErr("--payload %d: at least 16 bytes (a sequence number and a timestamp)", *payload)
+		return cli.Usagef("--payload %d: at least 16 bytes (a sequence number and a timestamp)", *payload)
 	}
 	if *serverPID != 0 {
 		if _, err := os.Stat(fmt.Sprintf("/proc/%d/stat", *serverPID)); err != nil {
-			return usageErr("--server-pid %d: no such process (%v)", *serverPID, err)
+			return cli.Usagef("--server-pid %d: no such process (%v)", *serverPID, err)
 		}
 	}
 	for _, out := range []string{*jsonFile, *htmlFile} {
@@ -86,7 +86,7 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 			continue
 		}
 		if fi, err := os.Stat(filepath.Dir(out)); err != nil || !fi.IsDir() {
-			return usageErr("%s: its directory does not exist", out)
+			return cli.Usagef("%s: its directory does not exist", out)
 		}
 	}
 	cfg := sim.Config{
