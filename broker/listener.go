@@ -82,6 +82,21 @@ func (l *listener) handle(conn net.Conn, establish listeners.EstablishFn) {
 		return
 	}
 	b.metrics.handshake.Observe(time.Since(start).Seconds())
+	// Mochi's Close waits on Listeners.ClientsWg once the listeners are
+	// closed, and EstablishConnection adds to it: a handshake finishing
+	// during Close would Add concurrently with that Wait (-race reports
+	// it: TestCloseRacesHandshakes). Count the connection here, under the
+	// lock where Close marks the listener done, so every count precedes
+	// the Wait; Mochi's own Add then happens while the count is positive.
+	l.mu.Lock()
+	if l.done {
+		l.mu.Unlock()
+		tc.Close()
+		return
+	}
+	b.mochi.Listeners.ClientsWg.Add(1)
+	l.mu.Unlock()
+	defer b.mochi.Listeners.ClientsWg.Done()
 	err = establish(l.id, tc) // Mochi logs and counts client errors itself
 	if !b.connEnded(tc) && isTimeout(err) {
 		// TLS done, but no CONNECT before the deadline.
