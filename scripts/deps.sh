@@ -6,7 +6,8 @@ set -eu
 
 # program:package pairs
 tools="swtpm:swtpm swtpm_setup:swtpm-tools tpm2_load:tpm2-tools openssl:openssl curl:curl
-mosquitto:mosquitto mosquitto_pub:mosquitto-clients runuser:util-linux"
+mosquitto:mosquitto mosquitto_pub:mosquitto-clients runuser:util-linux unshare:util-linux
+ip:iproute2 systemd-analyze:systemd git:git"
 # openssl's tpm2 provider is a library, not a program
 provider=/usr/lib/$(uname -m)-linux-gnu/ossl-modules/tpm2.so
 
