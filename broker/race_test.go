@@ -57,8 +57,7 @@ func TestConcurrentSameIDKeepsSession(t *testing.T) {
 				r.read()
 			})
 		}
-		wg.Wait()
-		time.Sleep(20 * time.Millisecond)
+		wg.Wait() // both CONNACKs (or refusals) read
 		for _, c := range conns {
 			c.Close()
 		}

@@ -383,12 +383,9 @@ func TestRenewalKeepsSessionAndMessages(t *testing.T) {
 		}
 		return tels, cs
 	}
-	deadline := time.Now().Add(15 * time.Second)
-	for tels, cs := missing(); len(tels)+len(cs) > 0; tels, cs = missing() {
-		if time.Now().After(deadline) {
-			t.Fatalf("not delivered within 15s: telemetry (device -> backend) %v; commands (backend -> device) %v", tels, cs)
-		}
-		time.Sleep(20 * time.Millisecond)
+	if !testtool.Poll(15*time.Second, func() bool { tels, cs := missing(); return len(tels)+len(cs) == 0 }) {
+		tels, cs := missing()
+		t.Fatalf("not delivered within 15s: telemetry (device -> backend) %v; commands (backend -> device) %v", tels, cs)
 	}
 	t.Logf("%d commands sent while the device was reconnecting, all delivered", len(aroundReconnect))
 	offMu.Lock()

@@ -68,14 +68,10 @@ func startBlackhole(t *testing.T, addr string, cert *tls.Certificate) *blackhole
 // 1 s), and fails naming what is left.
 func settles(t *testing.T, base int, what string) {
 	t.Helper()
-	deadline := time.Now().Add(time.Second)
-	for runtime.NumGoroutine() > base {
-		if time.Now().After(deadline) {
-			buf := make([]byte, 1<<20)
-			buf = buf[:runtime.Stack(buf, true)]
-			t.Fatalf("%s: %d goroutines 1s later, %d before:\n%s", what, runtime.NumGoroutine(), base, buf)
-		}
-		time.Sleep(10 * time.Millisecond)
+	if !testtool.Poll(time.Second, func() bool { return runtime.NumGoroutine() <= base }) {
+		buf := make([]byte, 1<<20)
+		buf = buf[:runtime.Stack(buf, true)]
+		t.Fatalf("%s: %d goroutines 1s later, %d before:\n%s", what, runtime.NumGoroutine(), base, buf)
 	}
 }
 

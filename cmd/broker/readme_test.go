@@ -6,46 +6,21 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/mqtls/mqtls/internal/testing/testtool"
 )
 
-// readmeBlock returns the first ```sh block after heading in README.md.
-func readmeBlock(t *testing.T, heading string) string {
-	t.Helper()
-	data, err := os.ReadFile("../../README.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := string(data)
-	i := strings.Index(s, heading)
-	if i < 0 {
-		t.Fatalf("README.md has no %q", heading)
-	}
-	s = s[i:]
-	start := strings.Index(s, "```sh\n")
-	if start < 0 {
-		t.Fatalf("no sh block after %q", heading)
-	}
-	end := strings.Index(s[start+6:], "```")
-	if end < 0 {
-		t.Fatalf("no end to the sh block after %q", heading)
-	}
-	return s[start+6 : start+6+end]
-}
-
 // The README's EST recipe (openssl req + curl, then mosquitto_pub with the
 // certificate) runs as it stands against a real broker serve, set up as the
 // by-hand block does (bin/broker, data/, default ports), in a network
 // namespace of its own so those ports are free.
 func TestReadmeESTByHand(t *testing.T) {
-	for _, tool := range []string{"openssl", "curl", "mosquitto_pub", "unshare", "ip"} {
+	for _, tool := range []string{"openssl", "curl", "mosquitto_pub"} {
 		testtool.Require(t, tool)
 	}
-	block := readmeBlock(t, "### EST by hand: openssl and curl")
+	block := testtool.ReadmeBlock(t, "../../README.md", "### EST by hand: openssl and curl")
 	dir := t.TempDir()
 	if out, err := exec.Command("go", "build", "-o", filepath.Join(dir, "bin", "broker"), ".").CombinedOutput(); err != nil {
 		t.Fatalf("build: %v\n%s", err, out)
@@ -54,7 +29,6 @@ func TestReadmeESTByHand(t *testing.T) {
 	// the by-hand block's set-up, then the recipe (stopping at its first
 	// failure), then the broker stopped
 	os.WriteFile(filepath.Join(dir, "harness.sh"), []byte(`set -e
-ip link set lo up
 bin/broker init --data data >/dev/null
 bin/broker serve --data data 2>serve.log & BROKER=$!
 trap 'kill $BROKER; wait $BROKER' EXIT
@@ -65,20 +39,7 @@ bash -e recipe.sh
 `), 0o600)
 	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "unshare", "--net", "--", "bash", "harness.sh")
-	cmd.Dir = dir
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
-	t.Cleanup(func() {
-		if cmd.Process != nil {
-			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) // a broker left running by a failed block
-		}
-	})
-	out, err := cmd.CombinedOutput()
-	t.Logf("README block output:\n%s", out)
-	if strings.Contains(string(out), "unshare failed") || strings.Contains(string(out), "Operation not permitted") {
-		testtool.Missing(t, "a network namespace (unshare --net: run as root)", "util-linux")
-	}
+	out, err := testtool.RunInNetns(t, ctx, dir, "harness.sh")
 	serveLog, _ := os.ReadFile(filepath.Join(dir, "serve.log"))
 	t.Logf("broker serve log:\n%s", serveLog)
 	if err != nil {

@@ -3,36 +3,13 @@ package main
 import (
 	"context"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/mqtls/mqtls/internal/testing/testtool"
 )
-
-// readmeBlock returns the first ```sh block after heading in README.md.
-func readmeBlock(t *testing.T, heading string) string {
-	t.Helper()
-	data, err := os.ReadFile("../../README.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := string(data)
-	i := strings.Index(s, heading)
-	if i < 0 {
-		t.Fatalf("README.md has no %q", heading)
-	}
-	s = s[i:]
-	start := strings.Index(s, "```sh\n")
-	end := strings.Index(s[start+6:], "```")
-	if start < 0 || end < 0 {
-		t.Fatalf("no sh block after %q", heading)
-	}
-	return s[start+6 : start+6+end]
-}
 
 // The README's by-hand block runs pasted as it stands: in a temporary
 // directory that looks like a checkout (links to the sources), in a network
@@ -43,9 +20,7 @@ func TestReadmeByHand(t *testing.T) {
 	if testing.Short() {
 		t.Skip("SKIP: builds both commands (-short)")
 	}
-	testtool.Require(t, "unshare")
-	testtool.Require(t, "ip")
-	block := readmeBlock(t, "## By hand, with the real commands")
+	block := testtool.ReadmeBlock(t, "../../README.md", "## By hand, with the real commands")
 	dir := t.TempDir()
 	entries, err := os.ReadDir("../..")
 	if err != nil {
@@ -64,25 +39,7 @@ func TestReadmeByHand(t *testing.T) {
 	os.WriteFile(script, []byte(block), 0o600)
 	ctx, cancel := context.WithTimeout(t.Context(), 4*time.Minute)
 	defer cancel()
-	// a namespace with only a loopback interface: the block's ports are
-	// free whatever else runs on this machine
-	cmd := exec.CommandContext(ctx, "unshare", "--net", "--", "bash", "-c", "ip link set lo up && exec bash by-hand.sh")
-	cmd.Dir = dir
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
-	t.Cleanup(func() {
-		if cmd.Process != nil {
-			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) // a broker left running by a failed block
-		}
-	})
-	out, err := cmd.CombinedOutput()
-	t.Logf("README block output:\n%s", out)
-	if strings.Contains(string(out), "unshare: unshare failed") || strings.Contains(string(out), "Operation not permitted") {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("cannot make a network namespace (CI=true: run as root): %s", out)
-		}
-		t.Skipf("SKIP: cannot make a network namespace here (needs root): %s", out)
-	}
+	out, err := testtool.RunInNetns(t, ctx, dir, "by-hand.sh")
 	if err != nil {
 		t.Fatalf("the README block failed: %v", err)
 	}

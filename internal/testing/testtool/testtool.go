@@ -30,6 +30,10 @@ var packages = map[string]string{
 	"runuser":            "util-linux",
 	"softhsm2-util":      "softhsm2",
 	"pkcs11-tool":        "opensc",
+	"unshare":            "util-linux",
+	"ip":                 "iproute2",
+	"git":                "git",
+	"cp":                 "coreutils",
 }
 
 // Require returns the path of program, or stops the test: Fatal under
@@ -72,13 +76,22 @@ func RandomHex(n int) string {
 // within the given time.
 func Eventually(t testing.TB, within time.Duration, what string, cond func() bool) {
 	t.Helper()
+	if !Poll(within, cond) {
+		t.Fatalf("%s: not within %v", what, within)
+	}
+}
+
+// Poll polls cond every 20 ms until it holds (true) or within has passed
+// (false), for callers that report a failure with their own details.
+func Poll(within time.Duration, cond func() bool) bool {
 	deadline := time.Now().Add(within)
 	for !cond() {
 		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %v", what, within)
+			return false
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+	return true
 }
 
 // FreeAddr returns a loopback address with a port that was free a moment ago.
