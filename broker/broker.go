@@ -119,6 +119,7 @@ type Broker struct {
 	inline       *session // flow state of messages other nodes route here
 	connectPause func()   // tests: runs after a CONNECT's revocation check
 	dropLog      rateLog
+	qos0Drop     atomic.Int64 // unix ns of the last QoS 0 delivery dropped (QoS 0 flow control is on for a second after)
 
 	revoked   *revocations
 	stop      chan struct{}

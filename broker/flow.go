@@ -182,7 +182,11 @@ func (h *flowHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet
 	if pk.FixedHeader.Qos == 0 {
 		// A retained one is routed anyway: the retained store must change
 		// even if no subscriber has room (TestQoS0RejectLosesRetainedUpdate).
-		if !pk.FixedHeader.Retain && !b.roomForQoS0(pk.TopicName) {
+		// Only while deliveries are being dropped: outside overload the
+		// subscriber lookup would double the routing work of every QoS 0
+		// message.
+		congested := time.Now().UnixNano()-b.qos0Drop.Load() < int64(time.Second)
+		if congested && !pk.FixedHeader.Retain && !b.roomForQoS0(pk.TopicName) {
 			return pk, packets.ErrRejectPacket // dropped before any routing work
 		}
 		return pk, nil
@@ -279,6 +283,7 @@ func (b *Broker) roomForQoS0(topic string) bool {
 			b.disconnect(s, fmt.Sprintf("subscriber stalled: outbound queue full for %s", b.cfg.StallTimeout))
 		}
 		b.metrics.dropped.WithLabelValues("queue_full_qos0").Inc()
+		b.qos0Drop.Store(now.UnixNano())
 	}
 	b.dropLog.note(b.log, "delivery dropped: outbound queue full", "client_id", full[0].cl.ID, "topic", topic, "qos", 0, "subscribers", len(full))
 	return false
@@ -383,6 +388,9 @@ func (b *Broker) flowRelease(pub *session) {
 }
 
 func (h *flowHook) OnPublishDropped(cl *mqtt.Client, pk packets.Packet) {
+	if pk.FixedHeader.Qos == 0 {
+		h.b.qos0Drop.Store(time.Now().UnixNano())
+	}
 	h.b.metrics.dropped.WithLabelValues(fmt.Sprintf("queue_full_qos%d", pk.FixedHeader.Qos)).Inc()
 	h.b.dropLog.note(h.b.log, "delivery dropped: outbound queue full", "client_id", cl.ID, "topic", pk.TopicName, "qos", pk.FixedHeader.Qos)
 }
