@@ -264,3 +264,29 @@ func metricLabel(t testing.TB, env *brokertest.Env, name, label, value string) f
 	}
 	return 0
 }
+
+// A suppressed Will goes to a reserved topic that no delivery passes, even
+// to an identity whose policy grants '$mqtls/#' or everything.
+func TestSuppressedWillReachesNobody(t *testing.T) {
+	src := policy.Example + "  - name: sees-all\n    match: {ou: \"auditor\"}\n    subscribe: [\"$mqtls/#\", \"devices/#\"]\n"
+	pol, err := policy.Parse([]byte(src))
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := backendEnv(t, func(c *broker.Config) { c.Policy = pol })
+	aud := mustDial(t, env, env.Device(t, "aud", 0, "auditor"))
+	_, all := subscribe(t, aud, "$mqtls/#", 1)
+	_, dev := subscribe(t, aud, "devices/#", 1)
+	conn := rawConnect(t, env, env.Device(t, "dev-a", 0), "devices/dev-a/telemetry")
+	noWill, _ := policy.Parse([]byte(src + "  - name: no-telemetry\n    match: {cn: \"dev-*\"}\n    deny: [\"devices/{cn}/telemetry\"]\n"))
+	if err := env.Broker.SetPolicy(noWill); err != nil {
+		t.Fatal(err)
+	}
+	conn.Close()
+	testtool.Eventually(t, 5*time.Second, "dev-a's session over (its Will handled)", func() bool {
+		live, offline := broker.SessionCounts(env.Broker)
+		return live == 1 && offline == 0
+	})
+	expectNone(t, all, 300*time.Millisecond)
+	expectNone(t, dev, 10*time.Millisecond)
+}
