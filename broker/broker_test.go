@@ -126,20 +126,7 @@ func TestOwnTopicsRoundTrip(t *testing.T) {
 
 // metric sums a metric's series.
 func metric(t testing.TB, env *brokertest.Env, name string) float64 {
-	t.Helper()
-	mfs, err := env.Metrics.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var v float64
-	for _, mf := range mfs {
-		if mf.GetName() == name {
-			for _, m := range mf.GetMetric() {
-				v += m.GetGauge().GetValue() + m.GetCounter().GetValue()
-			}
-		}
-	}
-	return v
+	return brokertest.Metric(t, env.Metrics, name)
 }
 
 func issuingKey(t testing.TB, env *brokertest.Env) crypto.Signer {

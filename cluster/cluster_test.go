@@ -163,22 +163,7 @@ func publishUntilRouted(t *testing.T, pub, sub *client, topic string) {
 	}
 }
 
-func metric(t *testing.T, n *node, name string) float64 {
-	t.Helper()
-	mfs, err := n.metrics.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var v float64
-	for _, mf := range mfs {
-		if mf.GetName() == name {
-			for _, m := range mf.GetMetric() {
-				v += m.GetGauge().GetValue() + m.GetCounter().GetValue()
-			}
-		}
-	}
-	return v
-}
+func metric(t *testing.T, n *node, name string) float64 { return brokertest.Metric(t, n.metrics, name) }
 
 func TestCluster(t *testing.T) {
 	env := brokertest.Start(t, nil) // the PKI and the shared registry

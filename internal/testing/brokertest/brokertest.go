@@ -193,3 +193,21 @@ func (e *Env) WriteFiles(t testing.TB, d *Device) (cert, key, root string) {
 	}
 	return cert, key, root
 }
+
+// Metric sums the series of metric name in g (gauges and counters).
+func Metric(t testing.TB, g prometheus.Gatherer, name string) float64 {
+	t.Helper()
+	mfs, err := g.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var v float64
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			for _, m := range mf.GetMetric() {
+				v += m.GetGauge().GetValue() + m.GetCounter().GetValue()
+			}
+		}
+	}
+	return v
+}
