@@ -3,10 +3,17 @@
 package server_test
 
 import (
+	"crypto"
 	"crypto/rand"
+	"crypto/rsa"
+	"errors"
 	"math/big"
+	"net/http"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -14,9 +21,12 @@ import (
 	"github.com/mqtls/mqtls/hardware/tpm/tpmsim"
 	"github.com/mqtls/mqtls/internal/testing/ektest"
 	"github.com/mqtls/mqtls/internal/testing/esttest"
+	"github.com/mqtls/mqtls/internal/testing/testpki"
 	"github.com/mqtls/mqtls/keystore"
+	"github.com/mqtls/mqtls/provisioning"
 	"github.com/mqtls/mqtls/provisioning/attest"
 	"github.com/mqtls/mqtls/provisioning/ca"
+	"github.com/mqtls/mqtls/provisioning/registry"
 	"github.com/mqtls/mqtls/provisioning/server"
 )
 
@@ -116,4 +126,217 @@ func TestAttestedEnrollment(t *testing.T) {
 	if ca.Attested(chain[0]) {
 		t.Fatal("plain enrollment carries the attested marker")
 	}
+}
+
+// flow is one attested enrollment, stopped before simpleenroll so a test
+// can tamper with any part of it.
+type flow struct {
+	env *esttest.Env
+	id  string
+	tok string
+	key crypto.Signer
+	att *tpm.Attestation
+	ch  provisioning.AttestChallenge
+	ev  provisioning.AttestEvidence
+}
+
+// prepare runs the challenge, the activation and the certification.
+func prepare(t *testing.T, env *esttest.Env, store *tpm.Store, id string) *flow {
+	t.Helper()
+	f := &flow{env: env, id: id, tok: env.Token(t, id, "", time.Hour)}
+	var err error
+	if f.key, err = store.Generate(t.Context(), id, keystore.ECDSAP256); err != nil {
+		t.Fatal(err)
+	}
+	if f.att, err = store.Attest(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	f.ch, err = client(t, env).RequestAttestChallenge(t.Context(), id, f.tok, provisioning.AttestRequest{EKCertificate: f.att.EKCertificate(), AKPublic: f.att.AKPublic()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.certify(t, f.key)
+	return f
+}
+
+func (f *flow) certify(t *testing.T, key crypto.Signer) {
+	t.Helper()
+	secret, err := f.att.Activate(t.Context(), f.ch.Credential, f.ch.Secret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, info, sig, err := f.att.Certify(t.Context(), key, f.ch.Nonce)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.ev = provisioning.AttestEvidence{ChallengeID: f.ch.ID, Secret: secret, KeyPublic: pub, CertifyInfo: info, Signature: sig}
+}
+
+func (f *flow) enroll(t *testing.T, key crypto.Signer) error {
+	t.Helper()
+	_, err := client(t, f.env).EnrollWithEvidence(t.Context(), key, f.id, f.tok, &f.ev)
+	return err
+}
+
+// wantRefused checks a refusal: its status, its reason, and an audit
+// record with that reason.
+func wantRefused(t *testing.T, env *esttest.Env, err error, status int, reason string) {
+	t.Helper()
+	var se *provisioning.ServerError
+	if !errors.As(err, &se) || se.StatusCode != status || !strings.Contains(se.Reason, reason) {
+		t.Fatalf("got %v; want %d with %q", err, status, reason)
+	}
+	if !slices.ContainsFunc(env.Events(t), func(e registry.Event) bool {
+		return e.Event == "enroll_refused" && strings.Contains(e.Reason, reason)
+	}) {
+		t.Fatalf("no audit record with %q", reason)
+	}
+}
+
+func TestAttestationRefusals(t *testing.T) {
+	store := attestedTPM(t)
+	now := time.Now()
+	var clock atomic.Int64
+	env := attestEnv(t, func(_ *server.Config, c *attest.Config) {
+		c.Now = func() time.Time { return now.Add(time.Duration(clock.Load())) }
+	})
+	ctx := t.Context()
+
+	t.Run("software key, attestation required", func(t *testing.T) {
+		toks, err := env.Registry.CreateTokensWith(ctx, []string{"soft"}, registry.TokenOptions{TTL: time.Hour, Attest: registry.AttestRequired})
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = client(t, env).Enroll(ctx, testpki.NewKey(t), "soft", toks[0])
+		wantRefused(t, env, err, http.StatusForbidden, "requires TPM key attestation")
+	})
+	t.Run("software key with a TPM key's evidence", func(t *testing.T) {
+		f := prepare(t, env, store, "soft-evidence")
+		wantRefused(t, env, f.enroll(t, testpki.NewKey(t)), http.StatusForbidden, "not the key of the certificate request")
+	})
+	t.Run("duplicable key", func(t *testing.T) {
+		tr, err := tpmsim.OpenSeed(simSeed)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer tr.Close()
+		ektest.DuplicableKey(t, tr, store.Dir(), "dup")
+		dup, err := store.Signer(ctx, "dup")
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := prepare(t, env, store, "dup-dev")
+		f.certify(t, dup)
+		wantRefused(t, env, f.enroll(t, dup), http.StatusForbidden, "cannot leave its TPM")
+	})
+	t.Run("AK from another TPM", func(t *testing.T) {
+		f := prepare(t, env, store, "foreign-ak")
+		ch, err := client(t, env).RequestAttestChallenge(ctx, f.id, f.tok, provisioning.AttestRequest{EKCertificate: f.att.EKCertificate(), AKPublic: ektest.ForeignAK(t)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.att.Activate(ctx, ch.Credential, ch.Secret); err == nil {
+			t.Fatal("the TPM activated a credential bound to another TPM's AK")
+		}
+		f.ev.ChallengeID, f.ev.Secret = ch.ID, make([]byte, 32)
+		wantRefused(t, env, f.enroll(t, f.key), http.StatusForbidden, "wrong activation secret")
+	})
+	t.Run("EK certificate of another TPM", func(t *testing.T) {
+		f := prepare(t, env, store, "foreign-ek")
+		other, err := rsa.GenerateKey(rand.Reader, 2048)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ch, err := client(t, env).RequestAttestChallenge(ctx, f.id, f.tok, provisioning.AttestRequest{EKCertificate: mfr.EKCert(t, &other.PublicKey), AKPublic: f.att.AKPublic()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.att.Activate(ctx, ch.Credential, ch.Secret); err == nil {
+			t.Fatal("the TPM activated a credential made for another EK")
+		}
+		f.ev.ChallengeID, f.ev.Secret = ch.ID, make([]byte, 32)
+		wantRefused(t, env, f.enroll(t, f.key), http.StatusForbidden, "wrong activation secret")
+	})
+	t.Run("EK certificate from an untrusted CA", func(t *testing.T) {
+		f := prepare(t, env, store, "untrusted-ek")
+		rogue := ektest.NewManufacturer(t)
+		_, err := client(t, env).RequestAttestChallenge(ctx, f.id, f.tok, provisioning.AttestRequest{EKCertificate: rogue.EKCert(t, ektest.EKPublicOf(t, f.att.EKCertificate())), AKPublic: f.att.AKPublic()})
+		wantRefused(t, env, err, http.StatusForbidden, "does not chain to a configured TPM manufacturer CA")
+	})
+	t.Run("wrong activation secret", func(t *testing.T) {
+		f := prepare(t, env, store, "wrong-secret")
+		f.ev.Secret[0] ^= 1
+		wantRefused(t, env, f.enroll(t, f.key), http.StatusForbidden, "wrong activation secret")
+	})
+	t.Run("replayed evidence", func(t *testing.T) {
+		f := prepare(t, env, store, "replayed")
+		if err := f.enroll(t, f.key); err != nil {
+			t.Fatal(err)
+		}
+		g := prepare(t, env, store, "replayer")
+		g.ev = f.ev
+		wantRefused(t, env, g.enroll(t, f.key), http.StatusForbidden, "unknown or already used attestation challenge")
+	})
+	t.Run("challenge reuse after a refusal", func(t *testing.T) {
+		f := prepare(t, env, store, "reuse")
+		good := f.ev
+		f.ev.Secret = make([]byte, 32)
+		wantRefused(t, env, f.enroll(t, f.key), http.StatusForbidden, "wrong activation secret")
+		f.ev = good
+		wantRefused(t, env, f.enroll(t, f.key), http.StatusForbidden, "unknown or already used attestation challenge")
+	})
+	t.Run("challenge of another device", func(t *testing.T) {
+		f := prepare(t, env, store, "owner")
+		g := prepare(t, env, store, "thief")
+		g.ev = f.ev
+		wantRefused(t, env, g.enroll(t, f.key), http.StatusForbidden, "issued for another device or token")
+	})
+	t.Run("expired challenge", func(t *testing.T) {
+		f := prepare(t, env, store, "late")
+		clock.Add(int64(3 * time.Minute))
+		defer clock.Store(0)
+		wantRefused(t, env, f.enroll(t, f.key), http.StatusForbidden, "attestation challenge expired")
+	})
+	t.Run("certify info for another key", func(t *testing.T) {
+		f := prepare(t, env, store, "swap")
+		other, err := store.Generate(ctx, "swap-other", keystore.ECDSAP256)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pub, info, sig, err := f.att.Certify(ctx, other, f.ch.Nonce)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = pub
+		// the key's public area is the request's; the certify info names another key
+		f.ev.CertifyInfo, f.ev.Signature = info, sig
+		wantRefused(t, env, f.enroll(t, f.key), http.StatusForbidden, "the certified key is not the key whose public area was sent")
+	})
+	t.Run("certify info without the nonce", func(t *testing.T) {
+		f := prepare(t, env, store, "stale")
+		_, info, sig, err := f.att.Certify(ctx, f.key, []byte("another nonce"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.ev.CertifyInfo, f.ev.Signature = info, sig
+		wantRefused(t, env, f.enroll(t, f.key), http.StatusForbidden, "does not carry the challenge's nonce")
+	})
+	t.Run("tampered signature", func(t *testing.T) {
+		f := prepare(t, env, store, "tampered")
+		f.ev.Signature[len(f.ev.Signature)-1] ^= 1
+		wantRefused(t, env, f.enroll(t, f.key), http.StatusForbidden, "signature over the certify info does not verify")
+	})
+	t.Run("tampered certify info", func(t *testing.T) {
+		f := prepare(t, env, store, "tampered-info")
+		f.ev.CertifyInfo[len(f.ev.CertifyInfo)-1] ^= 1
+		wantRefused(t, env, f.enroll(t, f.key), http.StatusForbidden, "signature over the certify info does not verify")
+	})
+	t.Run("EK bound to another device", func(t *testing.T) {
+		f := prepare(t, env, store, "first-of-tpm")
+		if err := f.enroll(t, f.key); err != nil && !strings.Contains(err.Error(), "bound") {
+			t.Fatal(err)
+		}
+		g := prepare(t, env, store, "second-of-tpm")
+		wantRefused(t, env, g.enroll(t, g.key), http.StatusForbidden, "is bound to device")
+	})
 }

@@ -6,12 +6,16 @@ package ektest
 
 import (
 	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/asn1"
 	"errors"
 	"math/big"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -151,4 +155,83 @@ func WriteEKCert(t testing.TB, tr transport.TPM, der []byte) {
 			t.Fatal(err)
 		}
 	}
+}
+
+// DuplicableKey creates, in the TPM behind tr, an ECC P-256 signing key
+// that may leave its TPM (fixedTPM and fixedParent clear) and writes it as
+// dir/name.tpmkey, where a tpm.Store finds it.
+func DuplicableKey(t testing.TB, tr transport.TPM, dir, name string) {
+	t.Helper()
+	srk, err := tpm2.CreatePrimary{
+		PrimaryHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)},
+		InPublic:      tpm2.New2B(tpm.SRKTemplate()),
+	}.Execute(tr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tpm2.FlushContext{FlushHandle: srk.ObjectHandle}.Execute(tr)
+	rsp, err := tpm2.Create{
+		ParentHandle: tpm2.AuthHandle{Handle: srk.ObjectHandle, Name: srk.Name, Auth: tpm2.PasswordAuth(nil)},
+		InPublic: tpm2.New2B(tpm2.TPMTPublic{
+			Type:    tpm2.TPMAlgECC,
+			NameAlg: tpm2.TPMAlgSHA256,
+			ObjectAttributes: tpm2.TPMAObject{
+				SensitiveDataOrigin: true, UserWithAuth: true, NoDA: true, SignEncrypt: true,
+			},
+			Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &tpm2.TPMSECCParms{
+				Scheme:  tpm2.TPMTECCScheme{Scheme: tpm2.TPMAlgNull},
+				CurveID: tpm2.TPMECCNistP256,
+				KDF:     tpm2.TPMTKDFScheme{Scheme: tpm2.TPMAlgNull},
+			}),
+			Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{}),
+		}),
+	}.Execute(tr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, name+tpm.KeyFileExt), tpm.KeyFile(rsp.OutPublic, rsp.OutPrivate), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// ForeignAK returns the public area (TPM2B_PUBLIC) of an attestation key
+// shaped like a TPM's (restricted ECDSA signing key, fixedTPM) whose key
+// lives in no TPM this test knows: an AK "from another TPM".
+func ForeignAK(t testing.TB) []byte {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := tpm2.TPMTPublic{
+		Type:    tpm2.TPMAlgECC,
+		NameAlg: tpm2.TPMAlgSHA256,
+		ObjectAttributes: tpm2.TPMAObject{
+			FixedTPM: true, FixedParent: true, SensitiveDataOrigin: true, UserWithAuth: true, NoDA: true,
+			Restricted: true, SignEncrypt: true,
+		},
+		Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &tpm2.TPMSECCParms{
+			Scheme: tpm2.TPMTECCScheme{
+				Scheme:  tpm2.TPMAlgECDSA,
+				Details: tpm2.NewTPMUAsymScheme(tpm2.TPMAlgECDSA, &tpm2.TPMSSigSchemeECDSA{HashAlg: tpm2.TPMAlgSHA256}),
+			},
+			CurveID: tpm2.TPMECCNistP256,
+			KDF:     tpm2.TPMTKDFScheme{Scheme: tpm2.TPMAlgNull},
+		}),
+		Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{
+			X: tpm2.TPM2BECCParameter{Buffer: k.X.FillBytes(make([]byte, 32))},
+			Y: tpm2.TPM2BECCParameter{Buffer: k.Y.FillBytes(make([]byte, 32))},
+		}),
+	}
+	return tpm2.Marshal(tpm2.New2B(pub))
+}
+
+// EKPublicOf returns the public key of an EK certificate (DER).
+func EKPublicOf(t testing.TB, der []byte) crypto.PublicKey {
+	t.Helper()
+	c, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c.PublicKey
 }
