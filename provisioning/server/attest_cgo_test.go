@@ -151,12 +151,19 @@ func prepare(t *testing.T, env *esttest.Env, store *tpm.Store, id string) *flow 
 	if f.att, err = store.Attest(t.Context()); err != nil {
 		t.Fatal(err)
 	}
-	f.ch, err = client(t, env).RequestAttestChallenge(t.Context(), id, f.tok, provisioning.AttestRequest{EKCertificate: f.att.EKCertificate(), AKPublic: f.att.AKPublic()})
+	f.challenge(t)
+	return f
+}
+
+// challenge gets a fresh challenge and answers it.
+func (f *flow) challenge(t *testing.T) {
+	t.Helper()
+	var err error
+	f.ch, err = client(t, f.env).RequestAttestChallenge(t.Context(), f.id, f.tok, provisioning.AttestRequest{EKCertificate: f.att.EKCertificate(), AKPublic: f.att.AKPublic()})
 	if err != nil {
 		t.Fatal(err)
 	}
 	f.certify(t, f.key)
-	return f
 }
 
 func (f *flow) certify(t *testing.T, key crypto.Signer) {
@@ -339,4 +346,41 @@ func TestAttestationRefusals(t *testing.T) {
 		g := prepare(t, env, store, "second-of-tpm")
 		wantRefused(t, env, g.enroll(t, g.key), http.StatusForbidden, "is bound to device")
 	})
+}
+
+// The server default applies to tokens minted without a policy; a token's
+// own policy wins. One EK ↔ one device until an operator releases it.
+func TestAttestationPolicy(t *testing.T) {
+	store := attestedTPM(t)
+	ctx := t.Context()
+	if _, err := server.New(server.Config{CA: attestEnv(t, nil).CA, Registry: attestEnv(t, nil).Registry, Attest: registry.AttestRequired}); err == nil {
+		t.Fatal("attestation required by default without a TPM CA was accepted")
+	}
+	env := attestEnv(t, func(c *server.Config, _ *attest.Config) { c.Attest = registry.AttestRequired })
+	_, err := client(t, env).Enroll(ctx, testpki.NewKey(t), "by-default", env.Token(t, "by-default", "", time.Hour))
+	wantRefused(t, env, err, http.StatusForbidden, "requires TPM key attestation")
+	toks, err := env.Registry.CreateTokensWith(ctx, []string{"opted-out"}, registry.TokenOptions{TTL: time.Hour, Attest: registry.AttestOptional})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := client(t, env).Enroll(ctx, testpki.NewKey(t), "opted-out", toks[0]); err != nil {
+		t.Fatalf("token with attestation optional: %v", err)
+	}
+
+	// The TPM enrolls "board-1"; "board-2" from the same TPM is refused
+	// until the operator releases board-1's EK.
+	f := prepare(t, env, store, "board-1")
+	if err := f.enroll(t, f.key); err != nil {
+		t.Fatal(err)
+	}
+	g := prepare(t, env, store, "board-2")
+	wantRefused(t, env, g.enroll(t, g.key), http.StatusForbidden, `is bound to device "board-1"`)
+	if err := env.Registry.ReleaseEK(ctx, "board-1", "TPM moved to board-2 (ticket 42)"); err != nil {
+		t.Fatal(err)
+	}
+	g.challenge(t)
+	chain, err := client(t, env).EnrollWithEvidence(ctx, g.key, g.id, g.tok, &g.ev)
+	if err != nil || !ca.Attested(chain[0]) {
+		t.Fatalf("after release: %v", err)
+	}
 }
