@@ -5,12 +5,17 @@ import (
 	"context"
 	"crypto"
 	"crypto/x509"
+	"encoding/asn1"
 	"errors"
 	"fmt"
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
+
+	"github.com/mqtls/mqtls/keystore"
 )
+
+var _ keystore.Attester = (*Store)(nil)
 
 // NV indices of the EK certificates (TCG EK Credential Profile 2.x), with
 // the EK templates that go with them: RSA 2048 (template L-1) and ECC P-256
@@ -23,13 +28,17 @@ const (
 // ErrNoEKCert: the TPM holds no EK certificate this package can use.
 var ErrNoEKCert = errors.New("tpm: no EK certificate")
 
-// ekSlots are the EK certificates tried, in order.
+// ekSlots are the EK certificates tried, in order, with the EK template
+// and the persistent handle the TCG recommends for the EK (where
+// swtpm_setup, tpm2_createek and Windows keep it: using it saves deriving
+// the EK, an RSA key generation, twice per attestation).
 var ekSlots = []struct {
-	index    tpm2.TPMHandle
-	template tpm2.TPMTPublic
+	index      tpm2.TPMHandle
+	template   tpm2.TPMTPublic
+	persistent tpm2.TPMHandle
 }{
-	{EKCertIndexRSA, tpm2.RSAEKTemplate},
-	{EKCertIndexECC, tpm2.ECCEKTemplate},
+	{EKCertIndexRSA, tpm2.RSAEKTemplate, 0x81010001},
+	{EKCertIndexECC, tpm2.ECCEKTemplate, 0x81010002},
 }
 
 // akTemplate is the attestation key: a restricted ECDSA P-256 signing key
@@ -71,6 +80,7 @@ type Attestation struct {
 	s          *Store
 	ekCert     []byte
 	ekTemplate tpm2.TPMTPublic
+	ekHandle   *tpm2.NamedHandle // the persistent EK, or nil: derive it
 	akPublic   tpm2.TPM2BPublic
 	akPrivate  tpm2.TPM2BPrivate
 }
@@ -79,7 +89,7 @@ type Attestation struct {
 // it certifies the EK this TPM derives from the standard template, and
 // creates an attestation key. [ErrNoEKCert] when no EK certificate is
 // provisioned.
-func (s *Store) Attest(ctx context.Context) (*Attestation, error) {
+func (s *Store) Attest(ctx context.Context) (keystore.Attestation, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
@@ -100,6 +110,13 @@ func (s *Store) Attest(ctx context.Context) (*Attestation, error) {
 			if err != nil {
 				return fmt.Errorf("tpm: EK certificate at NV 0x%08x: %w", uint32(slot.index), err)
 			}
+			a.ekCert, a.ekTemplate = cert.Raw, slot.template
+			if rp, err := (tpm2.ReadPublic{ObjectHandle: slot.persistent}).Execute(t); err == nil {
+				if pub, err := ekPublicKey(rp.OutPublic); err == nil && pub.(interface{ Equal(crypto.PublicKey) bool }).Equal(cert.PublicKey) {
+					a.ekHandle = &tpm2.NamedHandle{Handle: slot.persistent, Name: rp.Name}
+					break
+				}
+			}
 			ek, err := createEK(t, slot.template)
 			if err != nil {
 				return err
@@ -112,7 +129,6 @@ func (s *Store) Attest(ctx context.Context) (*Attestation, error) {
 			if !pub.(interface{ Equal(crypto.PublicKey) bool }).Equal(cert.PublicKey) {
 				return fmt.Errorf("tpm: the EK certificate at NV 0x%08x does not certify the EK made from the standard template", uint32(slot.index))
 			}
-			a.ekCert, a.ekTemplate = cert.Raw, slot.template
 			break
 		}
 		if a.ekCert == nil {
@@ -161,11 +177,15 @@ func (a *Attestation) Activate(ctx context.Context, credential, secret []byte) (
 			return err
 		}
 		defer flush(t, ak.ObjectHandle)
-		ek, err := createEK(t, a.ekTemplate)
-		if err != nil {
-			return err
+		ek := a.ekHandle
+		if ek == nil {
+			rsp, err := createEK(t, a.ekTemplate)
+			if err != nil {
+				return err
+			}
+			defer flush(t, rsp.ObjectHandle)
+			ek = &tpm2.NamedHandle{Handle: rsp.ObjectHandle, Name: rsp.Name}
 		}
-		defer flush(t, ek.ObjectHandle)
 		sess, closeSess, err := tpm2.PolicySession(t, tpm2.TPMAlgSHA256, 16)
 		if err != nil {
 			return tpmErr("start EK policy session", err)
@@ -180,7 +200,7 @@ func (a *Attestation) Activate(ctx context.Context, credential, secret []byte) (
 		}
 		rsp, err := tpm2.ActivateCredential{
 			ActivateHandle: tpm2.AuthHandle{Handle: ak.ObjectHandle, Name: ak.Name, Auth: tpm2.PasswordAuth(nil)},
-			KeyHandle:      tpm2.AuthHandle{Handle: ek.ObjectHandle, Name: ek.Name, Auth: sess},
+			KeyHandle:      tpm2.AuthHandle{Handle: ek.Handle, Name: ek.Name, Auth: sess},
 			CredentialBlob: *blob,
 			Secret:         *enc,
 		}.Execute(t)
@@ -317,16 +337,9 @@ func readNV(t transport.TPM, index tpm2.TPMHandle) ([]byte, error) {
 
 // trimDER cuts b after its first DER object (NV areas may be padded).
 func trimDER(b []byte) []byte {
-	if len(b) < 4 || b[0] != 0x30 {
-		return b
+	var raw asn1.RawValue
+	if _, err := asn1.Unmarshal(b, &raw); err != nil {
+		return b // the certificate parser reports it
 	}
-	switch {
-	case b[1] < 0x80:
-		return b[:min(len(b), 2+int(b[1]))]
-	case b[1] == 0x82:
-		return b[:min(len(b), 4+int(b[2])<<8|int(b[3]))]
-	case b[1] == 0x81:
-		return b[:min(len(b), 3+int(b[2]))]
-	}
-	return b
+	return raw.FullBytes
 }

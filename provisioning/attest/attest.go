@@ -45,6 +45,7 @@ import (
 	"math/big"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -394,9 +395,12 @@ func random(n int) []byte {
 }
 
 // LoadRoots reads TPM manufacturer CA certificates from a file or a
-// directory of files (PEM, several per file allowed, or DER). Fails closed:
-// a missing path, an unreadable or unparsable file, a certificate that is
-// not a CA, or no certificate at all is an error.
+// directory (PEM, several per file allowed, or DER). In a directory only
+// *.pem, *.crt, *.cer and *.der files are read, and PEM files holding no
+// certificate (a CA's private key, as in swtpm's local CA directory) are
+// passed over. Fails closed: a missing path, an unreadable or unparsable
+// file, a certificate that is not a CA, or no certificate at all is an
+// error.
 func LoadRoots(path string) (*x509.CertPool, int, error) {
 	fi, err := os.Stat(path)
 	if err != nil {
@@ -409,8 +413,11 @@ func LoadRoots(path string) (*x509.CertPool, int, error) {
 			if err != nil {
 				return err
 			}
-			if d.Type().IsRegular() {
-				files = append(files, p)
+			switch strings.ToLower(filepath.Ext(p)) {
+			case ".pem", ".crt", ".cer", ".der":
+				if d.Type().IsRegular() {
+					files = append(files, p)
+				}
 			}
 			return nil
 		})
@@ -425,7 +432,7 @@ func LoadRoots(path string) (*x509.CertPool, int, error) {
 		if err != nil {
 			return nil, 0, fmt.Errorf("attest: TPM CA: %w", err)
 		}
-		certs, err := parseCerts(data)
+		certs, err := parseCerts(data, fi.IsDir())
 		if err != nil {
 			return nil, 0, fmt.Errorf("attest: TPM CA file %s: %w", f, err)
 		}
@@ -443,15 +450,17 @@ func LoadRoots(path string) (*x509.CertPool, int, error) {
 	return pool, n, nil
 }
 
-func parseCerts(data []byte) ([]*x509.Certificate, error) {
+func parseCerts(data []byte, inDir bool) ([]*x509.Certificate, error) {
 	var out []*x509.Certificate
 	rest := data
+	isPEM := false
 	for {
 		var b *pem.Block
 		b, rest = pem.Decode(rest)
 		if b == nil {
 			break
 		}
+		isPEM = true
 		if b.Type != "CERTIFICATE" {
 			continue
 		}
@@ -461,7 +470,7 @@ func parseCerts(data []byte) ([]*x509.Certificate, error) {
 		}
 		out = append(out, c)
 	}
-	if len(out) > 0 {
+	if len(out) > 0 || (isPEM && inDir) {
 		return out, nil
 	}
 	c, err := x509.ParseCertificate(data)

@@ -46,6 +46,7 @@ func TestLoadRootsFailsClosed(t *testing.T) {
 	dir := t.TempDir()
 	write := func(name string, data []byte) string {
 		p := filepath.Join(dir, name)
+		os.MkdirAll(filepath.Dir(p), 0o700)
 		if err := os.WriteFile(p, data, 0o600); err != nil {
 			t.Fatal(err)
 		}
@@ -60,6 +61,7 @@ func TestLoadRootsFailsClosed(t *testing.T) {
 		{"missing", filepath.Join(dir, "nope"), "no such file"},
 		{"empty directory", empty, "no TPM CA certificate"},
 		{"garbage", write("garbage.pem", []byte("not a certificate")), "neither PEM certificates nor one DER"},
+		{"garbage in a directory", filepath.Dir(write("x/garbage.crt", []byte("not a certificate"))), "neither PEM certificates nor one DER"},
 		{"not a CA", write("leaf.der", leaf), "is not a CA certificate"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -71,6 +73,9 @@ func TestLoadRootsFailsClosed(t *testing.T) {
 	good := t.TempDir()
 	os.WriteFile(filepath.Join(good, "root.pem"), append(pemOf(m.Root), pemOf(m.Issuing)...), 0o600)
 	os.WriteFile(filepath.Join(good, "issuing.der"), m.Issuing.Raw, 0o600)
+	os.WriteFile(filepath.Join(good, "signkey.pem"), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: []byte("x")}), 0o600)
+	os.WriteFile(filepath.Join(good, ".lock"), nil, 0o600)
+	os.WriteFile(filepath.Join(good, "certserial"), []byte("3"), 0o600)
 	if _, n, err := attest.LoadRoots(good); err != nil || n != 3 {
 		t.Fatalf("LoadRoots(good) = %d, %v", n, err)
 	}

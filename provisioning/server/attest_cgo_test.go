@@ -7,6 +7,7 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"errors"
+	"fmt"
 	"math/big"
 	"net/http"
 	"path/filepath"
@@ -18,6 +19,7 @@ import (
 	"time"
 
 	"github.com/mqtls/mqtls/hardware/tpm"
+	"github.com/mqtls/mqtls/hardware/tpm/swtpmtest"
 	"github.com/mqtls/mqtls/hardware/tpm/tpmsim"
 	"github.com/mqtls/mqtls/internal/testing/ektest"
 	"github.com/mqtls/mqtls/internal/testing/esttest"
@@ -40,7 +42,7 @@ var (
 
 // attestedTPM returns a TPM store on the simulator, whose EK certificate
 // was made by the test manufacturer mfr.
-func attestedTPM(t *testing.T) *tpm.Store {
+func attestedTPM(t testing.TB) *tpm.Store {
 	t.Helper()
 	simOnce.Do(func() {
 		n, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
@@ -65,7 +67,7 @@ func attestedTPM(t *testing.T) *tpm.Store {
 }
 
 // attestEnv is an EST server trusting mfr for EK certificates.
-func attestEnv(t *testing.T, tweak func(*server.Config, *attest.Config)) *esttest.Env {
+func attestEnv(t testing.TB, tweak func(*server.Config, *attest.Config)) *esttest.Env {
 	t.Helper()
 	return esttest.Start(t, func(c *server.Config) {
 		roots, inter := mfr.Pools()
@@ -135,7 +137,7 @@ type flow struct {
 	id  string
 	tok string
 	key crypto.Signer
-	att *tpm.Attestation
+	att keystore.Attestation
 	ch  provisioning.AttestChallenge
 	ev  provisioning.AttestEvidence
 }
@@ -382,5 +384,83 @@ func TestAttestationPolicy(t *testing.T) {
 	chain, err := client(t, env).EnrollWithEvidence(ctx, g.key, g.id, g.tok, &g.ev)
 	if err != nil || !ca.Attested(chain[0]) {
 		t.Fatalf("after release: %v", err)
+	}
+}
+
+// BenchmarkAttestedEnrollment measures one device's first enrollment end to
+// end, plain and attested, on the in-process simulator and on swtpm: key
+// generation in the TPM, the CSR signature, EST over HTTPS (keep-alive),
+// issuance and the registry transaction; attested adds reading the EK
+// certificate, deriving the EK, creating the AK, the challenge,
+// ActivateCredential and TPM2_Certify. Token minting and the EK release
+// that lets the next iteration enroll another device ID from the same TPM
+// are outside the timer.
+func BenchmarkAttestedEnrollment(b *testing.B) {
+	b.Run("tpmsim", func(b *testing.B) {
+		store := attestedTPM(b)
+		roots, inter := mfr.Pools()
+		benchAttested(b, store, attest.Config{Roots: roots, Intermediates: inter})
+	})
+	b.Run("swtpm", func(b *testing.B) {
+		sw := swtpmtest.StartManufactured(b)
+		store, err := tpm.OpenSWTPM(b.Context(), sw.Addr, filepath.Join(b.TempDir(), "keys"))
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { store.Close() })
+		roots, _, err := attest.LoadRoots(sw.CADir)
+		if err != nil {
+			b.Fatal(err)
+		}
+		benchAttested(b, store, attest.Config{Roots: roots})
+	})
+}
+
+func benchAttested(b *testing.B, store *tpm.Store, ac attest.Config) {
+	env := esttest.Start(b, func(c *server.Config) {
+		v, err := attest.New(ac)
+		if err != nil {
+			b.Fatal(err)
+		}
+		c.Attestation = v
+	})
+	cl, err := provisioning.NewClient(env.URL, env.CA.Root)
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx := b.Context()
+	var n atomic.Int64 // device IDs unique across the runs of -count
+	for _, attested := range []bool{false, true} {
+		name := map[bool]string{false: "plain", true: "attested"}[attested]
+		b.Run(name, func(b *testing.B) {
+			for i := 0; i < b.N; i++ {
+				b.StopTimer()
+				id := fmt.Sprintf("%s-%d", name, n.Add(1))
+				tok := env.Token(b, id, "", time.Hour)
+				b.StartTimer()
+				key, err := store.Generate(ctx, id, keystore.ECDSAP256)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if !attested {
+					if _, err := cl.Enroll(ctx, key, id, tok); err != nil {
+						b.Fatal(err)
+					}
+					continue
+				}
+				att, err := store.Attest(ctx)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if _, err := cl.EnrollAttested(ctx, key, id, tok, att); err != nil {
+					b.Fatal(err)
+				}
+				b.StopTimer()
+				if err := env.Registry.ReleaseEK(ctx, id, "benchmark"); err != nil {
+					b.Fatal(err)
+				}
+				b.StartTimer()
+			}
+		})
 	}
 }
