@@ -514,7 +514,11 @@ func (r *sqlDB) Enrolled(ctx context.Context, g Grant, cert Cert, remote string)
 	if err := r.insertCert(ctx, tx, now, cert); err != nil {
 		return err
 	}
-	if err := r.auditTx(ctx, tx, now, Event{Event: "enroll", DeviceID: cert.DeviceID, Serial: cert.Serial, Remote: remote}); err != nil {
+	e := Event{Event: "enroll", DeviceID: cert.DeviceID, Serial: cert.Serial, Remote: remote}
+	if cert.EK.SHA256 != "" {
+		e.Reason = fmt.Sprintf("TPM-attested: EK %s (certificate %s of %s)", cert.EK.SHA256, cert.EK.Serial, cert.EK.Issuer)
+	}
+	if err := r.auditTx(ctx, tx, now, e); err != nil {
 		return err
 	}
 	if err := tx.Commit(); err != nil {

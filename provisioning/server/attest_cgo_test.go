@@ -116,6 +116,24 @@ func TestAttestedEnrollment(t *testing.T) {
 		t.Fatalf("certificate EK = %q, %v; want %s", rec.EK.SHA256, err, want)
 	}
 
+	// Renewal keeps the marker for the same key, not for a new one.
+	cur, err := keystore.TLSCertificate([][]byte{chain[0].Raw, chain[1].Raw}, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	renewed, err := client(t, env).Reenroll(t.Context(), cur, key)
+	if err != nil || !ca.Attested(renewed[0]) {
+		t.Fatalf("renewal with the same key: attested %v, %v", err == nil && ca.Attested(renewed[0]), err)
+	}
+	rekey, err := store.Generate(t.Context(), "rekey", keystore.ECDSAP256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	renewed, err = client(t, env).Reenroll(t.Context(), cur, rekey)
+	if err != nil || ca.Attested(renewed[0]) {
+		t.Fatalf("renewal with a new key: %v; the new key was not attested, the certificate must not say so", err)
+	}
+
 	// A plain enrollment gets no marker.
 	plain, err := store.Generate(t.Context(), "plain", keystore.ECDSAP256)
 	if err != nil {

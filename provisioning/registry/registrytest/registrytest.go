@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -583,6 +584,11 @@ func testEKBinding(t *testing.T, b Backend) {
 	}
 	if d, err := r.Device(ctx, "a"); err != nil || d.EK != "e1" {
 		t.Fatalf("device a EK = %q, %v", d.EK, err)
+	}
+	if ev, _, _ := r.Events(ctx, 0, 1000); !slices.ContainsFunc(ev, func(e registry.Event) bool {
+		return e.Event == "enroll" && e.DeviceID == "a" && strings.Contains(e.Reason, "TPM-attested: EK e1")
+	}) {
+		t.Fatal("the attested enrollment's audit record does not name the EK")
 	}
 	if err := enrollEK(t, r, "a", ek1); err != nil {
 		t.Fatalf("same device, same EK again: %v", err)
