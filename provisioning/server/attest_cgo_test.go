@@ -18,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-tpm/tpm2"
+
 	"github.com/mqtls/mqtls/hardware/tpm"
 	"github.com/mqtls/mqtls/hardware/tpm/swtpmtest"
 	"github.com/mqtls/mqtls/hardware/tpm/tpmsim"
@@ -52,7 +54,7 @@ func attestedTPM(t testing.TB) *tpm.Store {
 			t.Fatal(err)
 		}
 		mfr = ektest.NewManufacturer(t)
-		ektest.WriteEKCert(t, tr, mfr.EKCert(t, ektest.EKPublic(t, tr)))
+		ektest.WriteEKCert(t, tr, tpm.EKCertIndexRSA, mfr.EKCert(t, ektest.EKPublic(t, tr, tpm2.RSAEKTemplate)))
 	})
 	tr, err := tpmsim.OpenSeed(simSeed)
 	if err != nil {

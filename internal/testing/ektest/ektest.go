@@ -93,12 +93,13 @@ func sanDirName(t testing.TB) []byte {
 	return seq
 }
 
-// EKPublic returns the public key of the TPM's RSA EK (standard template).
-func EKPublic(t testing.TB, tr transport.TPM) crypto.PublicKey {
+// EKPublic returns the public key of the TPM's EK made from template
+// (tpm2.RSAEKTemplate or tpm2.ECCEKTemplate).
+func EKPublic(t testing.TB, tr transport.TPM, template tpm2.TPMTPublic) crypto.PublicKey {
 	t.Helper()
 	rsp, err := tpm2.CreatePrimary{
 		PrimaryHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHEndorsement, Auth: tpm2.PasswordAuth(nil)},
-		InPublic:      tpm2.New2B(tpm2.RSAEKTemplate),
+		InPublic:      tpm2.New2B(template),
 	}.Execute(tr)
 	if err != nil {
 		t.Fatal(err)
@@ -115,19 +116,12 @@ func EKPublic(t testing.TB, tr transport.TPM) crypto.PublicKey {
 	return pub
 }
 
-// WriteEKCert (re)defines the RSA EK certificate NV index with platform
-// authorization and writes der to it.
-func WriteEKCert(t testing.TB, tr transport.TPM, der []byte) {
+// WriteEKCert (re)defines an EK certificate NV index (tpm.EKCertIndexRSA,
+// tpm.EKCertIndexECC) with platform authorization and writes der to it.
+func WriteEKCert(t testing.TB, tr transport.TPM, index tpm2.TPMHandle, der []byte) {
 	t.Helper()
 	platform := tpm2.AuthHandle{Handle: tpm2.TPMRHPlatform, Auth: tpm2.PasswordAuth(nil)}
-	index := tpm2.TPMHandle(tpm.EKCertIndexRSA)
-	if old, err := (tpm2.NVReadPublic{NVIndex: index}).Execute(tr); err == nil {
-		if _, err := (tpm2.NVUndefineSpace{AuthHandle: platform, NVIndex: tpm2.NamedHandle{Handle: index, Name: old.NVName}}).Execute(tr); err != nil {
-			t.Fatal(err)
-		}
-	} else if !errors.Is(err, tpm2.TPMRCHandle) {
-		t.Fatal(err)
-	}
+	RemoveEKCert(t, tr, index)
 	if _, err := (tpm2.NVDefineSpace{
 		AuthHandle: platform,
 		PublicInfo: tpm2.New2B(tpm2.TPMSNVPublic{
@@ -154,6 +148,22 @@ func WriteEKCert(t testing.TB, tr transport.TPM, der []byte) {
 		}).Execute(tr); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// RemoveEKCert undefines an EK certificate NV index, if defined.
+func RemoveEKCert(t testing.TB, tr transport.TPM, index tpm2.TPMHandle) {
+	t.Helper()
+	platform := tpm2.AuthHandle{Handle: tpm2.TPMRHPlatform, Auth: tpm2.PasswordAuth(nil)}
+	old, err := tpm2.NVReadPublic{NVIndex: index}.Execute(tr)
+	if errors.Is(err, tpm2.TPMRCHandle) {
+		return
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := (tpm2.NVUndefineSpace{AuthHandle: platform, NVIndex: tpm2.NamedHandle{Handle: index, Name: old.NVName}}).Execute(tr); err != nil {
+		t.Fatal(err)
 	}
 }
 
