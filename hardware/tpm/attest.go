@@ -300,8 +300,7 @@ func flush(t transport.TPM, h tpm2.TPMHandle) {
 	_, _ = tpm2.FlushContext{FlushHandle: h}.Execute(t)
 }
 
-// readNV reads a whole NV index (owner authorization, empty), in chunks
-// the TPM accepts.
+// readNV reads a whole NV index, in chunks the TPM accepts.
 func readNV(t transport.TPM, index tpm2.TPMHandle) ([]byte, error) {
 	pub, err := tpm2.NVReadPublic{NVIndex: index}.Execute(t)
 	if err != nil {
@@ -311,8 +310,10 @@ func readNV(t transport.TPM, index tpm2.TPMHandle) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
+	// The index's own (empty) authorization where allowed: it works when
+	// the owner has a password.
 	auth := tpm2.AuthHandle{Handle: index, Name: pub.NVName, Auth: tpm2.PasswordAuth(nil)}
-	if contents.Attributes.OwnerRead {
+	if !contents.Attributes.AuthRead && contents.Attributes.OwnerRead {
 		auth = tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)}
 	}
 	const chunk = 512 // below every TPM's MAX_NV_BUFFER_SIZE
