@@ -384,3 +384,49 @@ func TestCloneCounted(t *testing.T) {
 		t.Fatalf("clones = %v, want 1", got)
 	}
 }
+
+// A rule matching {attested: true} grants only to certificates with the
+// attested marker: the same topic is refused to a plain certificate.
+func TestAttestedRule(t *testing.T) {
+	env := brokertest.Start(t, nil)
+	pol, err := policy.Parse([]byte(`rules:
+  - name: own
+    match: {cn: "*"}
+    publish: ["devices/{cn}/telemetry"]
+  - name: observer
+    match: {cn: "obs"}
+    subscribe: ["devices/#"]
+  - name: firmware-ack
+    match: {attested: true}
+    publish: ["devices/{cn}/firmware-ack"]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := env.Broker.SetPolicy(pol); err != nil {
+		t.Fatal(err)
+	}
+	obs := mustDial(t, env, env.Device(t, "obs", 0))
+	q, ch := subscribe(t, obs, "devices/#", 1)
+	if q != 1 {
+		t.Fatalf("observer subscription: %#x", q)
+	}
+	att := mustDial(t, env, env.AttestedDevice(t, "tpm-dev"))
+	if err := wait(t, att.Publish("devices/tpm-dev/firmware-ack", 1, false, "ok")); err != nil {
+		t.Fatal(err)
+	}
+	expect(t, ch, "devices/tpm-dev/firmware-ack ok")
+	plain := mustDial(t, env, env.Device(t, "soft-dev", 0))
+	wait(t, plain.Publish("devices/soft-dev/firmware-ack", 0, false, "forged"))
+	expectNone(t, ch, 300*time.Millisecond)
+	plain.Publish("devices/soft-dev/firmware-ack", 1, false, "forged")
+	select {
+	case <-plain.lost:
+	case <-time.After(5 * time.Second):
+		t.Fatal("a plain certificate published QoS 1 to a topic only attested devices may use and was not disconnected")
+	}
+	if err := wait(t, att.Publish("devices/tpm-dev/telemetry", 1, false, "t")); err != nil {
+		t.Fatal(err)
+	}
+	expect(t, ch, "devices/tpm-dev/telemetry t")
+}

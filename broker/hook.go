@@ -250,7 +250,7 @@ func (b *Broker) checkRevoked(s *session) *refusal {
 
 // identityOf extracts the policy identity from a verified leaf.
 func identityOf(leaf *x509.Certificate) policy.Identity {
-	id := policy.Identity{CN: leaf.Subject.CommonName, OUs: leaf.Subject.OrganizationalUnit}
+	id := policy.Identity{CN: leaf.Subject.CommonName, OUs: leaf.Subject.OrganizationalUnit, Attested: ca.Attested(leaf)}
 	id.SANs = append(id.SANs, leaf.DNSNames...)
 	id.SANs = append(id.SANs, leaf.EmailAddresses...)
 	for _, u := range leaf.URIs {

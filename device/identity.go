@@ -171,7 +171,15 @@ type EnrollConfig struct {
 	Store    keystore.Store    // where the key is created
 	Keystore string            // the store's URI, recorded for renewal
 	Alg      keystore.KeyAlg   // default ECDSA P-256
+	// Attest enrolls with TPM key attestation: the server verifies that
+	// the key lives in the TPM of a manufacturer-certified EK before it
+	// signs, and marks the certificate attested. The Store must be a
+	// [keystore.Attester] (the TPM keystore); others get ErrNoAttestation.
+	Attest bool
 }
+
+// ErrNoAttestation: attestation was asked of a keystore that cannot attest.
+var ErrNoAttestation = errors.New("device: the keystore cannot attest its keys (TPM keystores only: tpm, swtpm:HOST:PORT, tpmsim:DIR)")
 
 // Enroll creates an identity: key in the keystore, CSR, EST enrollment,
 // verified chain, files. It refuses a directory that already holds an
@@ -183,6 +191,10 @@ func Enroll(ctx context.Context, cfg EnrollConfig) (*Identity, error) {
 	}
 	if _, err := os.Stat(filepath.Join(cfg.Dir, CertFile)); err == nil {
 		return nil, fmt.Errorf("%w in %s: use devsim renew, or another directory", ErrIdentityExists, cfg.Dir)
+	}
+	attester, ok := cfg.Store.(keystore.Attester)
+	if cfg.Attest && !ok {
+		return nil, fmt.Errorf("%w; keystore %q", ErrNoAttestation, cfg.Keystore)
 	}
 	client, err := provisioning.NewClient(cfg.EST, cfg.Root)
 	if err != nil {
@@ -214,7 +226,16 @@ func Enroll(ctx context.Context, cfg EnrollConfig) (*Identity, error) {
 	if err != nil {
 		return nil, fmt.Errorf("device: key: %w", err)
 	}
-	chain, err := client.Enroll(ctx, signer, cfg.DeviceID, cfg.Token)
+	var chain []*x509.Certificate
+	if cfg.Attest {
+		att, aerr := attester.Attest(ctx)
+		if aerr != nil {
+			return nil, fmt.Errorf("device: attestation: %w", aerr)
+		}
+		chain, err = client.EnrollAttested(ctx, signer, cfg.DeviceID, cfg.Token, att)
+	} else {
+		chain, err = client.Enroll(ctx, signer, cfg.DeviceID, cfg.Token)
+	}
 	if err != nil {
 		return nil, err
 	}

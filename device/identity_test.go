@@ -261,3 +261,21 @@ func TestRenewExpired(t *testing.T) {
 		t.Fatalf("renew of an expired identity = %v, want ErrExpired", err)
 	}
 }
+
+// Attestation asked of a keystore that cannot attest is refused before
+// anything is written or the token is spent.
+func TestEnrollAttestNeedsTPM(t *testing.T) {
+	env := esttest.Start(t, nil)
+	dir := filepath.Join(t.TempDir(), "id")
+	tok := env.Token(t, "dev", "", time.Hour)
+	cfg := device.EnrollConfig{Dir: dir, DeviceID: "dev", Token: tok, EST: env.URL, Root: env.CA.Root, Store: fileStore(t, dir), Keystore: "file", Attest: true}
+	if _, err := device.Enroll(t.Context(), cfg); !errors.Is(err, device.ErrNoAttestation) {
+		t.Fatalf("Enroll(Attest, file keystore) = %v, want ErrNoAttestation", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, device.CertFile)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatal("a refused enrollment left device.crt")
+	}
+	if _, err := env.Registry.CheckToken(t.Context(), "dev", tok); err != nil {
+		t.Fatalf("token after the refusal: %v", err)
+	}
+}

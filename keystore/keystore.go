@@ -144,3 +144,26 @@ var ErrCorrupt = errors.New("keystore: corrupt key file")
 type Renamer interface {
 	Rename(ctx context.Context, oldName, newName string) error
 }
+
+// Attester is implemented by stores that can prove to an enrollment
+// server that their keys live in a TPM (TPM key attestation): the TPM
+// keystore.
+type Attester interface {
+	Attest(ctx context.Context) (Attestation, error)
+}
+
+// Attestation is one enrollment's attestation: the TPM's EK certificate,
+// a fresh attestation key (AK), the activation of the server's credential
+// and the certification of a key of the store by the AK.
+type Attestation interface {
+	// EKCertificate returns the endorsement key's certificate (DER).
+	EKCertificate() []byte
+	// AKPublic returns the attestation key's public area (TPM2B_PUBLIC).
+	AKPublic() []byte
+	// Activate returns the secret of a credential (TPM2B_ID_OBJECT,
+	// TPM2B_ENCRYPTED_SECRET) bound to the AK and encrypted to the EK.
+	Activate(ctx context.Context, credential, secret []byte) ([]byte, error)
+	// Certify has the AK certify key over nonce: the key's public area
+	// (TPM2B_PUBLIC), the TPMS_ATTEST and its TPMT_SIGNATURE.
+	Certify(ctx context.Context, key crypto.Signer, nonce []byte) (public, info, sig []byte, err error)
+}

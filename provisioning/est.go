@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -142,15 +143,7 @@ func (c *Client) CACerts(ctx context.Context) ([]*x509.Certificate, error) {
 // token, signing the request with signer. It returns the verified chain,
 // leaf first, without the root.
 func (c *Client) Enroll(ctx context.Context, signer crypto.Signer, deviceID, token string) ([]*x509.Certificate, error) {
-	csr, err := NewCSR(signer, deviceID)
-	if err != nil {
-		return nil, err
-	}
-	body, err := c.do(ctx, c.http, http.MethodPost, PathSimpleEnroll, csr, func(r *http.Request) { r.SetBasicAuth(deviceID, token) })
-	if err != nil {
-		return nil, err
-	}
-	return c.verifyIssued(body, signer.Public(), deviceID)
+	return c.EnrollWithEvidence(ctx, signer, deviceID, token, nil)
 }
 
 // Reenroll renews the certificate current (authenticating with it over
@@ -179,17 +172,24 @@ func (c *Client) Reenroll(ctx context.Context, current tls.Certificate, signer c
 }
 
 func (c *Client) do(ctx context.Context, hc *http.Client, method, path string, der []byte, prep func(*http.Request)) ([]byte, error) {
-	var body io.Reader
-	if der != nil {
-		body = strings.NewReader(base64.StdEncoding.EncodeToString(der))
+	if der == nil {
+		return c.send(ctx, hc, method, path, "", nil, prep)
 	}
+	return c.send(ctx, hc, method, path, TypePKCS10, strings.NewReader(base64.StdEncoding.EncodeToString(der)), func(r *http.Request) {
+		r.Header.Set("Content-Transfer-Encoding", "base64")
+		if prep != nil {
+			prep(r)
+		}
+	})
+}
+
+func (c *Client) send(ctx context.Context, hc *http.Client, method, path, contentType string, body io.Reader, prep func(*http.Request)) ([]byte, error) {
 	req, err := http.NewRequestWithContext(ctx, method, c.base+path, body)
 	if err != nil {
 		return nil, fmt.Errorf("provisioning: %w", err)
 	}
-	if der != nil {
-		req.Header.Set("Content-Type", TypePKCS10)
-		req.Header.Set("Content-Transfer-Encoding", "base64")
+	if contentType != "" {
+		req.Header.Set("Content-Type", contentType)
 	}
 	if prep != nil {
 		prep(req)
@@ -319,4 +319,114 @@ func EncodeBase64(der []byte) []byte {
 	b.WriteString(s)
 	b.WriteString("\r\n")
 	return b.Bytes()
+}
+
+// TPM key attestation over EST (see README "TPM key attestation"): a
+// challenge request, then simpleenroll with the evidence in headers.
+const (
+	PathAttestChallenge = "/.well-known/est/attest/challenge"
+
+	HeaderAttestChallenge = "Mqtls-Attest-Challenge" // challenge ID
+	HeaderAttestSecret    = "Mqtls-Attest-Secret"    // activated credential, base64
+	HeaderAttestKey       = "Mqtls-Attest-Key"       // TPM2B_PUBLIC of the device key, base64
+	HeaderAttestCertify   = "Mqtls-Attest-Certify"   // TPMS_ATTEST of TPM2_Certify, base64
+	HeaderAttestSignature = "Mqtls-Attest-Signature" // TPMT_SIGNATURE of the AK, base64
+)
+
+// AttestRequest is the body of a challenge request (JSON; byte fields in
+// standard base64).
+type AttestRequest struct {
+	EKCertificate []byte `json:"ek_certificate"` // DER
+	AKPublic      []byte `json:"ak_public"`      // TPM2B_PUBLIC
+}
+
+// AttestChallenge is the server's answer: a credential for
+// TPM2_ActivateCredential (TPM2B_ID_OBJECT, TPM2B_ENCRYPTED_SECRET) and the
+// nonce TPM2_Certify must qualify.
+type AttestChallenge struct {
+	ID         string    `json:"id"`
+	Credential []byte    `json:"credential"`
+	Secret     []byte    `json:"secret"`
+	Nonce      []byte    `json:"nonce"`
+	Expires    time.Time `json:"expires"`
+}
+
+// AttestEvidence is the device's answer to a challenge, sent with
+// simpleenroll.
+type AttestEvidence struct {
+	ChallengeID string
+	Secret      []byte // the activated credential
+	KeyPublic   []byte // TPM2B_PUBLIC of the device key
+	CertifyInfo []byte // TPMS_ATTEST
+	Signature   []byte // TPMT_SIGNATURE
+}
+
+// Attester proves where a key lives: a TPM with an EK certificate and an
+// attestation key made for one enrollment. The TPM keystore's
+// Attestation (hardware/tpm) implements it.
+type Attester interface {
+	EKCertificate() []byte
+	AKPublic() []byte
+	Activate(ctx context.Context, credential, secret []byte) ([]byte, error)
+	Certify(ctx context.Context, key crypto.Signer, nonce []byte) (public, info, sig []byte, err error)
+}
+
+// RequestAttestChallenge asks for a credential challenge for deviceID,
+// authenticated with its enrollment token (which it does not use up).
+func (c *Client) RequestAttestChallenge(ctx context.Context, deviceID, token string, req AttestRequest) (AttestChallenge, error) {
+	body, err := json.Marshal(req)
+	if err != nil {
+		return AttestChallenge{}, fmt.Errorf("provisioning: %w", err)
+	}
+	data, err := c.send(ctx, c.http, http.MethodPost, PathAttestChallenge, "application/json", bytes.NewReader(body), func(r *http.Request) { r.SetBasicAuth(deviceID, token) })
+	if err != nil {
+		return AttestChallenge{}, err
+	}
+	var ch AttestChallenge
+	if err := json.Unmarshal(data, &ch); err != nil {
+		return AttestChallenge{}, fmt.Errorf("%w: attestation challenge: %v", ErrBadResponse, err)
+	}
+	return ch, nil
+}
+
+// EnrollWithEvidence is Enroll with attestation evidence (nil: none).
+func (c *Client) EnrollWithEvidence(ctx context.Context, signer crypto.Signer, deviceID, token string, ev *AttestEvidence) ([]*x509.Certificate, error) {
+	csr, err := NewCSR(signer, deviceID)
+	if err != nil {
+		return nil, err
+	}
+	body, err := c.do(ctx, c.http, http.MethodPost, PathSimpleEnroll, csr, func(r *http.Request) {
+		r.SetBasicAuth(deviceID, token)
+		if ev != nil {
+			b := base64.StdEncoding.EncodeToString
+			r.Header.Set(HeaderAttestChallenge, ev.ChallengeID)
+			r.Header.Set(HeaderAttestSecret, b(ev.Secret))
+			r.Header.Set(HeaderAttestKey, b(ev.KeyPublic))
+			r.Header.Set(HeaderAttestCertify, b(ev.CertifyInfo))
+			r.Header.Set(HeaderAttestSignature, b(ev.Signature))
+		}
+	})
+	if err != nil {
+		return nil, err
+	}
+	return c.verifyIssued(body, signer.Public(), deviceID)
+}
+
+// EnrollAttested enrolls signer's key with TPM key attestation by a: the
+// challenge, the credential activation, the certification of the key by
+// the attestation key, then simpleenroll with the evidence.
+func (c *Client) EnrollAttested(ctx context.Context, signer crypto.Signer, deviceID, token string, a Attester) ([]*x509.Certificate, error) {
+	ch, err := c.RequestAttestChallenge(ctx, deviceID, token, AttestRequest{EKCertificate: a.EKCertificate(), AKPublic: a.AKPublic()})
+	if err != nil {
+		return nil, err
+	}
+	secret, err := a.Activate(ctx, ch.Credential, ch.Secret)
+	if err != nil {
+		return nil, fmt.Errorf("provisioning: attestation: %w", err)
+	}
+	pub, info, sig, err := a.Certify(ctx, signer, ch.Nonce)
+	if err != nil {
+		return nil, fmt.Errorf("provisioning: attestation: %w", err)
+	}
+	return c.EnrollWithEvidence(ctx, signer, deviceID, token, &AttestEvidence{ChallengeID: ch.ID, Secret: secret, KeyPublic: pub, CertifyInfo: info, Signature: sig})
 }

@@ -104,12 +104,19 @@ func parseRule(n *yaml.Node) (Rule, error) {
 	if !ok {
 		return r, lineErr(n, fmt.Sprintf("rule %q has no match (use match: {cn: \"*\"} for everyone)", r.Name))
 	}
-	mm, err := mapping(matchNode, "cn", "ou", "san")
+	mm, err := mapping(matchNode, "cn", "ou", "san", "attested")
 	if err != nil {
 		return r, err
 	}
 	if len(mm) == 0 {
 		return r, lineErr(matchNode, fmt.Sprintf("rule %q: empty match", r.Name))
+	}
+	if v, ok := mm["attested"]; ok {
+		var b bool
+		if v.Kind != yaml.ScalarNode || v.Decode(&b) != nil {
+			return r, lineErr(v, fmt.Sprintf("rule %q: match.attested: want true or false", r.Name))
+		}
+		r.Match.Attested = &b
 	}
 	for key, dst := range map[string]*string{"cn": &r.Match.CN, "ou": &r.Match.OU, "san": &r.Match.SAN} {
 		if v, ok := mm[key]; ok {

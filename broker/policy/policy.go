@@ -51,6 +51,9 @@ type Identity struct {
 	// Children are the device IDs the registry lists under this identity
 	// when it is a gateway; templates with {child} expand once per child.
 	Children []string
+	// Attested: the CA verified by TPM attestation that the certificate's
+	// key lives in a TPM (the certificate's attested marker).
+	Attested bool
 }
 
 // Match selects identities. Empty fields match anything; all set fields
@@ -59,6 +62,9 @@ type Match struct {
 	CN  string `yaml:"cn"`  // glob (path.Match syntax), e.g. "lab-*"
 	OU  string `yaml:"ou"`  // one of the identity's OUs, exactly
 	SAN string `yaml:"san"` // glob matched against each SAN
+	// Attested, if set, selects identities whose certificate carries (true)
+	// or lacks (false) the attested marker.
+	Attested *bool `yaml:"attested"`
 }
 
 // Rule grants or denies topic filters to the identities it matches.
@@ -149,6 +155,9 @@ func (m Match) matches(id Identity) bool {
 		return false
 	}
 	if m.SAN != "" && !slices.ContainsFunc(id.SANs, func(s string) bool { ok, _ := path.Match(m.SAN, s); return ok }) {
+		return false
+	}
+	if m.Attested != nil && *m.Attested != id.Attested {
 		return false
 	}
 	return true

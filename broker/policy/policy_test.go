@@ -181,6 +181,7 @@ func TestParseErrors(t *testing.T) {
 		{"rules:\n  - name: a\n    match: {cn: \"*\"}\n    deny: [x]\n  - name: a\n    match: {cn: \"*\"}\n    deny: [y]\n", "line 5: rule \"a\" already defined on line 2"},
 		{"rules:\n  - name: a\n    match: {cn: \"*\"}\n    publish: a/b\n", "line 4: rule \"a\": publish: want a list"},
 		{"rules: [\n", "yaml:"},
+		{"rules:\n  - name: a\n    match: {attested: maybe}\n    publish: [\"a\"]\n", "line 3: rule \"a\": match.attested: want true or false"},
 	}
 	for _, c := range cases {
 		_, err := policy.Parse([]byte(c.yaml))
@@ -217,5 +218,27 @@ func TestDenyCoversDollarTopics(t *testing.T) {
 	q, _ := policy.Parse([]byte("rules:\n  - name: r\n    match: {cn: \"*\"}\n    subscribe: [\"$SYS/#\"]\n    deny: [\"+/x\"]\n"))
 	if perms := q.Compile(policy.Identity{CN: "a"}); perms.Allow("$SYS/x", policy.Subscribe) || perms.AllowFilter("$SYS/+") || !perms.AllowFilter("$SYS/y") {
 		t.Error("deny +/x does not cover $SYS/x exactly")
+	}
+}
+
+func TestMatchAttested(t *testing.T) {
+	pol, err := policy.Parse([]byte(`rules:
+  - name: firmware-ack
+    match: {attested: true}
+    publish: ["devices/{cn}/firmware-ack"]
+  - name: software
+    match: {attested: false, cn: "*"}
+    publish: ["devices/{cn}/soft"]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	att := pol.Compile(policy.Identity{CN: "a", Attested: true})
+	plain := pol.Compile(policy.Identity{CN: "a"})
+	if !att.Allow("devices/a/firmware-ack", policy.Publish) || att.Allow("devices/a/soft", policy.Publish) {
+		t.Errorf("attested identity: rules %v", att.Rules())
+	}
+	if plain.Allow("devices/a/firmware-ack", policy.Publish) || !plain.Allow("devices/a/soft", policy.Publish) {
+		t.Errorf("plain identity: rules %v", plain.Rules())
 	}
 }

@@ -31,6 +31,7 @@ commands:
   devices  list the registry
   policy   check what a policy allows an identity (policy check)
   gateway  list or set the devices a gateway speaks for
+  ek       release a device's TPM endorsement key binding (ek release)
 
 Run "broker <command> -h" for its flags.
 `
@@ -44,6 +45,7 @@ var commands = map[string]cli.Command{
 	"devices":     cmdDevices,
 	"policy":      cmdPolicy,
 	"gateway":     cmdGateway,
+	"ek":          cmdEK,
 }
 
 // run is main without the process: it returns the exit code.

@@ -172,6 +172,7 @@ func cmdToken(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	group := fs.String("group", "", "policy group: the devices' certificates carry OU=GROUP")
 	reinstate := fs.Bool("reinstate", false, "mint a token for a revoked device, letting it enroll again (audited)")
 	reason := fs.String("reason", "reinstated by operator", "with --reinstate: the reason recorded in the audit trail")
+	attestPolicy := fs.String("attest", "", "TPM key attestation for these tokens: required or optional (default: the server's --attest)")
 	regFlags := addRegistryFlags(fs)
 	if err := cli.Parse(fs, args); err != nil {
 		return err
@@ -181,6 +182,9 @@ func cmdToken(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	if (*id == "") == (*count == 0) {
 		return cli.Usagef("give either --device ID or --count N")
+	}
+	if *attestPolicy != registry.AttestDefault && *attestPolicy != registry.AttestRequired && *attestPolicy != registry.AttestOptional {
+		return cli.Usagef("--attest %q: want required or optional", *attestPolicy)
 	}
 	if *count < 0 || *count > 1_000_000 {
 		return cli.Usagef("--count must be 1..1000000")
@@ -205,7 +209,7 @@ func cmdToken(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			}
 		}
 	}
-	tokens, err := reg.CreateTokens(ctx, ids, *group, *ttl)
+	tokens, err := reg.CreateTokensWith(ctx, ids, registry.TokenOptions{Group: *group, TTL: *ttl, Attest: *attestPolicy})
 	if errors.Is(err, registry.ErrRevoked) {
 		return fmt.Errorf("%w\n  to let it enroll again: broker token --data %s --device ID --reinstate --reason WHY", err, *data)
 	}

@@ -28,6 +28,7 @@ func cmdPolicy(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	fs.Var(&ous, "ou", "certificate OU (repeatable)")
 	fs.Var(&children, "child", "a gateway's child device ID, as the registry lists it (repeatable)")
 	fs.Var(&sans, "san", "certificate SAN (repeatable)")
+	attested := fs.Bool("attested", false, "the certificate carries the attested marker (TPM key attestation at enrollment)")
 	clientID := fs.String("client-id", "", "MQTT client ID to check (\"\" with --empty-client-id: an empty ID)")
 	emptyID := fs.Bool("empty-client-id", false, "check an empty client ID (assigned by the broker)")
 	topic := fs.String("topic", "", "topic (or, with --subscribe, a filter) to check")
@@ -52,7 +53,7 @@ func cmdPolicy(ctx context.Context, args []string, stdout, stderr io.Writer) err
 			return fmt.Errorf("%s: %w", *file, err)
 		}
 	}
-	perms := pol.Compile(policy.Identity{CN: *cn, OUs: ous, SANs: sans, Children: children})
+	perms := pol.Compile(policy.Identity{CN: *cn, OUs: ous, SANs: sans, Children: children, Attested: *attested})
 	fmt.Fprintf(stdout, "rules matched: %s\n", orNone(strings.Join(perms.Rules(), ", ")))
 	denied := false
 	answer := func(what string, ok bool, rule, detail string) {

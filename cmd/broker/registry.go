@@ -5,6 +5,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"io/fs"
 	"net/url"
 	"os"
@@ -186,4 +187,37 @@ func redactURL(s string) string {
 		return "(unparsable URL)"
 	}
 	return u.Redacted()
+}
+
+// cmdEK manages endorsement key bindings: `broker ek release --device ID
+// --reason WHY` lets a device enroll from another TPM (a replaced board)
+// or its TPM enroll another device ID (a moved TPM).
+func cmdEK(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 || args[0] != "release" {
+		return cli.Usagef("usage: broker ek release --data DIR --device ID --reason WHY")
+	}
+	fs := cli.NewFlags("broker ek release", stderr)
+	data := dataFlag(fs)
+	id := fs.String("device", "", "device ID whose endorsement key binding is released")
+	reason := fs.String("reason", "", "why (recorded in the audit trail), e.g. the ticket of the board replacement")
+	regFlags := addRegistryFlags(fs)
+	if err := cli.Parse(fs, args[1:]); err != nil {
+		return err
+	}
+	if err := needData(*data); err != nil {
+		return err
+	}
+	if *id == "" || *reason == "" {
+		return cli.Usagef("--device ID and --reason WHY are required")
+	}
+	reg, err := regFlags.open(ctx, *data)
+	if err != nil {
+		return err
+	}
+	defer reg.Close()
+	if err := reg.ReleaseEK(ctx, *id, *reason); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "released the endorsement key of %s: it enrolls from any trusted TPM with its next token\n", *id)
+	return nil
 }

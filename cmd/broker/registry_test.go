@@ -321,3 +321,31 @@ func TestServeConfigRegistry(t *testing.T) {
 		t.Fatalf("serve exit %d\n%s", code, logs.String())
 	}
 }
+
+// The attestation CLI: token --attest takes required or optional only;
+// ek release names a device without a binding; serve refuses a required
+// default without --tpm-ca and an unusable --tpm-ca (fails closed).
+func TestAttestCLI(t *testing.T) {
+	data := initData(t)
+	if _, errs, code := brokerCLI(t, "token", "--data", data, "--device", "dev-2", "--attest", "always"); code != 2 || !strings.Contains(errs, "want required or optional") {
+		t.Fatalf("token --attest always: %d %s", code, errs)
+	}
+	if _, errs, code := brokerCLI(t, "token", "--data", data, "--device", "dev-2", "--attest", "required"); code != 0 {
+		t.Fatalf("token --attest required: %d %s", code, errs)
+	}
+	if _, errs, code := brokerCLI(t, "ek", "release", "--data", data, "--device", "dev-2", "--reason", "test"); code != 1 || !strings.Contains(errs, "no endorsement key bound") {
+		t.Fatalf("ek release without a binding: %d %s", code, errs)
+	}
+	if _, errs, code := brokerCLI(t, "ek", "release", "--data", data, "--device", "dev-2"); code != 2 || !strings.Contains(errs, "--reason") {
+		t.Fatalf("ek release without a reason: %d %s", code, errs)
+	}
+	var errs strings.Builder
+	if code := run(t.Context(), serveArgs(t, data, "--attest", "required"), io.Discard, &errs); code != 1 || !strings.Contains(errs.String(), "--tpm-ca") {
+		t.Fatalf("serve --attest required without --tpm-ca: %d %s", code, errs.String())
+	}
+	errs.Reset()
+	empty := t.TempDir()
+	if code := run(t.Context(), serveArgs(t, data, "--tpm-ca", empty), io.Discard, &errs); code != 1 || !strings.Contains(errs.String(), "no TPM CA certificate") {
+		t.Fatalf("serve --tpm-ca EMPTYDIR: %d %s", code, errs.String())
+	}
+}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -32,6 +33,7 @@ import (
 	"github.com/mqtls/mqtls/broker/policy"
 	"github.com/mqtls/mqtls/cluster"
 	"github.com/mqtls/mqtls/cmd/internal/cli"
+	"github.com/mqtls/mqtls/provisioning/attest"
 	"github.com/mqtls/mqtls/provisioning/ca"
 	"github.com/mqtls/mqtls/provisioning/registry"
 	"github.com/mqtls/mqtls/provisioning/server"
@@ -58,6 +60,10 @@ type serveConfig struct {
 	LogConnections   bool          `yaml:"log_connections"` // a line per connection made and ended
 	AuditMaxRows     int           `yaml:"audit_max_rows"`  // audit retention (negative: unbounded)
 	AuditMaxAge      time.Duration `yaml:"audit_max_age"`
+	// TPM key attestation: the manufacturer CAs EK certificates chain to
+	// (file or directory) and the policy of tokens that set none.
+	TPMCA  string `yaml:"tpm_ca"`
+	Attest string `yaml:"attest"` // required or optional
 	// trust data and sessions (see broker.Config)
 	AdmitWhenRegistryDown bool          `yaml:"admit_when_registry_down"`
 	MaxIntermediates      int           `yaml:"max_intermediates"`
@@ -269,8 +275,19 @@ func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io
 		}
 	}
 	if cfg.ESTAddr != "" {
+		var verifier *attest.Verifier
+		if cfg.TPMCA != "" {
+			roots, n, err := attest.LoadRoots(cfg.TPMCA)
+			if err != nil {
+				return err
+			}
+			if verifier, err = attest.New(attest.Config{Roots: roots}); err != nil {
+				return err
+			}
+			log.Info("TPM key attestation", "tpm_ca", cfg.TPMCA, "certificates", n, "default", cmp.Or(cfg.Attest, registry.AttestOptional))
+		}
 		est, err := server.New(server.Config{CA: c, Registry: reg, Validity: cfg.Validity, Logger: log, Metrics: metrics,
-			AuditMaxRows: cfg.AuditMaxRows, AuditMaxAge: cfg.AuditMaxAge})
+			AuditMaxRows: cfg.AuditMaxRows, AuditMaxAge: cfg.AuditMaxAge, Attestation: verifier, Attest: cfg.Attest})
 		if err != nil {
 			return err
 		}
@@ -476,6 +493,8 @@ func serveFlags(fs *flag.FlagSet, cfg *serveConfig) (*registryFlags, *string) {
 	fs.BoolVar(&cfg.LogConnections, "log-connections", cfg.LogConnections, "log every connection made and ended at info (default: only audit events: refusals, revocations, denials, enrollments)")
 	fs.IntVar(&cfg.AuditMaxRows, "audit-max-rows", cfg.AuditMaxRows, "keep at most this many audit records (negative: no bound)")
 	fs.DurationVar(&cfg.AuditMaxAge, "audit-max-age", cfg.AuditMaxAge, "delete audit records older than this (negative: no bound)")
+	fs.StringVar(&cfg.TPMCA, "tpm-ca", cfg.TPMCA, "TPM manufacturer CA certificates (PEM/DER file or directory) that EK certificates must chain to; enables TPM key attestation at enrollment")
+	fs.StringVar(&cfg.Attest, "attest", cfg.Attest, "TPM key attestation for tokens minted without --attest: required or optional (default optional; required needs --tpm-ca)")
 	fs.BoolVar(&cfg.AdmitWhenRegistryDown, "admit-when-registry-down", cfg.AdmitWhenRegistryDown, "admit new connections (against the last revocation data) while the registry cannot be read; default: refuse them")
 	fs.IntVar(&cfg.MaxIntermediates, "max-intermediates", cfg.MaxIntermediates, "intermediate CAs allowed in a client chain (0: the default, 2)")
 	fs.IntVar(&cfg.MaxQueuedMessages, "max-queued-messages", cfg.MaxQueuedMessages, "QoS 1/2 messages kept per session, offline ones included (0: the default, 1024)")

@@ -14,6 +14,7 @@ import (
 	"github.com/mqtls/mqtls/device"
 	"github.com/mqtls/mqtls/internal/spki"
 	"github.com/mqtls/mqtls/keystore"
+	"github.com/mqtls/mqtls/provisioning/ca"
 )
 
 func cmdEnroll(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -26,6 +27,7 @@ func cmdEnroll(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	ksURI := fs.String("keystore", "file", "where the key is created: "+keystore.URIForms)
 	alg := fs.String("alg", string(keystore.ECDSAP256), "key algorithm: ecdsa-p256, ecdsa-p384, rsa-2048, rsa-3072")
 	out := fs.String("out", "", "identity directory to create")
+	attestFlag := fs.Bool("attest", false, "TPM key attestation: prove to the CA that the key lives in the TPM of a manufacturer-certified EK (TPM keystores only)")
 	wait := 10 * time.Second
 	durationFlag(fs, &wait, "wait", "", "how long to wait for an EST server that refuses connections (still starting) (default 10s)")
 	if err := cli.Parse(fs, args); err != nil {
@@ -45,6 +47,9 @@ func cmdEnroll(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if u.Kind == keystore.KindMem {
 		return cli.Usagef("--keystore mem keeps the key in this process's memory: it would vanish when enroll exits, with the token spent. Use file, tpm, swtpm:HOST:PORT or tpmsim:DIR (mem is for devsim run and demo)")
 	}
+	if *attestFlag && u.Kind != keystore.KindTPM && u.Kind != keystore.KindSWTPM && u.Kind != keystore.KindTPMSim {
+		return cli.Usagef("--attest needs a TPM keystore (tpm, swtpm:HOST:PORT, tpmsim:DIR), not %s", u.Kind)
+	}
 	roots, err := device.ReadCertFile(*caFile)
 	if err != nil {
 		return err
@@ -59,7 +64,7 @@ func cmdEnroll(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		var err error
 		identity, err = device.Enroll(ctx, device.EnrollConfig{
 			Dir: *out, DeviceID: *id, Token: tok, EST: *est, Root: roots[0],
-			Store: store, Keystore: u.String(), Alg: keystore.KeyAlg(*alg),
+			Store: store, Keystore: u.String(), Alg: keystore.KeyAlg(*alg), Attest: *attestFlag,
 		})
 		return err
 	})
@@ -136,4 +141,7 @@ func printIdentity(w io.Writer, verb string, id *device.Identity) {
 	fmt.Fprintf(w, "%s %s in %s\n  serial:      %s\n  SPKI sha256: %s\n  valid until: %s\n  keystore:    %s\n",
 		verb, leaf.Subject.CommonName, id.Dir, leaf.SerialNumber.Text(16), spki.Fingerprint(leaf),
 		leaf.NotAfter.UTC().Format(time.RFC3339), id.Config.Keystore)
+	if ca.Attested(leaf) {
+		fmt.Fprintln(w, "  attested:    TPM (certificate policies 2.23.133.11.1.1, 2.23.133.11.1.2)")
+	}
 }

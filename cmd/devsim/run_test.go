@@ -23,10 +23,7 @@ import (
 // n tokens and runs `broker serve` until the test ends.
 func startBrokerServe(t *testing.T, n int) (data, mqtt, est, tokens string, pid int) {
 	t.Helper()
-	bin := filepath.Join(t.TempDir(), "broker")
-	if out, err := exec.Command("go", "build", "-o", bin, "../broker").CombinedOutput(); err != nil {
-		t.Fatalf("build broker: %v\n%s", err, out)
-	}
+	bin := buildBroker(t)
 	data = filepath.Join(t.TempDir(), "data")
 	if out, err := exec.Command(bin, "init", "--data", data).CombinedOutput(); err != nil {
 		t.Fatalf("init: %v\n%s", err, out)
@@ -37,31 +34,53 @@ func startBrokerServe(t *testing.T, n int) (data, mqtt, est, tokens string, pid 
 	}
 	tokens = filepath.Join(t.TempDir(), "tokens")
 	os.WriteFile(tokens, out, 0o600)
+	mqtt, est, pid = serveBroker(t, bin, data)
+	return data, mqtt, est, tokens, pid
+}
+
+// buildBroker builds cmd/broker and returns the binary.
+func buildBroker(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "broker")
+	if out, err := exec.Command("go", "build", "-o", bin, "../broker").CombinedOutput(); err != nil {
+		t.Fatalf("build broker: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// serveBroker runs `broker serve` over data (with extra flags) until the
+// test ends.
+func serveBroker(t *testing.T, bin, data string, extra ...string) (mqtt, est string, pid int) {
+	t.Helper()
 	mqtt, est = testtool.FreeAddr(t), testtool.FreeAddr(t)
-	cmd := exec.Command(bin, "serve", "--data", data, "--mqtt-addr", mqtt, "--est-addr", est, "--metrics-addr", "", "--log-level", "warn")
+	cmd := exec.Command(bin, append([]string{"serve", "--data", data, "--mqtt-addr", mqtt, "--est-addr", est, "--metrics-addr", "", "--log-level", "warn"}, extra...)...)
 	stderr, _ := cmd.StderrPipe()
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { cmd.Process.Signal(os.Interrupt); cmd.Wait() })
+	exited := make(chan struct{})
+	t.Cleanup(func() { cmd.Process.Signal(os.Interrupt); <-exited })
 	go func() {
 		sc := bufio.NewScanner(stderr)
 		for sc.Scan() {
 			t.Log("broker: " + sc.Text())
 		}
+		cmd.Wait()
+		close(exited)
 	}()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if c, err := net.Dial("tcp", est); err == nil {
+	testtool.Eventually(t, 10*time.Second, "broker serve listening on "+est, func() bool {
+		select {
+		case <-exited:
+			t.Fatal("broker serve exited")
+		default:
+		}
+		c, err := net.Dial("tcp", est)
+		if err == nil {
 			c.Close()
-			break
 		}
-		if time.Now().After(deadline) {
-			t.Fatal("broker serve did not start")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return data, mqtt, est, tokens, cmd.Process.Pid
+		return err == nil
+	})
+	return mqtt, est, cmd.Process.Pid
 }
 
 func TestRun300(t *testing.T) {

@@ -13,6 +13,11 @@
 // process over TCP, and [New] any transport, such as the in-process simulator
 // of package github.com/mqtls/mqtls/hardware/tpm/tpmsim.
 //
+// [Store.Attest] proves to an enrollment server that a key of the Store
+// lives in this TPM (TPM key attestation): it reads the EK certificate from
+// NV, creates an attestation key, activates the server's credential and
+// has the attestation key certify the device key.
+//
 // # Security
 //
 // Key blobs are encrypted by the TPM under the SRK; they are useless without

@@ -343,3 +343,15 @@ func parseTSSKey(der []byte) (tssKey, error) {
 	}
 	return tk, nil
 }
+
+// SRKTemplate returns the SRK's template (TCG H-2, unique empty), for
+// tools and tests that create keys under the SRK themselves.
+func SRKTemplate() tpm2.TPMTPublic { return srkTemplate }
+
+// KeyFile encodes a key created under the SRK (TPM2B_PUBLIC and
+// TPM2B_PRIVATE, as TPM2_Create returns them) as this package's key file.
+// The Store loads any unrestricted signing key from such a file, whatever
+// its other attributes: what the TPM vouches for is left to attestation.
+func KeyFile(public tpm2.TPM2BPublic, private tpm2.TPM2BPrivate) []byte {
+	return (&key{public: public, private: private}).encode()
+}

@@ -243,3 +243,13 @@ func TestPersistentSRK(t *testing.T) {
 		s.Close()
 	}
 }
+
+// A TPM without an EK certificate cannot attest: the error names the NV
+// indices looked at and how swtpm gets one.
+func TestAttestWithoutEKCert(t *testing.T) {
+	s := newSim(t, keyDir(t))
+	_, err := s.Attest(t.Context())
+	if !errors.Is(err, tpm.ErrNoEKCert) || !strings.Contains(err.Error(), "0x01c00002") || !strings.Contains(err.Error(), "swtpm_setup") {
+		t.Fatalf("Attest = %v, want ErrNoEKCert naming the NV indices and the fix", err)
+	}
+}

@@ -555,6 +555,43 @@ func CheckKey(pub crypto.PublicKey) error {
 // request is used. The caller checks the device ID and the request's
 // signature.
 func (c *CA) IssueDevice(pub crypto.PublicKey, deviceID string, groups []string, validity time.Duration) (*x509.Certificate, error) {
+	return c.issueDevice(pub, deviceID, groups, validity, nil)
+}
+
+// The attested marker: the TCG certificate policies ("TPM 2.0 Keys for
+// Device Identity and Attestation", tcg-cap-verifiedTPMResidency and
+// tcg-cap-verifiedTPMFixed) that say the CA verified, by TPM attestation,
+// that the key lives in a TPM and cannot leave it.
+var (
+	OIDVerifiedTPMResidency = mustOID(2, 23, 133, 11, 1, 1)
+	OIDVerifiedTPMFixed     = mustOID(2, 23, 133, 11, 1, 2)
+)
+
+func mustOID(ints ...uint64) x509.OID {
+	o, err := x509.OIDFromInts(ints)
+	if err != nil {
+		panic(err) // constant input
+	}
+	return o
+}
+
+// IssueAttestedDevice is IssueDevice for a key whose TPM residency the
+// caller verified: the certificate carries the attested marker.
+func (c *CA) IssueAttestedDevice(pub crypto.PublicKey, deviceID string, groups []string, validity time.Duration) (*x509.Certificate, error) {
+	return c.issueDevice(pub, deviceID, groups, validity, []x509.OID{OIDVerifiedTPMResidency, OIDVerifiedTPMFixed})
+}
+
+// Attested reports whether cert carries the attested marker.
+func Attested(cert *x509.Certificate) bool {
+	var residency, fixed bool
+	for _, p := range cert.Policies {
+		residency = residency || p.Equal(OIDVerifiedTPMResidency)
+		fixed = fixed || p.Equal(OIDVerifiedTPMFixed)
+	}
+	return residency && fixed
+}
+
+func (c *CA) issueDevice(pub crypto.PublicKey, deviceID string, groups []string, validity time.Duration, policies []x509.OID) (*x509.Certificate, error) {
 	if err := CheckKey(pub); err != nil {
 		return nil, err
 	}
@@ -571,6 +608,7 @@ func (c *CA) IssueDevice(pub crypto.PublicKey, deviceID string, groups []string,
 		KeyUsage:              x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
 		BasicConstraintsValid: true,
+		Policies:              policies,
 	}, c.Issuing, pub, c.key)
 }
 

@@ -83,6 +83,10 @@ var postgresDialect = &dialect{
 		// 2: the devices a gateway speaks for.
 		{`CREATE TABLE gateways (id TEXT PRIMARY KEY, children TEXT NOT NULL, updated_at BIGINT NOT NULL)`,
 			`CREATE INDEX gateways_updated ON gateways(updated_at)`},
+		// 3: TPM attestation (see the SQLite migration 4).
+		{`ALTER TABLE tokens ADD COLUMN attest TEXT NOT NULL DEFAULT ''`,
+			`ALTER TABLE certificates ADD COLUMN ek_sha256 TEXT`,
+			`CREATE TABLE endorsement_keys (ek_sha256 TEXT PRIMARY KEY, device_id TEXT NOT NULL UNIQUE REFERENCES devices(id), issuer TEXT NOT NULL, serial TEXT NOT NULL, bound_at BIGINT NOT NULL)`},
 	},
 	placeholder: dollarPlaceholders,
 	forUpdate:   " FOR UPDATE",

@@ -64,6 +64,17 @@ var (
 	ErrNotInitialised = errors.New("registry: not initialised")
 	ErrExists         = errors.New("registry: already exists")
 	ErrNewerSchema    = errors.New("registry: schema newer than this program")
+	// ErrEKBound: the TPM's endorsement key is bound to another device,
+	// or the device to another endorsement key (a moved or cloned
+	// identity); ReleaseEK lifts the binding.
+	ErrEKBound = errors.New("registry: endorsement key bound to another device")
+)
+
+// Attestation policies of a token.
+const (
+	AttestDefault  = ""         // the server's default
+	AttestRequired = "required" // enrollment only with TPM attestation
+	AttestOptional = "optional" // attestation when the device offers it
 )
 
 // Certificate status values.
@@ -93,6 +104,8 @@ type Registry interface {
 	// CreateTokens is CreateToken for many devices in one transaction:
 	// all tokens are minted, or none.
 	CreateTokens(ctx context.Context, deviceIDs []string, group string, ttl time.Duration) ([]string, error)
+	// CreateTokensWith is CreateTokens with every token option.
+	CreateTokensWith(ctx context.Context, deviceIDs []string, o TokenOptions) ([]string, error)
 	// Reinstate lets a revoked device enroll again (its status becomes
 	// pending; its certificates stay revoked), audited with reason.
 	// ErrNotFound for an unknown device; a device that is not revoked is
@@ -104,7 +117,10 @@ type Registry interface {
 	CheckToken(ctx context.Context, deviceID, token string) (Grant, error)
 	// Enrolled uses up the token of g and records cert (with its DER), in
 	// one transaction with its audit event. ErrTokenUsed if the token was
-	// used meanwhile, ErrRevoked if the device was revoked meanwhile.
+	// used meanwhile, ErrRevoked if the device was revoked meanwhile. With
+	// cert.EK set, the EK is bound to the device (ErrEKBound if it is bound
+	// to another device or the device to another EK); without, a device
+	// bound to an EK is refused with ErrEKBound (it enrolls attested only).
 	Enrolled(ctx context.Context, g Grant, cert Cert, remote string) error
 	// Replay returns the certificate an already used token bought, if the
 	// token has not expired and spkiSHA256 is that certificate's key, and
@@ -140,6 +156,11 @@ type Registry interface {
 	// GatewaysChangedSince returns the gateways whose children were set at
 	// or after t, with their children now (for polling).
 	GatewaysChangedSince(ctx context.Context, t time.Time) (map[string][]string, error)
+	// ReleaseEK removes the binding between deviceID and its endorsement
+	// key (an operator's decision for a moved TPM or a replaced board),
+	// audited with reason. ErrNotFound when the device has none.
+	ReleaseEK(ctx context.Context, deviceID, reason string) error
+
 	// Device returns one device, or ErrNotFound.
 	Device(ctx context.Context, id string) (Device, error)
 	// Devices returns every device, sorted by ID.
@@ -163,7 +184,7 @@ const AggregateWindow = time.Minute
 // Event is one audit record.
 type Event struct {
 	At       time.Time
-	Event    string // enroll, enroll_replay, enroll_refused, reenroll, reenroll_refused, token, revoke, reinstate, server_cert (no device)
+	Event    string // enroll, enroll_replay, ek_release, enroll_refused, reenroll, reenroll_refused, token, revoke, reinstate, server_cert (no device)
 	DeviceID string
 	Serial   string
 	Remote   string
@@ -176,11 +197,26 @@ type Event struct {
 	Aggregate bool
 }
 
+// TokenOptions are the properties of new tokens.
+type TokenOptions struct {
+	Group  string        // becomes the OU of the device's certificates (may be empty)
+	TTL    time.Duration // lifetime
+	Attest string        // AttestDefault, AttestRequired or AttestOptional
+}
+
 // Grant is a checked, still unused token.
 type Grant struct {
 	DeviceID string
 	Group    string
+	Attest   string // the token's attestation policy
 	hash     []byte
+}
+
+// EK is an attested endorsement key.
+type EK struct {
+	SHA256 string `json:"sha256"` // hex SHA-256 of its SubjectPublicKeyInfo
+	Issuer string `json:"issuer,omitempty"`
+	Serial string `json:"serial,omitempty"` // of its EK certificate, hex
 }
 
 // Cert is an issued certificate as the registry keeps it.
@@ -195,6 +231,9 @@ type Cert struct {
 	RevokedAt        time.Time // zero unless revoked
 	RevocationReason string
 	DER              []byte // the certificate (recorded since schema 2)
+	// EK is the endorsement key that attested the certificate's key
+	// (SHA256 only when read back); zero when not attested.
+	EK EK
 }
 
 // Device is a registry entry.
@@ -206,4 +245,5 @@ type Device struct {
 	EnrolledAt   time.Time `json:"enrolled_at,omitzero"`
 	Certificates int       `json:"certificates"`
 	ValidUntil   time.Time `json:"valid_until,omitzero"` // newest valid certificate's expiry
+	EK           string    `json:"ek_sha256,omitempty"`  // the endorsement key bound to the device
 }

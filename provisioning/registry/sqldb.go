@@ -306,6 +306,17 @@ func (r *sqlDB) CreateToken(ctx context.Context, deviceID, group string, ttl tim
 
 // CreateTokens mints tokens for many devices in one transaction.
 func (r *sqlDB) CreateTokens(ctx context.Context, deviceIDs []string, group string, ttl time.Duration) ([]string, error) {
+	return r.CreateTokensWith(ctx, deviceIDs, TokenOptions{Group: group, TTL: ttl})
+}
+
+// CreateTokensWith mints tokens with options in one transaction.
+func (r *sqlDB) CreateTokensWith(ctx context.Context, deviceIDs []string, o TokenOptions) ([]string, error) {
+	group, ttl := o.Group, o.TTL
+	switch o.Attest {
+	case AttestDefault, AttestRequired, AttestOptional:
+	default:
+		return nil, fmt.Errorf("registry: attestation policy %q: want %q or %q", o.Attest, AttestRequired, AttestOptional)
+	}
 	for _, id := range deviceIDs {
 		if err := deviceid.Check(id); err != nil {
 			return nil, err
@@ -343,8 +354,8 @@ func (r *sqlDB) CreateTokens(ctx context.Context, deviceIDs []string, group stri
 		if status == "revoked" {
 			return nil, fmt.Errorf("%w: %q: no token is minted for a revoked device unless it is reinstated", ErrRevoked, id)
 		}
-		if _, err := r.exec(ctx, tx, `INSERT INTO tokens (hash, device_id, grp, created_at, expires_at) VALUES (?, ?, ?, ?, ?)`,
-			hash[:], id, group, now.UnixMilli(), expires.UnixMilli()); err != nil {
+		if _, err := r.exec(ctx, tx, `INSERT INTO tokens (hash, device_id, grp, created_at, expires_at, attest) VALUES (?, ?, ?, ?, ?, ?)`,
+			hash[:], id, group, now.UnixMilli(), expires.UnixMilli(), o.Attest); err != nil {
 			return nil, fmt.Errorf("registry: %w", err)
 		}
 		if err := r.auditTx(ctx, tx, now, Event{Event: "token", DeviceID: id, Reason: "expires " + expires.UTC().Format(time.RFC3339)}); err != nil {
@@ -415,6 +426,7 @@ func (r *sqlDB) notify(ctx context.Context, tx *sql.Tx) error {
 type tokenRow struct {
 	hash      []byte
 	group     string
+	attest    string
 	expires   int64
 	used      sql.NullInt64
 	serial    sql.NullString
@@ -427,7 +439,7 @@ func (r *sqlDB) findToken(ctx context.Context, q interface {
 	QueryContext(context.Context, string, ...any) (*sql.Rows, error)
 }, deviceID, token string) (tokenRow, error) {
 	presented := sha256.Sum256([]byte(token))
-	rows, err := q.QueryContext(ctx, r.q(`SELECT hash, grp, expires_at, used_at, serial, revoked_at FROM tokens WHERE device_id = ?`), deviceID)
+	rows, err := q.QueryContext(ctx, r.q(`SELECT hash, grp, attest, expires_at, used_at, serial, revoked_at FROM tokens WHERE device_id = ?`), deviceID)
 	if err != nil {
 		return tokenRow{}, fmt.Errorf("registry: %w", err)
 	}
@@ -436,7 +448,7 @@ func (r *sqlDB) findToken(ctx context.Context, q interface {
 	ok := false
 	for rows.Next() {
 		var t tokenRow
-		if err := rows.Scan(&t.hash, &t.group, &t.expires, &t.used, &t.serial, &t.revokedAt); err != nil {
+		if err := rows.Scan(&t.hash, &t.group, &t.attest, &t.expires, &t.used, &t.serial, &t.revokedAt); err != nil {
 			return tokenRow{}, fmt.Errorf("registry: %w", err)
 		}
 		if subtle.ConstantTimeCompare(t.hash, presented[:]) == 1 {
@@ -468,7 +480,7 @@ func (r *sqlDB) CheckToken(ctx context.Context, deviceID, token string) (Grant, 
 	case r.now().UnixMilli() >= t.expires:
 		return Grant{}, fmt.Errorf("%w (at %s)", ErrTokenExpired, stamp(t.expires))
 	}
-	return Grant{DeviceID: deviceID, Group: t.group, hash: t.hash}, nil
+	return Grant{DeviceID: deviceID, Group: t.group, Attest: t.attest, hash: t.hash}, nil
 }
 
 // Enrolled burns the token and records the certificate.
@@ -486,6 +498,9 @@ func (r *sqlDB) Enrolled(ctx context.Context, g Grant, cert Cert, remote string)
 	if status == "revoked" {
 		return fmt.Errorf("%w: %q", ErrRevoked, g.DeviceID)
 	}
+	if err := r.bindEK(ctx, tx, now, g.DeviceID, cert.EK); err != nil {
+		return err
+	}
 	res, err := r.exec(ctx, tx, `UPDATE tokens SET used_at = ?, serial = ? WHERE hash = ? AND used_at IS NULL AND revoked_at IS NULL`, now.UnixMilli(), cert.Serial, g.hash)
 	if err != nil {
 		return fmt.Errorf("registry: %w", err)
@@ -499,7 +514,11 @@ func (r *sqlDB) Enrolled(ctx context.Context, g Grant, cert Cert, remote string)
 	if err := r.insertCert(ctx, tx, now, cert); err != nil {
 		return err
 	}
-	if err := r.auditTx(ctx, tx, now, Event{Event: "enroll", DeviceID: cert.DeviceID, Serial: cert.Serial, Remote: remote}); err != nil {
+	e := Event{Event: "enroll", DeviceID: cert.DeviceID, Serial: cert.Serial, Remote: remote}
+	if cert.EK.SHA256 != "" {
+		e.Reason = fmt.Sprintf("TPM-attested: EK %s (certificate %s of %s)", cert.EK.SHA256, cert.EK.Serial, cert.EK.Issuer)
+	}
+	if err := r.auditTx(ctx, tx, now, e); err != nil {
 		return err
 	}
 	if err := tx.Commit(); err != nil {
@@ -592,9 +611,83 @@ func (r *sqlDB) Reenrolled(ctx context.Context, prevSerial string, cert Cert, re
 	return nil
 }
 
+// bindEK checks, in the enrollment's transaction, that ek and deviceID
+// are bound to each other or to nothing, and binds them. Without ek, a
+// device bound to an EK is refused.
+func (r *sqlDB) bindEK(ctx context.Context, tx *sql.Tx, now time.Time, deviceID string, ek EK) error {
+	var bound string
+	err := tx.QueryRowContext(ctx, r.q(`SELECT ek_sha256 FROM endorsement_keys WHERE device_id = ?`), deviceID).Scan(&bound)
+	switch {
+	case errors.Is(err, sql.ErrNoRows):
+		bound = ""
+	case err != nil:
+		return fmt.Errorf("registry: %w", err)
+	}
+	if ek.SHA256 == "" {
+		if bound != "" {
+			return fmt.Errorf("%w: device %q is bound to the TPM with EK %s and enrolls only with attestation from it (broker ek release --device %s, if the TPM was replaced)", ErrEKBound, deviceID, bound, deviceID)
+		}
+		return nil
+	}
+	if bound != "" {
+		if subtle.ConstantTimeCompare([]byte(bound), []byte(ek.SHA256)) == 1 {
+			return nil
+		}
+		return fmt.Errorf("%w: device %q is bound to the TPM with EK %s, not this one (%s): a moved or cloned identity (broker ek release --device %s, if the TPM was replaced)", ErrEKBound, deviceID, bound, ek.SHA256, deviceID)
+	}
+	var other string
+	err = tx.QueryRowContext(ctx, r.q(`SELECT device_id FROM endorsement_keys WHERE ek_sha256 = ?`), ek.SHA256).Scan(&other)
+	switch {
+	case err == nil:
+		return fmt.Errorf("%w: the TPM with EK %s is bound to device %q, not %q (broker ek release --device %s, if the TPM moved)", ErrEKBound, ek.SHA256, other, deviceID, other)
+	case !errors.Is(err, sql.ErrNoRows):
+		return fmt.Errorf("registry: %w", err)
+	}
+	if _, err := r.exec(ctx, tx, `INSERT INTO endorsement_keys (ek_sha256, device_id, issuer, serial, bound_at) VALUES (?, ?, ?, ?, ?)`,
+		ek.SHA256, deviceID, ek.Issuer, ek.Serial, now.UnixMilli()); err != nil {
+		return fmt.Errorf("registry: bind EK: %w", err)
+	}
+	return nil
+}
+
+// ReleaseEK removes a device's EK binding.
+func (r *sqlDB) ReleaseEK(ctx context.Context, deviceID, reason string) error {
+	now := r.now()
+	tx, done, err := r.begin(ctx)
+	if err != nil {
+		return err
+	}
+	defer done()
+	if _, err := r.lockDevice(ctx, tx, deviceID); err != nil {
+		return err
+	}
+	var ek string
+	err = tx.QueryRowContext(ctx, r.q(`SELECT ek_sha256 FROM endorsement_keys WHERE device_id = ?`), deviceID).Scan(&ek)
+	if errors.Is(err, sql.ErrNoRows) {
+		return fmt.Errorf("%w: device %q has no endorsement key bound", ErrNotFound, deviceID)
+	}
+	if err != nil {
+		return fmt.Errorf("registry: %w", err)
+	}
+	if _, err := r.exec(ctx, tx, `DELETE FROM endorsement_keys WHERE device_id = ?`, deviceID); err != nil {
+		return fmt.Errorf("registry: %w", err)
+	}
+	if err := r.auditTx(ctx, tx, now, Event{Event: "ek_release", DeviceID: deviceID, Reason: fmt.Sprintf("EK %s released: %s", ek, reason)}); err != nil {
+		return err
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("registry: %w", err)
+	}
+	return nil
+}
+
 func (r *sqlDB) insertCert(ctx context.Context, tx *sql.Tx, now time.Time, c Cert) error {
-	_, err := r.exec(ctx, tx, `INSERT INTO certificates (serial, device_id, spki_sha256, not_before, not_after, issued_at, der) VALUES (?, ?, ?, ?, ?, ?, ?)`,
-		c.Serial, c.DeviceID, c.SPKISHA256, c.NotBefore.UnixMilli(), c.NotAfter.UnixMilli(), now.UnixMilli(), c.DER)
+	var ek sql.NullString
+	if c.EK.SHA256 != "" {
+		ek = sql.NullString{String: c.EK.SHA256, Valid: true}
+	}
+	_, err := r.exec(ctx, tx, `INSERT INTO certificates (serial, device_id, spki_sha256, not_before, not_after, issued_at, der, ek_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+		c.Serial, c.DeviceID, c.SPKISHA256, c.NotBefore.UnixMilli(), c.NotAfter.UnixMilli(), now.UnixMilli(), c.DER, ek)
 	if err != nil {
 		return fmt.Errorf("registry: record certificate %s: %w", c.Serial, err)
 	}
@@ -615,7 +708,7 @@ func (r *sqlDB) Certificates(ctx context.Context, deviceID string) ([]Cert, erro
 	return r.certs(ctx, `WHERE device_id = ? ORDER BY issued_at DESC, serial`, deviceID)
 }
 
-const certColumns = `SELECT serial, device_id, spki_sha256, not_before, not_after, issued_at, status, revoked_at, revocation_reason, der FROM certificates `
+const certColumns = `SELECT serial, device_id, spki_sha256, not_before, not_after, issued_at, status, revoked_at, revocation_reason, der, ek_sha256 FROM certificates `
 
 func (r *sqlDB) certs(ctx context.Context, where string, args ...any) ([]Cert, error) {
 	rows, err := r.db.QueryContext(ctx, r.q(certColumns+where), args...)
@@ -640,8 +733,8 @@ func scanCert(s scanner) (Cert, error) {
 	var c Cert
 	var nb, na, ia int64
 	var ra sql.NullInt64
-	var reason sql.NullString
-	if err := s.Scan(&c.Serial, &c.DeviceID, &c.SPKISHA256, &nb, &na, &ia, &c.Status, &ra, &reason, &c.DER); err != nil {
+	var reason, ek sql.NullString
+	if err := s.Scan(&c.Serial, &c.DeviceID, &c.SPKISHA256, &nb, &na, &ia, &c.Status, &ra, &reason, &c.DER, &ek); err != nil {
 		if errors.Is(err, sql.ErrNoRows) {
 			return Cert{}, err
 		}
@@ -652,6 +745,7 @@ func scanCert(s scanner) (Cert, error) {
 		c.RevokedAt = time.UnixMilli(ra.Int64)
 	}
 	c.RevocationReason = reason.String
+	c.EK.SHA256 = ek.String
 	return c, nil
 }
 
@@ -811,7 +905,8 @@ func (r *sqlDB) Devices(ctx context.Context) ([]Device, error) { return r.device
 func (r *sqlDB) devices(ctx context.Context, where string, args ...any) ([]Device, error) {
 	rows, err := r.db.QueryContext(ctx, r.q(`SELECT d.id, d.grp, d.status, d.created_at, d.enrolled_at,
 		(SELECT COUNT(*) FROM certificates c WHERE c.device_id = d.id),
-		(SELECT MAX(not_after) FROM certificates c WHERE c.device_id = d.id AND c.status = 'valid')
+		(SELECT MAX(not_after) FROM certificates c WHERE c.device_id = d.id AND c.status = 'valid'),
+		(SELECT ek_sha256 FROM endorsement_keys e WHERE e.device_id = d.id)
 		FROM devices d `+where+` ORDER BY d.id`), args...)
 	if err != nil {
 		return nil, fmt.Errorf("registry: %w", err)
@@ -822,10 +917,12 @@ func (r *sqlDB) devices(ctx context.Context, where string, args ...any) ([]Devic
 		var d Device
 		var created int64
 		var enrolled, until sql.NullInt64
-		if err := rows.Scan(&d.ID, &d.Group, &d.Status, &created, &enrolled, &d.Certificates, &until); err != nil {
+		var ek sql.NullString
+		if err := rows.Scan(&d.ID, &d.Group, &d.Status, &created, &enrolled, &d.Certificates, &until, &ek); err != nil {
 			return nil, fmt.Errorf("registry: %w", err)
 		}
 		d.CreatedAt = time.UnixMilli(created)
+		d.EK = ek.String
 		if enrolled.Valid {
 			d.EnrolledAt = time.UnixMilli(enrolled.Int64)
 		}

@@ -76,6 +76,11 @@ var sqliteDialect = &dialect{
 		// 3: the devices a gateway speaks for.
 		{`CREATE TABLE gateways (id TEXT PRIMARY KEY, children TEXT NOT NULL, updated_at INTEGER NOT NULL)`,
 			`CREATE INDEX gateways_updated ON gateways(updated_at)`},
+		// 4: TPM attestation: the policy of a token, the EK behind a
+		// certificate, one EK per device and one device per EK.
+		{`ALTER TABLE tokens ADD COLUMN attest TEXT NOT NULL DEFAULT ''`,
+			`ALTER TABLE certificates ADD COLUMN ek_sha256 TEXT`,
+			`CREATE TABLE endorsement_keys (ek_sha256 TEXT PRIMARY KEY, device_id TEXT NOT NULL UNIQUE REFERENCES devices(id), issuer TEXT NOT NULL, serial TEXT NOT NULL, bound_at INTEGER NOT NULL)`},
 	},
 	placeholder: func(q string) string { return q },
 	oneWriter:   true,

@@ -41,6 +41,7 @@ import (
 
 	"github.com/mqtls/mqtls/deviceid"
 	"github.com/mqtls/mqtls/provisioning"
+	"github.com/mqtls/mqtls/provisioning/attest"
 	"github.com/mqtls/mqtls/provisioning/ca"
 	"github.com/mqtls/mqtls/provisioning/registry"
 )
@@ -67,6 +68,13 @@ type Config struct {
 	// days; negative: no bound).
 	AuditMaxRows int
 	AuditMaxAge  time.Duration
+	// Attestation, if set, verifies TPM key attestation (package attest;
+	// its manufacturer CAs come from broker serve --tpm-ca). Without it
+	// attested enrollments are refused, and so are tokens that require one.
+	Attestation *attest.Verifier
+	// Attest is the attestation policy of tokens that set none:
+	// registry.AttestOptional (default) or registry.AttestRequired.
+	Attest string
 	// Metrics, if set, gets the mqtls_est_* and mqtls_registry_errors_total
 	// metrics.
 	Metrics prometheus.Registerer
@@ -123,6 +131,17 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.Validity < time.Minute {
 		return nil, fmt.Errorf("server: certificate validity %v is below one minute", cfg.Validity)
+	}
+	switch cfg.Attest {
+	case registry.AttestDefault:
+		cfg.Attest = registry.AttestOptional
+	case registry.AttestOptional:
+	case registry.AttestRequired:
+		if cfg.Attestation == nil {
+			return nil, errors.New("server: attestation required by default but no TPM manufacturer CA configured (--tpm-ca)")
+		}
+	default:
+		return nil, fmt.Errorf("server: attestation policy %q: want %q or %q", cfg.Attest, registry.AttestRequired, registry.AttestOptional)
 	}
 	if cfg.MaxBodyBytes == 0 {
 		cfg.MaxBodyBytes = 32 << 10
@@ -188,6 +207,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET "+provisioning.PathCSRAttrs, s.csrAttrs)
 	mux.HandleFunc("POST "+provisioning.PathSimpleEnroll, s.enroll)
 	mux.HandleFunc("POST "+provisioning.PathSimpleReenrol, s.reenroll)
+	mux.HandleFunc("POST "+provisioning.PathAttestChallenge, s.attestChallenge)
 	return mux
 }
 
@@ -351,13 +371,27 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 	if grant.Group != "" {
 		groups = []string{grant.Group}
 	}
-	cert, err := s.cfg.CA.IssueDevice(csr.PublicKey, id, groups, s.cfg.Validity)
+	ek, f := s.verifyAttestation(r, id, token, grant, csr)
+	if f != nil {
+		s.refuse(w, r, event, id, "", *f)
+		return
+	}
+	issue := s.cfg.CA.IssueDevice
+	if ek.SHA256 != "" {
+		issue = s.cfg.CA.IssueAttestedDevice
+	}
+	cert, err := issue(csr.PublicKey, id, groups, s.cfg.Validity)
 	if err != nil {
 		s.refuse(w, r, event, id, "", policyRefusal(err))
 		return
 	}
-	err = s.cfg.Registry.Enrolled(r.Context(), grant, record(cert), remoteAddr(r))
+	rec := record(cert)
+	rec.EK = ek
+	err = s.cfg.Registry.Enrolled(r.Context(), grant, rec, remoteAddr(r))
 	switch {
+	case errors.Is(err, registry.ErrEKBound):
+		s.refuse(w, r, event, id, "", refusal{http.StatusForbidden, "ek_bound", "enrollment refused: " + err.Error(), ""})
+		return
 	case errors.Is(err, registry.ErrTokenUsed):
 		// used meanwhile: by this device with this key (a retry racing
 		// the first attempt) the answer is the certificate recorded
@@ -371,7 +405,7 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.m.results.WithLabelValues("enroll", "ok").Inc()
-	s.log.Info("enrolled", "cn", id, "serial", serialHex(cert), "spki_sha256", ca.SPKIFingerprint(cert), "remote", remoteAddr(r))
+	s.log.Info("enrolled", "cn", id, "serial", serialHex(cert), "spki_sha256", ca.SPKIFingerprint(cert), "attested", ek.SHA256 != "", "ek_sha256", ek.SHA256, "remote", remoteAddr(r))
 	s.issued(w, cert)
 }
 
@@ -500,12 +534,20 @@ func (s *Server) reenroll(w http.ResponseWriter, r *http.Request) {
 	if dev.Group != "" {
 		groups = []string{dev.Group}
 	}
-	cert, err := s.cfg.CA.IssueDevice(csr.PublicKey, id, groups, s.cfg.Validity)
+	// The attested marker carries over to a renewal of the same key: the
+	// key is still the one the TPM certified. A new key was not attested.
+	issue, ek := s.cfg.CA.IssueDevice, registry.EK{}
+	if ca.Attested(leaf) && leaf.PublicKey.(interface{ Equal(crypto.PublicKey) bool }).Equal(csr.PublicKey) && rec.EK.SHA256 != "" {
+		issue, ek = s.cfg.CA.IssueAttestedDevice, rec.EK
+	}
+	cert, err := issue(csr.PublicKey, id, groups, s.cfg.Validity)
 	if err != nil {
 		s.refuse(w, r, event, id, serial, policyRefusal(err))
 		return
 	}
-	err = s.cfg.Registry.Reenrolled(r.Context(), serial, record(cert), remoteAddr(r))
+	newRec := record(cert)
+	newRec.EK = ek
+	err = s.cfg.Registry.Reenrolled(r.Context(), serial, newRec, remoteAddr(r))
 	switch {
 	case errors.Is(err, registry.ErrRevoked):
 		s.refuse(w, r, event, id, serial, refusal{http.StatusUnauthorized, "cert_revoked", "re-enrollment refused: " + err.Error(), ""})

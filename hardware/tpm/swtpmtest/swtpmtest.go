@@ -7,7 +7,9 @@ import (
 	"bytes"
 	"fmt"
 	"net"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"testing"
 	"time"
@@ -44,6 +46,60 @@ func Start(t testing.TB) *SWTPM {
 	}
 	t.Cleanup(s.Stop)
 	return s
+}
+
+// Manufactured is a swtpm whose TPM state swtpm_setup --create-ek-cert
+// made: RSA 2048 and ECC P-384 EKs with EK certificates in NV (0x01c00002,
+// 0x01c00016) signed by swtpm's local CA, made for this test in CADir.
+type Manufactured struct {
+	*SWTPM
+	CADir string // swtpm-localca-rootca-cert.pem (root) and issuercert.pem (intermediate)
+}
+
+// StartManufactured manufactures a TPM state with EK certificates, then
+// starts swtpm on it.
+func StartManufactured(t testing.TB) *Manufactured {
+	t.Helper()
+	setup := testtool.Require(t, "swtpm_setup")
+	localca := testtool.Require(t, "swtpm_localca")
+	testtool.Require(t, "swtpm")
+	dir := t.TempDir()
+	m := &Manufactured{CADir: filepath.Join(dir, "ca")}
+	state := filepath.Join(dir, "state")
+	for _, d := range []string{m.CADir, state} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	files := map[string]string{
+		"localca.conf":    fmt.Sprintf("statedir = %[1]s\nsigningkey = %[1]s/signkey.pem\nissuercert = %[1]s/issuercert.pem\ncertserial = %[1]s/certserial\n", m.CADir),
+		"localca.options": "",
+		"setup.conf": fmt.Sprintf("create_certs_tool = %s\ncreate_certs_tool_config = %s\ncreate_certs_tool_options = %s\nactive_pcr_banks = sha256\n",
+			localca, filepath.Join(dir, "localca.conf"), filepath.Join(dir, "localca.options")),
+	}
+	for name, data := range files {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(data), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out, err := exec.Command(setup, "--tpm2", "--tpmstate", state, "--create-ek-cert", "--config", filepath.Join(dir, "setup.conf")).CombinedOutput()
+	if err != nil {
+		t.Fatalf("swtpm_setup --create-ek-cert: %v\n%s", err, out)
+	}
+	m.SWTPM = &SWTPM{StateDir: state}
+	for range 5 {
+		if m.port, err = freePortPair(); err != nil {
+			continue
+		}
+		if err = m.start(); err == nil {
+			break
+		}
+	}
+	if err != nil {
+		t.Fatalf("start swtpm: %v", err)
+	}
+	t.Cleanup(m.Stop)
+	return m
 }
 
 // TCTI returns the tpm2-tss TCTI string for tpm2-tools and openssl's tpm2

@@ -132,11 +132,23 @@ type Device struct {
 // it can be revoked) with OU groups and the given validity (0: 1 hour).
 func (e *Env) Device(t testing.TB, id string, validity time.Duration, groups ...string) *Device {
 	t.Helper()
+	return e.device(t, e.CA.IssueDevice, id, validity, groups)
+}
+
+// AttestedDevice is Device with a certificate carrying the attested
+// marker (as a TPM-attested enrollment gets).
+func (e *Env) AttestedDevice(t testing.TB, id string) *Device {
+	t.Helper()
+	return e.device(t, e.CA.IssueAttestedDevice, id, 0, nil)
+}
+
+func (e *Env) device(t testing.TB, issue func(crypto.PublicKey, string, []string, time.Duration) (*x509.Certificate, error), id string, validity time.Duration, groups []string) *Device {
+	t.Helper()
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if validity == 0 {
 		validity = time.Hour
 	}
-	leaf, err := e.CA.IssueDevice(key.Public(), id, groups, validity)
+	leaf, err := issue(key.Public(), id, groups, validity)
 	if err != nil {
 		t.Fatal(err)
 	}

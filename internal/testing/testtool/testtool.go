@@ -19,6 +19,7 @@ var packages = map[string]string{
 	"systemd-analyze":    "systemd",
 	"swtpm":              "swtpm",
 	"swtpm_setup":        "swtpm-tools",
+	"swtpm_localca":      "swtpm-tools",
 	"tpm2_load":          "tpm2-tools",
 	"tpm2_sign":          "tpm2-tools",
 	"tpm2_createprimary": "tpm2-tools",

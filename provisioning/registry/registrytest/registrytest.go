@@ -2,7 +2,8 @@
 // passes: token single use under 20-way concurrency, revocation burning
 // tokens and visible to other handles at once, re-enrollment racing a
 // revocation, idempotent enrollment replay, audit aggregation and
-// retention, the CA binding.
+// retention, the CA binding, token attestation policies and the one EK ↔
+// one device binding.
 package registrytest
 
 import (
@@ -10,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -44,6 +46,8 @@ func Run(t *testing.T, b Backend) {
 		{"CABinding", testBinding},
 		{"ChangesSignalRevocation", testChanges},
 		{"GatewayChildren", testChildren},
+		{"TokenAttestPolicy", testTokenAttest},
+		{"EKBinding", testEKBinding},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) { tc.fn(t, b) })
@@ -533,5 +537,98 @@ func testChildren(t *testing.T, b Backend) {
 	}
 	if got, _ := r.Children(ctx, "nobody"); len(got) != 0 {
 		t.Errorf("children of a device that is no gateway: %v", got)
+	}
+}
+
+func testTokenAttest(t *testing.T, b Backend) {
+	r, _ := b.Create(t, Root)
+	ctx := t.Context()
+	for _, a := range []string{registry.AttestDefault, registry.AttestRequired, registry.AttestOptional} {
+		toks, err := r.CreateTokensWith(ctx, []string{"dev-" + a}, registry.TokenOptions{TTL: time.Hour, Attest: a})
+		if err != nil {
+			t.Fatal(err)
+		}
+		g, err := r.CheckToken(ctx, "dev-"+a, toks[0])
+		if err != nil || g.Attest != a {
+			t.Fatalf("grant attest = %q, %v; want %q", g.Attest, err, a)
+		}
+	}
+	if _, err := r.CreateTokensWith(ctx, []string{"dev"}, registry.TokenOptions{TTL: time.Hour, Attest: "sometimes"}); err == nil {
+		t.Fatal("attestation policy \"sometimes\" accepted")
+	}
+}
+
+// enrollEK enrolls id with a certificate attested by ek.
+func enrollEK(t *testing.T, r registry.Registry, id string, ek registry.EK) error {
+	t.Helper()
+	tok, err := r.CreateToken(t.Context(), id, "", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := r.CheckToken(t.Context(), id, tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := cert(id, "spki-"+id)
+	c.EK = ek
+	return r.Enrolled(t.Context(), g, c, "127.0.0.1:1")
+}
+
+func testEKBinding(t *testing.T, b Backend) {
+	r, _ := b.Create(t, Root)
+	ctx := t.Context()
+	ek1 := registry.EK{SHA256: "e1", Issuer: "CN=mfr", Serial: "1"}
+	ek2 := registry.EK{SHA256: "e2", Issuer: "CN=mfr", Serial: "2"}
+	if err := enrollEK(t, r, "a", ek1); err != nil {
+		t.Fatal(err)
+	}
+	if d, err := r.Device(ctx, "a"); err != nil || d.EK != "e1" {
+		t.Fatalf("device a EK = %q, %v", d.EK, err)
+	}
+	if ev, _, _ := r.Events(ctx, 0, 1000); !slices.ContainsFunc(ev, func(e registry.Event) bool {
+		return e.Event == "enroll" && e.DeviceID == "a" && strings.Contains(e.Reason, "TPM-attested: EK e1")
+	}) {
+		t.Fatal("the attested enrollment's audit record does not name the EK")
+	}
+	if err := enrollEK(t, r, "a", ek1); err != nil {
+		t.Fatalf("same device, same EK again: %v", err)
+	}
+	if err := enrollEK(t, r, "b", ek1); !errors.Is(err, registry.ErrEKBound) {
+		t.Fatalf("second device from the same TPM: %v, want ErrEKBound", err)
+	}
+	if err := enrollEK(t, r, "a", ek2); !errors.Is(err, registry.ErrEKBound) {
+		t.Fatalf("same device from another TPM: %v, want ErrEKBound", err)
+	}
+	if err := enrollEK(t, r, "a", registry.EK{}); !errors.Is(err, registry.ErrEKBound) {
+		t.Fatalf("bound device without attestation: %v, want ErrEKBound", err)
+	}
+	if _, err := r.Device(ctx, "b"); err != nil {
+		t.Fatal(err)
+	}
+	// nothing half-written by the refusals: b has no certificate, no EK
+	if d, _ := r.Device(ctx, "b"); d.EK != "" || d.Certificates != 0 {
+		t.Fatalf("refused device b = %+v", d)
+	}
+	if err := r.ReleaseEK(ctx, "b", "none"); !errors.Is(err, registry.ErrNotFound) {
+		t.Fatalf("ReleaseEK(unbound) = %v, want ErrNotFound", err)
+	}
+	if err := r.ReleaseEK(ctx, "a", "board replaced (ticket 7)"); err != nil {
+		t.Fatal(err)
+	}
+	if err := enrollEK(t, r, "a", ek2); err != nil {
+		t.Fatalf("after release, another TPM: %v", err)
+	}
+	if err := enrollEK(t, r, "b", ek1); err != nil {
+		t.Fatalf("after release, the old TPM for another device: %v", err)
+	}
+	certs, err := r.Certificates(ctx, "a")
+	if err != nil || len(certs) != 3 || certs[0].EK.SHA256 != "e2" {
+		t.Fatalf("certificates of a = %+v, %v", certs, err)
+	}
+	ev, _, _ := r.Events(ctx, 0, 1000)
+	if !slices.ContainsFunc(ev, func(e registry.Event) bool {
+		return e.Event == "ek_release" && e.DeviceID == "a" && e.Reason == "EK e1 released: board replaced (ticket 7)"
+	}) {
+		t.Fatalf("no ek_release audit record in %+v", ev)
 	}
 }

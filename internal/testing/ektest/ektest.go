@@ -1,0 +1,247 @@
+// Package ektest manufactures TPMs for attestation tests: a test TPM
+// manufacturer CA (made at test time) and an EK certificate for a TPM's
+// RSA endorsement key, written to the NV index of the TCG EK Credential
+// Profile (0x01c00002) as a TPM vendor does at the factory.
+package ektest
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/asn1"
+	"errors"
+	"math/big"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
+
+	"github.com/mqtls/mqtls/hardware/tpm"
+	"github.com/mqtls/mqtls/internal/testing/testpki"
+)
+
+// Manufacturer is a test TPM manufacturer: a root and an issuing CA.
+type Manufacturer struct{ *testpki.CA }
+
+// NewManufacturer creates a fresh manufacturer CA.
+func NewManufacturer(t testing.TB) *Manufacturer {
+	t.Helper()
+	return &Manufacturer{testpki.New(t)}
+}
+
+// Pools returns the roots and intermediates an EST server trusts for EK
+// certificates of this manufacturer.
+func (m *Manufacturer) Pools() (roots, inter *x509.CertPool) {
+	inter = x509.NewCertPool()
+	inter.AddCert(m.Issuing)
+	return m.Pool(), inter
+}
+
+// EKCert issues an EK certificate for pub shaped like a vendor's: EKU
+// tcg-kp-EKCertificate, key usage keyEncipherment, and a critical subject
+// alternative name holding only the TPM manufacturer, model and version
+// (a directoryName).
+func (m *Manufacturer) EKCert(t testing.TB, pub crypto.PublicKey) []byte {
+	t.Helper()
+	san := sanDirName(t)
+	serial, _ := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 64))
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial.Add(serial, big.NewInt(1)),
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(24 * time.Hour),
+		KeyUsage:              x509.KeyUsageKeyEncipherment,
+		UnknownExtKeyUsage:    []asn1.ObjectIdentifier{{2, 23, 133, 8, 1}},
+		BasicConstraintsValid: true,
+		ExtraExtensions:       []pkix.Extension{{Id: asn1.ObjectIdentifier{2, 5, 29, 17}, Critical: true, Value: san}},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, m.Issuing, pub, m.IssuingKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return der
+}
+
+func sanDirName(t testing.TB) []byte {
+	t.Helper()
+	type atv struct {
+		Type  asn1.ObjectIdentifier
+		Value string `asn1:"utf8"`
+	}
+	name, err := asn1.Marshal([]([]atv){
+		{{asn1.ObjectIdentifier{2, 23, 133, 2, 1}, "id:4D514C53"}},
+		{{asn1.ObjectIdentifier{2, 23, 133, 2, 2}, "mqtls-test"}},
+		{{asn1.ObjectIdentifier{2, 23, 133, 2, 3}, "id:00010001"}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// GeneralNames ::= SEQUENCE OF GeneralName; directoryName [4] EXPLICIT Name
+	dir, err := asn1.Marshal(asn1.RawValue{Class: asn1.ClassContextSpecific, Tag: 4, IsCompound: true, Bytes: name})
+	if err != nil {
+		t.Fatal(err)
+	}
+	seq, err := asn1.Marshal(asn1.RawValue{Class: asn1.ClassUniversal, Tag: asn1.TagSequence, IsCompound: true, Bytes: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return seq
+}
+
+// EKPublic returns the public key of the TPM's EK made from template
+// (tpm2.RSAEKTemplate or tpm2.ECCEKTemplate).
+func EKPublic(t testing.TB, tr transport.TPM, template tpm2.TPMTPublic) crypto.PublicKey {
+	t.Helper()
+	rsp, err := tpm2.CreatePrimary{
+		PrimaryHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHEndorsement, Auth: tpm2.PasswordAuth(nil)},
+		InPublic:      tpm2.New2B(template),
+	}.Execute(tr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tpm2.FlushContext{FlushHandle: rsp.ObjectHandle}.Execute(tr)
+	p, err := rsp.OutPublic.Contents()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, err := tpm2.Pub(*p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pub
+}
+
+// WriteEKCert (re)defines an EK certificate NV index (tpm.EKCertIndexRSA,
+// tpm.EKCertIndexECC) with platform authorization and writes der to it.
+func WriteEKCert(t testing.TB, tr transport.TPM, index tpm2.TPMHandle, der []byte) {
+	t.Helper()
+	platform := tpm2.AuthHandle{Handle: tpm2.TPMRHPlatform, Auth: tpm2.PasswordAuth(nil)}
+	RemoveEKCert(t, tr, index)
+	if _, err := (tpm2.NVDefineSpace{
+		AuthHandle: platform,
+		PublicInfo: tpm2.New2B(tpm2.TPMSNVPublic{
+			NVIndex: index,
+			NameAlg: tpm2.TPMAlgSHA256,
+			Attributes: tpm2.TPMANV{PPWrite: true, PPRead: true, OwnerRead: true, AuthRead: true, NoDA: true,
+				PlatformCreate: true, NT: tpm2.TPMNTOrdinary},
+			DataSize: uint16(len(der)),
+		}),
+	}).Execute(tr); err != nil {
+		t.Fatal(err)
+	}
+	pub, err := tpm2.NVReadPublic{NVIndex: index}.Execute(tr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for off := 0; off < len(der); off += 512 {
+		end := min(off+512, len(der))
+		if _, err := (tpm2.NVWrite{
+			AuthHandle: platform,
+			NVIndex:    tpm2.NamedHandle{Handle: index, Name: pub.NVName},
+			Data:       tpm2.TPM2BMaxNVBuffer{Buffer: der[off:end]},
+			Offset:     uint16(off),
+		}).Execute(tr); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// RemoveEKCert undefines an EK certificate NV index, if defined.
+func RemoveEKCert(t testing.TB, tr transport.TPM, index tpm2.TPMHandle) {
+	t.Helper()
+	platform := tpm2.AuthHandle{Handle: tpm2.TPMRHPlatform, Auth: tpm2.PasswordAuth(nil)}
+	old, err := tpm2.NVReadPublic{NVIndex: index}.Execute(tr)
+	if errors.Is(err, tpm2.TPMRCHandle) {
+		return
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := (tpm2.NVUndefineSpace{AuthHandle: platform, NVIndex: tpm2.NamedHandle{Handle: index, Name: old.NVName}}).Execute(tr); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// DuplicableKey creates, in the TPM behind tr, an ECC P-256 signing key
+// that may leave its TPM (fixedTPM and fixedParent clear) and writes it as
+// dir/name.tpmkey, where a tpm.Store finds it.
+func DuplicableKey(t testing.TB, tr transport.TPM, dir, name string) {
+	t.Helper()
+	srk, err := tpm2.CreatePrimary{
+		PrimaryHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)},
+		InPublic:      tpm2.New2B(tpm.SRKTemplate()),
+	}.Execute(tr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tpm2.FlushContext{FlushHandle: srk.ObjectHandle}.Execute(tr)
+	rsp, err := tpm2.Create{
+		ParentHandle: tpm2.AuthHandle{Handle: srk.ObjectHandle, Name: srk.Name, Auth: tpm2.PasswordAuth(nil)},
+		InPublic: tpm2.New2B(tpm2.TPMTPublic{
+			Type:    tpm2.TPMAlgECC,
+			NameAlg: tpm2.TPMAlgSHA256,
+			ObjectAttributes: tpm2.TPMAObject{
+				SensitiveDataOrigin: true, UserWithAuth: true, NoDA: true, SignEncrypt: true,
+			},
+			Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &tpm2.TPMSECCParms{
+				Scheme:  tpm2.TPMTECCScheme{Scheme: tpm2.TPMAlgNull},
+				CurveID: tpm2.TPMECCNistP256,
+				KDF:     tpm2.TPMTKDFScheme{Scheme: tpm2.TPMAlgNull},
+			}),
+			Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{}),
+		}),
+	}.Execute(tr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, name+tpm.KeyFileExt), tpm.KeyFile(rsp.OutPublic, rsp.OutPrivate), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// ForeignAK returns the public area (TPM2B_PUBLIC) of an attestation key
+// shaped like a TPM's (restricted ECDSA signing key, fixedTPM) whose key
+// lives in no TPM this test knows: an AK "from another TPM".
+func ForeignAK(t testing.TB) []byte {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := tpm2.TPMTPublic{
+		Type:    tpm2.TPMAlgECC,
+		NameAlg: tpm2.TPMAlgSHA256,
+		ObjectAttributes: tpm2.TPMAObject{
+			FixedTPM: true, FixedParent: true, SensitiveDataOrigin: true, UserWithAuth: true, NoDA: true,
+			Restricted: true, SignEncrypt: true,
+		},
+		Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &tpm2.TPMSECCParms{
+			Scheme: tpm2.TPMTECCScheme{
+				Scheme:  tpm2.TPMAlgECDSA,
+				Details: tpm2.NewTPMUAsymScheme(tpm2.TPMAlgECDSA, &tpm2.TPMSSigSchemeECDSA{HashAlg: tpm2.TPMAlgSHA256}),
+			},
+			CurveID: tpm2.TPMECCNistP256,
+			KDF:     tpm2.TPMTKDFScheme{Scheme: tpm2.TPMAlgNull},
+		}),
+		Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{
+			X: tpm2.TPM2BECCParameter{Buffer: k.X.FillBytes(make([]byte, 32))},
+			Y: tpm2.TPM2BECCParameter{Buffer: k.Y.FillBytes(make([]byte, 32))},
+		}),
+	}
+	return tpm2.Marshal(tpm2.New2B(pub))
+}
+
+// EKPublicOf returns the public key of an EK certificate (DER).
+func EKPublicOf(t testing.TB, der []byte) crypto.PublicKey {
+	t.Helper()
+	c, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c.PublicKey
+}

@@ -1,0 +1,82 @@
+package attest_test
+
+import (
+	"encoding/pem"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"crypto/x509"
+
+	"github.com/mqtls/mqtls/internal/testing/ektest"
+	"github.com/mqtls/mqtls/internal/testing/testpki"
+	"github.com/mqtls/mqtls/provisioning/attest"
+)
+
+// crypto/x509 leaves a critical SAN holding only a directoryName (as TCG
+// EK certificates have) unhandled, so Verify fails; ParseEKCertificate
+// works around it. When this test fails, crypto/x509 changed: drop the
+// workaround.
+func TestGoLeavesTCGSANUnhandled(t *testing.T) {
+	m := ektest.NewManufacturer(t)
+	der := m.EKCert(t, testpki.NewKey(t).Public())
+	c, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.UnhandledCriticalExtensions) != 1 || !c.UnhandledCriticalExtensions[0].Equal([]int{2, 5, 29, 17}) {
+		t.Fatalf("crypto/x509 unhandled critical extensions = %v: the TCG SAN workaround may be obsolete", c.UnhandledCriticalExtensions)
+	}
+	roots, inter := m.Pools()
+	if _, err := c.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err == nil {
+		t.Fatal("crypto/x509 verifies an EK certificate with the TCG SAN: the workaround is obsolete")
+	}
+	ek, err := attest.ParseEKCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ek.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+		t.Fatalf("EK certificate after the workaround: %v", err)
+	}
+}
+
+func TestLoadRootsFailsClosed(t *testing.T) {
+	m := ektest.NewManufacturer(t)
+	dir := t.TempDir()
+	write := func(name string, data []byte) string {
+		p := filepath.Join(dir, name)
+		os.MkdirAll(filepath.Dir(p), 0o700)
+		if err := os.WriteFile(p, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	pemOf := func(c *x509.Certificate) []byte {
+		return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})
+	}
+	empty := t.TempDir()
+	leaf := m.EKCert(t, testpki.NewKey(t).Public())
+	for _, tc := range []struct{ name, path, want string }{
+		{"missing", filepath.Join(dir, "nope"), "no such file"},
+		{"empty directory", empty, "no TPM CA certificate"},
+		{"garbage", write("garbage.pem", []byte("not a certificate")), "neither PEM certificates nor one DER"},
+		{"garbage in a directory", filepath.Dir(write("x/garbage.crt", []byte("not a certificate"))), "neither PEM certificates nor one DER"},
+		{"not a CA", write("leaf.der", leaf), "is not a CA certificate"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if _, _, err := attest.LoadRoots(tc.path); err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("LoadRoots = %v, want %q", err, tc.want)
+			}
+		})
+	}
+	good := t.TempDir()
+	os.WriteFile(filepath.Join(good, "root.pem"), append(pemOf(m.Root), pemOf(m.Issuing)...), 0o600)
+	os.WriteFile(filepath.Join(good, "issuing.der"), m.Issuing.Raw, 0o600)
+	os.WriteFile(filepath.Join(good, "signkey.pem"), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: []byte("x")}), 0o600)
+	os.WriteFile(filepath.Join(good, ".lock"), nil, 0o600)
+	os.WriteFile(filepath.Join(good, "certserial"), []byte("3"), 0o600)
+	if _, n, err := attest.LoadRoots(good); err != nil || n != 3 {
+		t.Fatalf("LoadRoots(good) = %d, %v", n, err)
+	}
+}
