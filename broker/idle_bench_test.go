@@ -1,7 +1,6 @@
 package broker_test
 
 import (
-	"context"
 	"crypto/tls"
 	"fmt"
 	"io"
@@ -24,10 +23,12 @@ func BenchmarkIdleSession(b *testing.B) {
 	env := brokertest.Start(b, nil)
 	var devs []*brokertest.Device
 	var cfgs []*tls.Config
-	rawAddr := freeAddr(b)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go bench.ServeRawTLS(ctx, env.Dir, rawAddr)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	rawAddr := ln.Addr().String()
+	go bench.ServeRawTLS(b.Context(), env.Dir, ln)
 	for _, side := range []struct{ name, addr string }{{"raw", rawAddr}, {"broker", env.Addr}} {
 		b.Run(side.name, func(b *testing.B) {
 			for i := len(devs); i < b.N; i++ {
@@ -83,13 +84,4 @@ func dialConnect(addr string, cfg *tls.Config, id string) (net.Conn, error) {
 	}
 	conn.SetDeadline(time.Time{})
 	return conn, nil
-}
-
-func freeAddr(t testing.TB) string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
 }

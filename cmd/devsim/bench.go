@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"time"
@@ -53,5 +54,9 @@ func cmdBenchRawTLS(ctx context.Context, args []string, stdout, stderr io.Writer
 	if len(args) != 2 {
 		return cli.Usagef("usage: devsim bench-raw-tls DATA ADDR")
 	}
-	return bench.ServeRawTLS(ctx, args[0], args[1])
+	ln, err := net.Listen("tcp", args[1])
+	if err != nil {
+		return err
+	}
+	return bench.ServeRawTLS(ctx, args[0], ln)
 }

@@ -270,13 +270,15 @@ func printComparison(w io.Writer, cfg Config, a, r, m *Side) {
 	}
 }
 
-// ServeRawTLS is the reference server of Compare: a bare crypto/tls server
-// with the broker's TLS settings (TLS 1.2+, client certificate required and
-// verified against the root of the data directory, session tickets on)
-// and one goroutine per connection that answers CONNECT with CONNACK and
-// PINGREQ with PINGRESP through a 128-byte buffer, until DISCONNECT. It
-// serves until ctx ends.
-func ServeRawTLS(ctx context.Context, data, addr string) error {
+// ServeRawTLS is the reference server of Compare (and of the broker's
+// BenchmarkConnectCPU): a bare crypto/tls server on ln with the broker's
+// TLS settings (TLS 1.2+, client certificate required and verified against
+// the root of the data directory, session tickets on) and one goroutine
+// per connection that answers CONNECT with CONNACK and PINGREQ with
+// PINGRESP through a 128-byte buffer, until DISCONNECT. It serves until
+// ctx ends, then closes ln.
+func ServeRawTLS(ctx context.Context, data string, ln net.Listener) error {
+	defer ln.Close()
 	c, err := ca.Load(data)
 	if err != nil {
 		return err
@@ -285,15 +287,12 @@ func ServeRawTLS(ctx context.Context, data, addr string) error {
 	if err != nil {
 		return err
 	}
-	ln, err := tls.Listen("tcp", addr, &tls.Config{
+	tln := tls.NewListener(ln, &tls.Config{
 		Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: c.Pool(), MinVersion: tls.VersionTLS12,
 	})
-	if err != nil {
-		return err
-	}
 	go func() { <-ctx.Done(); ln.Close() }()
 	for {
-		conn, err := ln.Accept()
+		conn, err := tln.Accept()
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
