@@ -248,6 +248,11 @@ func New(cfg Config) (*Broker, error) {
 		Logger:                 mlog,
 		SysTopicResendInterval: 10,
 		InlineClient:           cfg.Cluster != nil, // delivers other nodes' messages
+		// Mochi reads each client through a bufio.Reader held for the
+		// session's life (default 2 KiB) on top of crypto/tls, which buffers
+		// a whole record itself: 512 bytes hold a telemetry PUBLISH or an
+		// ack, larger packets are read straight into their own buffer.
+		ClientNetReadBufferSize: 512,
 	})
 	b.inline = &session{flow: flowState{drained: make(chan struct{}, 1)}}
 	if err := b.mochi.AddHook(&authHook{b: b}, nil); err != nil {

@@ -21,6 +21,7 @@ import (
 	"github.com/mqtls/mqtls/broker"
 	"github.com/mqtls/mqtls/keystore"
 	"github.com/mqtls/mqtls/provisioning/ca"
+	"github.com/mqtls/mqtls/sim/bench"
 )
 
 // TestHelperConnectServer is not a test: BenchmarkConnectCPU runs it in a
@@ -53,37 +54,15 @@ func TestHelperConnectServer(t *testing.T) {
 		defer b.Close()
 		addr = b.Addr().String()
 	case "raw":
-		ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{
-			Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: c.Pool(), MinVersion: tls.VersionTLS12,
-		})
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer ln.Close()
 		addr = ln.Addr().String()
-		go func() {
-			for {
-				conn, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				go rawMQTT(conn)
-			}
-		}()
+		go bench.ServeRawTLS(t.Context(), dir, ln)
 	}
 	fmt.Printf("ADDR %s\n", addr)
 	io.Copy(io.Discard, os.Stdin) // run until the parent closes stdin
-}
-
-// rawMQTT reads one CONNECT, answers CONNACK and waits for the close.
-func rawMQTT(conn net.Conn) {
-	defer conn.Close()
-	r := bufio.NewReader(conn)
-	if _, err := readPacket(r); err != nil {
-		return
-	}
-	conn.Write([]byte{0x20, 0x02, 0x00, 0x00})
-	io.Copy(io.Discard, r)
 }
 
 func readPacket(r *bufio.Reader) ([]byte, error) {

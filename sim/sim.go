@@ -118,6 +118,7 @@ type ServerStats struct {
 	RSSBeforeKB   int64   `json:"rss_before_kb"`
 	RSSIdleKB     int64   `json:"rss_connected_kb"` // after the connect phase, before traffic
 	RSSPerSession float64 `json:"rss_per_session_kb"`
+	RSSAfterKB    int64   `json:"rss_after_kb"` // at the end of the traffic phase
 }
 
 // Report is the result of a run.
@@ -331,8 +332,9 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	}
 	rep.TrafficSeconds = time.Since(t2).Seconds()
 	if srv != nil {
-		cpu1, _ := procStats(cfg.ServerPID)
+		cpu1, rss := procStats(cfg.ServerPID)
 		srv.CPUTrafficMS = float64(cpu1-cpu0) / 1e6
+		srv.RSSAfterKB = rss
 		rep.Server = srv
 	}
 	rep.Interrupted = ctx.Err() != nil

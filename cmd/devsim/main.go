@@ -39,13 +39,14 @@ Run "devsim <command> -h" for its flags.
 
 func commands(stdin io.Reader) map[string]cli.Command {
 	return map[string]cli.Command{
-		"enroll": cmdEnroll,
-		"renew":  cmdRenew,
-		"pub":    cmdPub(stdin),
-		"run":    cmdRun,
-		"bench":  cmdBench,
-		"sub":    cmdSub,
-		"demo":   cmdDemo,
+		"enroll":        cmdEnroll,
+		"renew":         cmdRenew,
+		"pub":           cmdPub(stdin),
+		"run":           cmdRun,
+		"bench":         cmdBench,
+		"bench-raw-tls": cmdBenchRawTLS, // hidden: devsim bench's reference server
+		"sub":           cmdSub,
+		"demo":          cmdDemo,
 	}
 }
 
