@@ -45,6 +45,7 @@ import (
 	"math/big"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -280,10 +281,23 @@ func (v *Verifier) checkEK(der []byte, now time.Time) (EK, crypto.PublicKey, err
 		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
 		return EK{}, nil, refuse("ek_untrusted", "EK certificate (issuer %q) does not chain to a configured TPM manufacturer CA (--tpm-ca): %v", cert.Issuer.String(), err)
 	}
+	// Only an EK certificate vouches for a TPM: a manufacturer CA may
+	// sign other certificates (a CA, a TLS server) whose key is anywhere.
+	usage := x509.KeyUsageKeyEncipherment
 	switch cert.PublicKey.(type) {
-	case *rsa.PublicKey, *ecdsa.PublicKey:
+	case *rsa.PublicKey:
+	case *ecdsa.PublicKey:
+		usage = x509.KeyUsageKeyAgreement
 	default:
 		return EK{}, nil, refuse("ek_unsupported", "EK key type %T (want RSA or ECC)", cert.PublicKey)
+	}
+	switch {
+	case cert.IsCA:
+		return EK{}, nil, refuse("ek_usage", "the EK certificate %q is a CA certificate, not an EK certificate", cert.Subject.String())
+	case (len(cert.ExtKeyUsage) > 0 || len(cert.UnknownExtKeyUsage) > 0) && !slices.ContainsFunc(cert.UnknownExtKeyUsage, oidEKCertificate.Equal):
+		return EK{}, nil, refuse("ek_usage", "the EK certificate's extended key usage lacks tcg-kp-EKCertificate (2.23.133.8.1): not an EK certificate")
+	case cert.KeyUsage != 0 && cert.KeyUsage&usage == 0:
+		return EK{}, nil, refuse("ek_usage", "the EK certificate's key usage (0x%x) lacks %s for its key type: not an EK certificate", int(cert.KeyUsage), map[x509.KeyUsage]string{x509.KeyUsageKeyEncipherment: "keyEncipherment", x509.KeyUsageKeyAgreement: "keyAgreement"}[usage])
 	}
 	return EK{SHA256: Fingerprint(cert), Issuer: cert.Issuer.String(), Serial: cert.SerialNumber.Text(16)}, cert.PublicKey, nil
 }
@@ -296,7 +310,10 @@ func Fingerprint(ekCert *x509.Certificate) string {
 	return hex.EncodeToString(sum[:])
 }
 
-var oidSAN = asn1.ObjectIdentifier{2, 5, 29, 17}
+var (
+	oidSAN           = asn1.ObjectIdentifier{2, 5, 29, 17}
+	oidEKCertificate = asn1.ObjectIdentifier{2, 23, 133, 8, 1} // tcg-kp-EKCertificate
+)
 
 // ParseEKCertificate parses an EK certificate. TCG EK certificates carry a
 // critical subject alternative name holding only a directoryName (TPM

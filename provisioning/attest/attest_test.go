@@ -1,7 +1,11 @@
 package attest_test
 
 import (
+	"crypto"
+	"crypto/rand"
+	"crypto/rsa"
 	"encoding/pem"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -78,5 +82,49 @@ func TestLoadRootsFailsClosed(t *testing.T) {
 	os.WriteFile(filepath.Join(good, "certserial"), []byte("3"), 0o600)
 	if _, n, err := attest.LoadRoots(good); err != nil || n != 3 {
 		t.Fatalf("LoadRoots(good) = %d, %v", n, err)
+	}
+}
+
+// Only an EK certificate vouches for a TPM: another certificate of the
+// manufacturer CA (a TLS server's, a CA's) names a key that may live
+// anywhere, so the credential made for it proves nothing.
+func TestChallengeRefusesNonEKCertificates(t *testing.T) {
+	m := ektest.NewManufacturer(t)
+	roots, inter := m.Pools()
+	v, err := attest.New(attest.Config{Roots: roots, Intermediates: inter})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rsaKey, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ecKey := testpki.NewKey(t).Public()
+	for _, tc := range []struct {
+		name  string
+		pub   crypto.PublicKey
+		tweak func(*x509.Certificate)
+		label string // "": accepted
+	}{
+		{"RSA EK certificate", &rsaKey.PublicKey, func(*x509.Certificate) {}, ""},
+		{"ECC EK certificate", ecKey, func(*x509.Certificate) {}, ""},
+		{"EK certificate without EKU or key usage", ecKey, func(c *x509.Certificate) { c.UnknownExtKeyUsage, c.KeyUsage = nil, 0 }, ""},
+		{"TLS server certificate", &rsaKey.PublicKey, func(c *x509.Certificate) {
+			c.UnknownExtKeyUsage, c.ExtKeyUsage = nil, []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}
+		}, "ek_usage"},
+		{"CA certificate", &rsaKey.PublicKey, func(c *x509.Certificate) { c.IsCA, c.KeyUsage = true, c.KeyUsage|x509.KeyUsageCertSign }, "ek_usage"},
+		{"RSA signing key", &rsaKey.PublicKey, func(c *x509.Certificate) { c.KeyUsage = x509.KeyUsageDigitalSignature }, "ek_usage"},
+		{"ECC key without keyAgreement", ecKey, func(c *x509.Certificate) { c.KeyUsage = x509.KeyUsageKeyEncipherment }, "ek_usage"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := v.Challenge("dev", attest.Binding("tok"), m.EKCert(t, tc.pub, tc.tweak), ektest.ForeignAK(t))
+			var ae *attest.Error
+			switch {
+			case tc.label == "" && err != nil:
+				t.Fatalf("refused: %v", err)
+			case tc.label != "" && (!errors.As(err, &ae) || ae.Label != tc.label):
+				t.Fatalf("got %v; want refusal %q", err, tc.label)
+			}
+		})
 	}
 }

@@ -4,8 +4,10 @@ package server_test
 
 import (
 	"crypto"
+	"crypto/ecdsa"
 	"crypto/rand"
 	"crypto/rsa"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"math/big"
@@ -292,6 +294,14 @@ func TestAttestationRefusals(t *testing.T) {
 		_, err := client(t, env).RequestAttestChallenge(ctx, f.id, f.tok, provisioning.AttestRequest{EKCertificate: rogue.EKCert(t, ektest.EKPublicOf(t, f.att.EKCertificate())), AKPublic: f.att.AKPublic()})
 		wantRefused(t, env, err, http.StatusForbidden, "does not chain to a configured TPM manufacturer CA")
 	})
+	t.Run("manufacturer certificate that is not an EK certificate", func(t *testing.T) {
+		f := prepare(t, env, store, "not-ek")
+		tls := mfr.EKCert(t, ektest.EKPublicOf(t, f.att.EKCertificate()), func(c *x509.Certificate) {
+			c.UnknownExtKeyUsage, c.ExtKeyUsage = nil, []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}
+		})
+		_, err := client(t, env).RequestAttestChallenge(ctx, f.id, f.tok, provisioning.AttestRequest{EKCertificate: tls, AKPublic: f.att.AKPublic()})
+		wantRefused(t, env, err, http.StatusForbidden, "not an EK certificate")
+	})
 	t.Run("wrong activation secret", func(t *testing.T) {
 		f := prepare(t, env, store, "wrong-secret")
 		f.ev.Secret[0] ^= 1
@@ -359,6 +369,35 @@ func TestAttestationRefusals(t *testing.T) {
 		f := prepare(t, env, store, "tampered-info")
 		f.ev.CertifyInfo[len(f.ev.CertifyInfo)-1] ^= 1
 		wantRefused(t, env, f.enroll(t, f.key), http.StatusForbidden, "signature over the certify info does not verify")
+	})
+	t.Run("software key loaded into the TPM with TPM2_LoadExternal", func(t *testing.T) {
+		f := prepare(t, env, store, "external-key")
+		tr, err := tpmsim.OpenSeed(simSeed)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer tr.Close()
+		soft := testpki.NewKey(t)
+		f.ev.Secret, f.ev.KeyPublic, f.ev.CertifyInfo, f.ev.Signature, err = ektest.ExternalKeyEvidence(t, tr, tpm2.RSAEKTemplate, soft.Public().(*ecdsa.PublicKey),
+			func(ak []byte) ([]byte, []byte, []byte) {
+				ch, err := client(t, env).RequestAttestChallenge(ctx, f.id, f.tok, provisioning.AttestRequest{EKCertificate: f.att.EKCertificate(), AKPublic: ak})
+				if err != nil {
+					t.Fatal(err)
+				}
+				f.ev.ChallengeID = ch.ID
+				return ch.Credential, ch.Secret, ch.Nonce
+			})
+		// The server trusts fixedTPM in a certified public area because a
+		// TPM authorizes no use (TPM2_Certify included) of an object loaded
+		// without its private part: if that changes, the enrollment below
+		// shows what a software key would get.
+		if errors.Is(err, tpm2.TPMRCAuthUnavailable) {
+			return
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		wantRefused(t, env, f.enroll(t, soft), http.StatusForbidden, "TPM")
 	})
 	t.Run("EK bound to another device", func(t *testing.T) {
 		f := prepare(t, env, store, "first-of-tpm")

@@ -44,10 +44,11 @@ func (m *Manufacturer) Pools() (roots, inter *x509.CertPool) {
 }
 
 // EKCert issues an EK certificate for pub shaped like a vendor's: EKU
-// tcg-kp-EKCertificate, key usage keyEncipherment, and a critical subject
-// alternative name holding only the TPM manufacturer, model and version
-// (a directoryName).
-func (m *Manufacturer) EKCert(t testing.TB, pub crypto.PublicKey) []byte {
+// tcg-kp-EKCertificate, key usage keyEncipherment (RSA) or keyAgreement
+// (ECC), and a critical subject alternative name holding only the TPM
+// manufacturer, model and version (a directoryName). Each tweak may change
+// the template before it is signed.
+func (m *Manufacturer) EKCert(t testing.TB, pub crypto.PublicKey, tweaks ...func(*x509.Certificate)) []byte {
 	t.Helper()
 	san := sanDirName(t)
 	serial, _ := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 64))
@@ -59,6 +60,12 @@ func (m *Manufacturer) EKCert(t testing.TB, pub crypto.PublicKey) []byte {
 		UnknownExtKeyUsage:    []asn1.ObjectIdentifier{{2, 23, 133, 8, 1}},
 		BasicConstraintsValid: true,
 		ExtraExtensions:       []pkix.Extension{{Id: asn1.ObjectIdentifier{2, 5, 29, 17}, Critical: true, Value: san}},
+	}
+	if _, ok := pub.(*ecdsa.PublicKey); ok {
+		tmpl.KeyUsage = x509.KeyUsageKeyAgreement
+	}
+	for _, tw := range tweaks {
+		tw(tmpl)
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, m.Issuing, pub, m.IssuingKey)
 	if err != nil {
@@ -244,4 +251,119 @@ func EKPublicOf(t testing.TB, der []byte) crypto.PublicKey {
 		t.Fatal(err)
 	}
 	return c.PublicKey
+}
+
+// ExternalKeyEvidence plays a device that cheats with a genuine TPM: it
+// makes an AK in the TPM behind tr (owner hierarchy), asks challenge for a
+// credential bound to it, activates it with the EK made from ekTemplate,
+// then loads only the public part of the software key pub into the TPM
+// (TPM2_LoadExternal, claiming fixedTPM, fixedParent and
+// sensitiveDataOrigin) and has the AK certify it. It returns the evidence:
+// the activated secret, the key's public area, the certify info and the
+// AK's signature, or the TPM's refusal to certify (the reference TPM
+// authorizes no use of a public-only object).
+func ExternalKeyEvidence(t testing.TB, tr transport.TPM, ekTemplate tpm2.TPMTPublic, pub *ecdsa.PublicKey,
+	challenge func(akPublic []byte) (credential, secret, nonce []byte)) (activated, keyPublic, info, sig []byte, err error) {
+	t.Helper()
+	owner := tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)}
+	akPub, err := tpm2.Unmarshal[tpm2.TPM2BPublic](ForeignAK(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl, err := akPub.Contents()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl.Unique = tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{})
+	ak, err := tpm2.CreatePrimary{PrimaryHandle: owner, InPublic: tpm2.New2B(*tmpl)}.Execute(tr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tpm2.FlushContext{FlushHandle: ak.ObjectHandle}.Execute(tr)
+	cred, enc, nonce := challenge(tpm2.Marshal(ak.OutPublic))
+
+	ek, err := tpm2.CreatePrimary{
+		PrimaryHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHEndorsement, Auth: tpm2.PasswordAuth(nil)},
+		InPublic:      tpm2.New2B(ekTemplate),
+	}.Execute(tr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sess, closeSess, err := tpm2.PolicySession(tr, tpm2.TPMAlgSHA256, 16)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeSess()
+	if _, err := (tpm2.PolicySecret{AuthHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHEndorsement, Auth: tpm2.PasswordAuth(nil)},
+		PolicySession: sess.Handle(), NonceTPM: sess.NonceTPM()}).Execute(tr); err != nil {
+		t.Fatal(err)
+	}
+	blob, err := tpm2.Unmarshal[tpm2.TPM2BIDObject](cred)
+	if err != nil {
+		t.Fatal(err)
+	}
+	encSecret, err := tpm2.Unmarshal[tpm2.TPM2BEncryptedSecret](enc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	act, err := tpm2.ActivateCredential{
+		ActivateHandle: tpm2.AuthHandle{Handle: ak.ObjectHandle, Name: ak.Name, Auth: tpm2.PasswordAuth(nil)},
+		KeyHandle:      tpm2.AuthHandle{Handle: ek.ObjectHandle, Name: ek.Name, Auth: sess},
+		CredentialBlob: *blob,
+		Secret:         *encSecret,
+	}.Execute(tr)
+	tpm2.FlushContext{FlushHandle: ek.ObjectHandle}.Execute(tr) // room for the external key
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// A public-only object has no authValue: TPM2_Certify's admin role is
+	// met by a policy allowing TPM2_Certify.
+	pc, err := tpm2.NewPolicyCalculator(tpm2.TPMAlgSHA256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := (tpm2.PolicyCommandCode{Code: tpm2.TPMCCCertify}).Update(pc); err != nil {
+		t.Fatal(err)
+	}
+	soft := tpm2.New2B(tpm2.TPMTPublic{
+		Type:    tpm2.TPMAlgECC,
+		NameAlg: tpm2.TPMAlgSHA256,
+		ObjectAttributes: tpm2.TPMAObject{
+			FixedTPM: true, FixedParent: true, SensitiveDataOrigin: true, UserWithAuth: true, AdminWithPolicy: true, NoDA: true, SignEncrypt: true,
+		},
+		AuthPolicy: tpm2.TPM2BDigest{Buffer: pc.Hash().Digest},
+		Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &tpm2.TPMSECCParms{
+			Scheme:  tpm2.TPMTECCScheme{Scheme: tpm2.TPMAlgNull},
+			CurveID: tpm2.TPMECCNistP256,
+			KDF:     tpm2.TPMTKDFScheme{Scheme: tpm2.TPMAlgNull},
+		}),
+		Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{
+			X: tpm2.TPM2BECCParameter{Buffer: pub.X.FillBytes(make([]byte, 32))},
+			Y: tpm2.TPM2BECCParameter{Buffer: pub.Y.FillBytes(make([]byte, 32))},
+		}),
+	})
+	ext, err := tpm2.LoadExternal{InPublic: soft, Hierarchy: tpm2.TPMRHOwner}.Execute(tr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tpm2.FlushContext{FlushHandle: ext.ObjectHandle}.Execute(tr)
+	adm, closeAdm, err := tpm2.PolicySession(tr, tpm2.TPMAlgSHA256, 16)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeAdm()
+	if _, err := (tpm2.PolicyCommandCode{PolicySession: adm.Handle(), Code: tpm2.TPMCCCertify}).Execute(tr); err != nil {
+		t.Fatal(err)
+	}
+	rsp, err := tpm2.Certify{
+		ObjectHandle:   tpm2.AuthHandle{Handle: ext.ObjectHandle, Name: ext.Name, Auth: adm},
+		SignHandle:     tpm2.AuthHandle{Handle: ak.ObjectHandle, Name: ak.Name, Auth: tpm2.PasswordAuth(nil)},
+		QualifyingData: tpm2.TPM2BData{Buffer: nonce},
+		InScheme:       tpm2.TPMTSigScheme{Scheme: tpm2.TPMAlgNull},
+	}.Execute(tr)
+	if err != nil {
+		return nil, nil, nil, nil, err
+	}
+	return act.CertInfo.Buffer, tpm2.Marshal(soft), rsp.CertifyInfo.Bytes(), tpm2.Marshal(rsp.Signature), nil
 }
