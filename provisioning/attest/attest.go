@@ -240,6 +240,12 @@ func (v *Verifier) Verify(deviceID string, binding [32]byte, ev Evidence, key cr
 	if err != nil {
 		return EK{}, malformed("bad_evidence", "certify info: %v", err)
 	}
+	// go-tpm does not check the magic. Without it a restricted AK signs
+	// any structure the device wrote (TPM2_Hash's ticket only says the
+	// data does not start with TPM_GENERATED_VALUE).
+	if info.Magic.Check() != nil {
+		return EK{}, refuse("certify_forged", "the certify info was not made by a TPM (magic 0x%08x, want TPM_GENERATED_VALUE)", uint32(info.Magic))
+	}
 	if info.Type != tpm2.TPMSTAttestCertify {
 		return EK{}, refuse("certify_mismatch", "attestation structure is not a TPM2_Certify (type 0x%x)", uint16(info.Type))
 	}

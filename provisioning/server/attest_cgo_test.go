@@ -370,15 +370,16 @@ func TestAttestationRefusals(t *testing.T) {
 		f.ev.CertifyInfo[len(f.ev.CertifyInfo)-1] ^= 1
 		wantRefused(t, env, f.enroll(t, f.key), http.StatusForbidden, "signature over the certify info does not verify")
 	})
-	t.Run("software key loaded into the TPM with TPM2_LoadExternal", func(t *testing.T) {
-		f := prepare(t, env, store, "external-key")
+	// A device with a genuine TPM (AK activated) vouching for a software key.
+	cheat := func(t *testing.T, id string, how ektest.Cheat) (*flow, crypto.Signer, error) {
+		f := prepare(t, env, store, id)
 		tr, err := tpmsim.OpenSeed(simSeed)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer tr.Close()
 		soft := testpki.NewKey(t)
-		f.ev.Secret, f.ev.KeyPublic, f.ev.CertifyInfo, f.ev.Signature, err = ektest.ExternalKeyEvidence(t, tr, tpm2.RSAEKTemplate, soft.Public().(*ecdsa.PublicKey),
+		f.ev.Secret, f.ev.KeyPublic, f.ev.CertifyInfo, f.ev.Signature, err = ektest.CheatingEvidence(t, tr, tpm2.RSAEKTemplate, soft.Public().(*ecdsa.PublicKey), how,
 			func(ak []byte) ([]byte, []byte, []byte) {
 				ch, err := client(t, env).RequestAttestChallenge(ctx, f.id, f.tok, provisioning.AttestRequest{EKCertificate: f.att.EKCertificate(), AKPublic: ak})
 				if err != nil {
@@ -387,6 +388,10 @@ func TestAttestationRefusals(t *testing.T) {
 				f.ev.ChallengeID = ch.ID
 				return ch.Credential, ch.Secret, ch.Nonce
 			})
+		return f, soft, err
+	}
+	t.Run("software key loaded into the TPM with TPM2_LoadExternal", func(t *testing.T) {
+		f, soft, err := cheat(t, "external-key", ektest.LoadExternal)
 		// The server trusts fixedTPM in a certified public area because a
 		// TPM authorizes no use (TPM2_Certify included) of an object loaded
 		// without its private part: if that changes, the enrollment below
@@ -398,6 +403,13 @@ func TestAttestationRefusals(t *testing.T) {
 			t.Fatal(err)
 		}
 		wantRefused(t, env, f.enroll(t, soft), http.StatusForbidden, "TPM")
+	})
+	t.Run("certify info written by the device and signed by the AK", func(t *testing.T) {
+		f, soft, err := cheat(t, "forged-info", ektest.SignForgery)
+		if err != nil {
+			t.Fatal(err)
+		}
+		wantRefused(t, env, f.enroll(t, soft), http.StatusForbidden, "not made by a TPM")
 	})
 	t.Run("EK bound to another device", func(t *testing.T) {
 		f := prepare(t, env, store, "first-of-tpm")

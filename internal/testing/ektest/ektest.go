@@ -253,16 +253,29 @@ func EKPublicOf(t testing.TB, der []byte) crypto.PublicKey {
 	return c.PublicKey
 }
 
-// ExternalKeyEvidence plays a device that cheats with a genuine TPM: it
-// makes an AK in the TPM behind tr (owner hierarchy), asks challenge for a
+// Cheat is how a device with a genuine TPM tries to have a software key
+// pass as one of its TPM's.
+type Cheat int
+
+const (
+	// LoadExternal loads only the public part of the software key into the
+	// TPM (TPM2_LoadExternal) and has the AK certify it.
+	LoadExternal Cheat = iota
+	// SignForgery writes the TPMS_ATTEST itself, with a magic other than
+	// TPM_GENERATED_VALUE (a restricted key signs any digest of data not
+	// starting with it: TPM2_Hash then TPM2_Sign), and has the AK sign it.
+	SignForgery
+)
+
+// CheatingEvidence plays a device that cheats with a genuine TPM: it makes
+// an AK in the TPM behind tr (owner hierarchy), asks challenge for a
 // credential bound to it, activates it with the EK made from ekTemplate,
-// then loads only the public part of the software key pub into the TPM
-// (TPM2_LoadExternal, claiming fixedTPM, fixedParent and
-// sensitiveDataOrigin) and has the AK certify it. It returns the evidence:
-// the activated secret, the key's public area, the certify info and the
-// AK's signature, or the TPM's refusal to certify (the reference TPM
-// authorizes no use of a public-only object).
-func ExternalKeyEvidence(t testing.TB, tr transport.TPM, ekTemplate tpm2.TPMTPublic, pub *ecdsa.PublicKey,
+// then has the AK vouch, as how says, for a public area of the software
+// key pub claiming fixedTPM, fixedParent and sensitiveDataOrigin. It
+// returns the evidence: the activated secret, the key's public area, the
+// certify info and the AK's signature, or the TPM's refusal to make them
+// (the reference TPM authorizes no use of a public-only object).
+func CheatingEvidence(t testing.TB, tr transport.TPM, ekTemplate tpm2.TPMTPublic, pub *ecdsa.PublicKey, how Cheat,
 	challenge func(akPublic []byte) (credential, secret, nonce []byte)) (activated, keyPublic, info, sig []byte, err error) {
 	t.Helper()
 	owner := tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)}
@@ -343,6 +356,11 @@ func ExternalKeyEvidence(t testing.TB, tr transport.TPM, ekTemplate tpm2.TPMTPub
 			Y: tpm2.TPM2BECCParameter{Buffer: pub.Y.FillBytes(make([]byte, 32))},
 		}),
 	})
+	akAuth := tpm2.AuthHandle{Handle: ak.ObjectHandle, Name: ak.Name, Auth: tpm2.PasswordAuth(nil)}
+	if how == SignForgery {
+		info, sig, err := forge(tr, akAuth, soft, nonce)
+		return act.CertInfo.Buffer, tpm2.Marshal(soft), info, sig, err
+	}
 	ext, err := tpm2.LoadExternal{InPublic: soft, Hierarchy: tpm2.TPMRHOwner}.Execute(tr)
 	if err != nil {
 		t.Fatal(err)
@@ -358,7 +376,7 @@ func ExternalKeyEvidence(t testing.TB, tr transport.TPM, ekTemplate tpm2.TPMTPub
 	}
 	rsp, err := tpm2.Certify{
 		ObjectHandle:   tpm2.AuthHandle{Handle: ext.ObjectHandle, Name: ext.Name, Auth: adm},
-		SignHandle:     tpm2.AuthHandle{Handle: ak.ObjectHandle, Name: ak.Name, Auth: tpm2.PasswordAuth(nil)},
+		SignHandle:     akAuth,
 		QualifyingData: tpm2.TPM2BData{Buffer: nonce},
 		InScheme:       tpm2.TPMTSigScheme{Scheme: tpm2.TPMAlgNull},
 	}.Execute(tr)
@@ -366,4 +384,32 @@ func ExternalKeyEvidence(t testing.TB, tr transport.TPM, ekTemplate tpm2.TPMTPub
 		return nil, nil, nil, nil, err
 	}
 	return act.CertInfo.Buffer, tpm2.Marshal(soft), rsp.CertifyInfo.Bytes(), tpm2.Marshal(rsp.Signature), nil
+}
+
+// forge has the restricted AK sign a TPMS_ATTEST of type certify naming
+// the key public, written outside the TPM (magic 0).
+func forge(tr transport.TPM, ak tpm2.AuthHandle, public tpm2.TPM2BPublic, nonce []byte) (info, sig []byte, err error) {
+	p, err := public.Contents()
+	if err != nil {
+		return nil, nil, err
+	}
+	name, err := tpm2.ObjectName(p)
+	if err != nil {
+		return nil, nil, err
+	}
+	info = tpm2.Marshal(tpm2.TPMSAttest{
+		Magic:     0,
+		Type:      tpm2.TPMSTAttestCertify,
+		ExtraData: tpm2.TPM2BData{Buffer: nonce},
+		Attested:  tpm2.NewTPMUAttest(tpm2.TPMSTAttestCertify, &tpm2.TPMSCertifyInfo{Name: *name, QualifiedName: *name}),
+	})
+	h, err := tpm2.Hash{Data: tpm2.TPM2BMaxBuffer{Buffer: info}, HashAlg: tpm2.TPMAlgSHA256, Hierarchy: tpm2.TPMRHOwner}.Execute(tr)
+	if err != nil {
+		return nil, nil, err
+	}
+	rsp, err := tpm2.Sign{KeyHandle: ak, Digest: h.OutHash, InScheme: tpm2.TPMTSigScheme{Scheme: tpm2.TPMAlgNull}, Validation: h.Validation}.Execute(tr)
+	if err != nil {
+		return nil, nil, err
+	}
+	return info, tpm2.Marshal(rsp.Signature), nil
 }
