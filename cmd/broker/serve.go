@@ -239,7 +239,7 @@ func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io
 		}
 	}
 	// Attestation settings are checked before any listener starts.
-	verifier, err := attestVerifier(cfg, log)
+	verifier, err := attestVerifier(cfg, reg, log)
 	if err != nil {
 		return err
 	}
@@ -460,7 +460,7 @@ func newClusterNode(cfg serveConfig, cert tls.Certificate, root *x509.Certificat
 // serveFlags defines serve's flags over cfg, with cfg's values as their
 // defaults. Every flag but --config is a key of serveConfig ("-" as "_").
 // attestVerifier loads --tpm-ca (nil without it) and checks --attest.
-func attestVerifier(cfg serveConfig, log *slog.Logger) (*attest.Verifier, error) {
+func attestVerifier(cfg serveConfig, reg registry.Registry, log *slog.Logger) (*attest.Verifier, error) {
 	switch cfg.Attest {
 	case "", registry.AttestOptional:
 	case registry.AttestRequired:
@@ -477,7 +477,7 @@ func attestVerifier(cfg serveConfig, log *slog.Logger) (*attest.Verifier, error)
 	if err != nil {
 		return nil, err
 	}
-	v, err := attest.New(attest.Config{Roots: roots})
+	v, err := attest.New(attest.Config{Roots: roots, Store: reg})
 	if err != nil {
 		return nil, err
 	}

@@ -41,12 +41,12 @@ func TestAttestECCEK(t *testing.T) {
 		t.Fatalf("EK certificate key %T, want the ECC EK's", ekCert.PublicKey)
 	}
 	roots, inter := m.Pools()
-	v, err := attest.New(attest.Config{Roots: roots, Intermediates: inter})
+	v, err := attest.New(attest.Config{Roots: roots, Intermediates: inter, Store: ektest.Registry(t, "dev")})
 	if err != nil {
 		t.Fatal(err)
 	}
 	binding := attest.Binding("token")
-	ch, err := v.Challenge("dev", binding, att.EKCertificate(), att.AKPublic())
+	ch, err := v.Challenge(t.Context(), "dev", binding, att.EKCertificate(), att.AKPublic())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -58,7 +58,7 @@ func TestAttestECCEK(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ek, err := v.Verify("dev", binding, attest.Evidence{ChallengeID: ch.ID, Secret: secret, KeyPublic: pub, CertifyInfo: info, Signature: sig}, key.Public())
+	ek, err := v.Verify(t.Context(), "dev", binding, attest.Evidence{ChallengeID: ch.ID, Secret: secret, KeyPublic: pub, CertifyInfo: info, Signature: sig}, key.Public())
 	if err != nil || ek.SHA256 != attest.Fingerprint(ekCert) {
 		t.Fatalf("Verify = %+v, %v", ek, err)
 	}

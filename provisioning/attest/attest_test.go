@@ -91,7 +91,7 @@ func TestLoadRootsFailsClosed(t *testing.T) {
 func TestChallengeRefusesNonEKCertificates(t *testing.T) {
 	m := ektest.NewManufacturer(t)
 	roots, inter := m.Pools()
-	v, err := attest.New(attest.Config{Roots: roots, Intermediates: inter})
+	v, err := attest.New(attest.Config{Roots: roots, Intermediates: inter, Store: ektest.Registry(t, "dev")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -117,7 +117,7 @@ func TestChallengeRefusesNonEKCertificates(t *testing.T) {
 		{"ECC key without keyAgreement", ecKey, func(c *x509.Certificate) { c.KeyUsage = x509.KeyUsageKeyEncipherment }, "ek_usage"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := v.Challenge("dev", attest.Binding("tok"), m.EKCert(t, tc.pub, tc.tweak), ektest.ForeignAK(t))
+			_, err := v.Challenge(t.Context(), "dev", attest.Binding("tok"), m.EKCert(t, tc.pub, tc.tweak), ektest.ForeignAK(t))
 			var ae *attest.Error
 			switch {
 			case tc.label == "" && err != nil:

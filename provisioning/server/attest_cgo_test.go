@@ -27,6 +27,7 @@ import (
 	"github.com/mqtls/mqtls/hardware/tpm/tpmsim"
 	"github.com/mqtls/mqtls/internal/testing/ektest"
 	"github.com/mqtls/mqtls/internal/testing/esttest"
+	"github.com/mqtls/mqtls/internal/testing/pgtest"
 	"github.com/mqtls/mqtls/internal/testing/testpki"
 	"github.com/mqtls/mqtls/keystore"
 	"github.com/mqtls/mqtls/provisioning"
@@ -75,7 +76,7 @@ func attestEnv(t testing.TB, tweak func(*server.Config, *attest.Config)) *esttes
 	t.Helper()
 	return esttest.Start(t, func(c *server.Config) {
 		roots, inter := mfr.Pools()
-		ac := attest.Config{Roots: roots, Intermediates: inter}
+		ac := attest.Config{Roots: roots, Intermediates: inter, Store: c.Registry}
 		if tweak != nil {
 			tweak(c, &ac)
 		}
@@ -489,6 +490,7 @@ func BenchmarkAttestedEnrollment(b *testing.B) {
 
 func benchAttested(b *testing.B, store *tpm.Store, ac attest.Config) {
 	env := esttest.Start(b, func(c *server.Config) {
+		ac.Store = c.Registry
 		v, err := attest.New(ac)
 		if err != nil {
 			b.Fatal(err)
@@ -534,4 +536,49 @@ func benchAttested(b *testing.B, store *tpm.Store, ac attest.Config) {
 			}
 		})
 	}
+}
+
+// Challenges live in the registry: with two EST servers on one PostgreSQL
+// registry (a cluster behind a load balancer) the challenge asked from one
+// is answered on the other, and only once across both.
+func TestAttestationOnAnyNode(t *testing.T) {
+	store := attestedTPM(t)
+	pg := pgtest.Start(t)
+	db := pg.NewDatabase(t)
+	node := func(c *ca.CA, create bool) *esttest.Env {
+		return attestEnv(t, func(sc *server.Config, ac *attest.Config) {
+			var reg registry.Registry
+			var err error
+			if create {
+				reg, err = registry.CreatePostgres(t.Context(), pg.URL(db), ca.Fingerprint(sc.CA.Root))
+			} else {
+				sc.CA = c
+				reg, err = registry.OpenPostgres(t.Context(), pg.URL(db))
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { reg.Close() })
+			sc.Registry, ac.Store = reg, reg
+		})
+	}
+	a := node(nil, true)
+	b := node(a.CA, false)
+
+	f := prepare(t, a, store, "any-node") // challenge from node a
+	chain, err := client(t, b).EnrollWithEvidence(t.Context(), f.key, f.id, f.tok, &f.ev)
+	if err != nil {
+		t.Fatalf("evidence for node a's challenge answered on node b: %v", err)
+	}
+	if !ca.Attested(chain[0]) {
+		t.Fatal("no attested marker")
+	}
+	g := prepare(t, a, store, "any-node-2")
+	g.env = b
+	ev := g.ev
+	if err := g.enroll(t, g.key); err != nil && !strings.Contains(err.Error(), "bound") {
+		t.Fatal(err)
+	}
+	g.env, g.ev = a, ev
+	wantRefused(t, a, g.enroll(t, g.key), http.StatusForbidden, "unknown or already used attestation challenge")
 }

@@ -16,6 +16,7 @@ import (
 	"math/big"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -24,6 +25,7 @@ import (
 
 	"github.com/mqtls/mqtls/hardware/tpm"
 	"github.com/mqtls/mqtls/internal/testing/testpki"
+	"github.com/mqtls/mqtls/provisioning/registry"
 )
 
 // Manufacturer is a test TPM manufacturer: a root and an issuing CA.
@@ -412,4 +414,21 @@ func forge(tr transport.TPM, ak tpm2.AuthHandle, public tpm2.TPM2BPublic, nonce 
 		return nil, nil, err
 	}
 	return info, tpm2.Marshal(rsp.Signature), nil
+}
+
+// Registry returns a SQLite registry (in t's temporary directory) that
+// knows the devices ids, to keep an attest.Verifier's challenges.
+func Registry(t testing.TB, ids ...string) registry.Registry {
+	t.Helper()
+	reg, err := registry.CreateSQLite(t.Context(), filepath.Join(t.TempDir(), "registry.db"), strings.Repeat("ab", 32))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { reg.Close() })
+	for _, id := range ids {
+		if _, err := reg.CreateToken(t.Context(), id, "", time.Hour); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return reg
 }
