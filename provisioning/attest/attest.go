@@ -9,8 +9,9 @@
 //     EK certificate must chain to a configured manufacturer CA; the AK must
 //     be a restricted signing key fixed to its TPM. The answer is a
 //     credential made with TPM2_MakeCredential's algorithm (go-tpm's
-//     credactivation) for the EK, bound to the AK's name, wrapping a random
-//     secret, and a nonce.
+//     tpm2.CreateCredential, with the name and symmetric algorithms of the
+//     EK's TCG template) for the EK, bound to the AK's name, wrapping a
+//     random secret, and a nonce.
 //  2. [Verifier.Verify]: the device returns the secret (only the TPM that
 //     owns the EK decrypts it, and only with that AK loaded) and a
 //     TPM2_Certify of its device key by the AK over the nonce. The key must
@@ -32,6 +33,7 @@ import (
 	"context"
 	"crypto"
 	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
@@ -52,10 +54,7 @@ import (
 	"strings"
 	"time"
 
-	legacy "github.com/google/go-tpm/legacy/tpm2"
-	"github.com/google/go-tpm/legacy/tpm2/credactivation"
 	"github.com/google/go-tpm/tpm2"
-	"github.com/google/go-tpm/tpmutil"
 
 	"github.com/mqtls/mqtls/provisioning/registry"
 )
@@ -180,16 +179,16 @@ func (v *Verifier) Challenge(ctx context.Context, deviceID string, binding [32]b
 	if err != nil {
 		return Challenge{}, malformed("bad_ak", "attestation key name: %v", err)
 	}
-	aikName, err := legacyName(name.Buffer)
+	ekKey, err := tpm2.ImportEncapsulationKey(ekPublicArea(ekPub))
 	if err != nil {
-		return Challenge{}, malformed("bad_ak", "attestation key name: %v", err)
+		return Challenge{}, refuse("ek_unsupported", "EK key: %v", err)
 	}
 	secret, nonce := random(32), random(32)
-	// AES-128: the symmetric algorithm of the standard EK templates.
-	cred, enc, err := credactivation.Generate(aikName, ekPub, 16, secret)
+	cred, enc, err := tpm2.CreateCredential(rand.Reader, ekKey, name.Buffer, secret)
 	if err != nil {
 		return Challenge{}, refuse("ek_unsupported", "make credential for the EK: %v", err)
 	}
+	cred, enc = tpm2.Marshal(tpm2.TPM2BIDObject{Buffer: cred}), tpm2.Marshal(tpm2.TPM2BEncryptedSecret{Buffer: enc})
 	sum := sha256.Sum256(secret)
 	data, err := json.Marshal(state{Binding: binding[:], SecretSHA256: sum[:], Nonce: nonce, AK: akPublic, EK: ek})
 	if err != nil {
@@ -311,10 +310,16 @@ func (v *Verifier) checkEK(der []byte, now time.Time) (EK, crypto.PublicKey, err
 	// Only an EK certificate vouches for a TPM: a manufacturer CA may
 	// sign other certificates (a CA, a TLS server) whose key is anywhere.
 	usage := x509.KeyUsageKeyEncipherment
-	switch cert.PublicKey.(type) {
+	switch k := cert.PublicKey.(type) {
 	case *rsa.PublicKey:
+		if k.N.BitLen() != 2048 {
+			return EK{}, nil, refuse("ek_unsupported", "EK RSA key of %d bits (want 2048: templates L-1, H-1)", k.N.BitLen())
+		}
 	case *ecdsa.PublicKey:
 		usage = x509.KeyUsageKeyAgreement
+		if c := k.Curve; c != elliptic.P256() && c != elliptic.P384() {
+			return EK{}, nil, refuse("ek_unsupported", "EK curve %s (want P-256 or P-384)", c.Params().Name)
+		}
 	default:
 		return EK{}, nil, refuse("ek_unsupported", "EK key type %T (want RSA or ECC)", cert.PublicKey)
 	}
@@ -410,21 +415,40 @@ func verifySignature(ak *tpm2.TPMTPublic, info, sigBytes []byte) error {
 	return nil
 }
 
-// legacyName converts a TPM2B_NAME's buffer (hash algorithm, digest) to
-// what credactivation takes.
-func legacyName(name []byte) (*legacy.HashValue, error) {
-	if len(name) < 2 {
-		return nil, errors.New("short name")
+// ekPublicArea is the public area the TCG EK templates give the EK of
+// pub, as far as TPM2_MakeCredential uses it (name and symmetric
+// algorithms): RSA 2048 (L-1, H-1) and ECC P-256 (L-2, H-2) use SHA-256
+// and AES-128, ECC P-384 (H-3, at 0x01c00016) SHA-384 and AES-256.
+func ekPublicArea(pub crypto.PublicKey) *tpm2.TPMTPublic {
+	switch k := pub.(type) {
+	case *rsa.PublicKey:
+		t := tpm2.RSAEKTemplate
+		d, _ := t.Parameters.RSADetail() // a constant template: copied, not changed
+		p := *d
+		if k.E != 65537 {
+			p.Exponent = uint32(k.E)
+		}
+		t.Parameters = tpm2.NewTPMUPublicParms(tpm2.TPMAlgRSA, &p)
+		t.Unique = tpm2.NewTPMUPublicID(tpm2.TPMAlgRSA, &tpm2.TPM2BPublicKeyRSA{Buffer: k.N.Bytes()})
+		return &t
+	case *ecdsa.PublicKey:
+		t := tpm2.ECCEKTemplate
+		d, _ := t.Parameters.ECCDetail()
+		p := *d
+		if k.Curve == elliptic.P384() {
+			t.NameAlg = tpm2.TPMAlgSHA384
+			p.CurveID = tpm2.TPMECCNistP384
+			p.Symmetric.KeyBits = tpm2.NewTPMUSymKeyBits(tpm2.TPMAlgAES, tpm2.TPMKeyBits(256))
+		}
+		t.Parameters = tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &p)
+		size := (k.Curve.Params().BitSize + 7) / 8
+		t.Unique = tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{
+			X: tpm2.TPM2BECCParameter{Buffer: k.X.FillBytes(make([]byte, size))},
+			Y: tpm2.TPM2BECCParameter{Buffer: k.Y.FillBytes(make([]byte, size))},
+		})
+		return &t
 	}
-	alg := legacy.Algorithm(uint16(name[0])<<8 | uint16(name[1]))
-	h, err := alg.Hash()
-	if err != nil {
-		return nil, err
-	}
-	if len(name)-2 != h.Size() {
-		return nil, fmt.Errorf("name digest is %d bytes, want %d", len(name)-2, h.Size())
-	}
-	return &legacy.HashValue{Alg: alg, Value: tpmutil.U16Bytes(name[2:])}, nil
+	return &tpm2.TPMTPublic{} // checkEK admits RSA and ECC only
 }
 
 func attrs(a tpm2.TPMAObject) string {

@@ -2,6 +2,8 @@ package attest_test
 
 import (
 	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
 	"encoding/pem"
@@ -87,7 +89,8 @@ func TestLoadRootsFailsClosed(t *testing.T) {
 
 // Only an EK certificate vouches for a TPM: another certificate of the
 // manufacturer CA (a TLS server's, a CA's) names a key that may live
-// anywhere, so the credential made for it proves nothing.
+// anywhere, so the credential made for it proves nothing. EKs of a
+// template the verifier does not know are refused.
 func TestChallengeRefusesNonEKCertificates(t *testing.T) {
 	m := ektest.NewManufacturer(t)
 	roots, inter := m.Pools()
@@ -100,6 +103,14 @@ func TestChallengeRefusesNonEKCertificates(t *testing.T) {
 		t.Fatal(err)
 	}
 	ecKey := testpki.NewKey(t).Public()
+	ecKey384, err := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ecKey521, err := ecdsa.GenerateKey(elliptic.P521(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range []struct {
 		name  string
 		pub   crypto.PublicKey
@@ -108,6 +119,8 @@ func TestChallengeRefusesNonEKCertificates(t *testing.T) {
 	}{
 		{"RSA EK certificate", &rsaKey.PublicKey, func(*x509.Certificate) {}, ""},
 		{"ECC EK certificate", ecKey, func(*x509.Certificate) {}, ""},
+		{"ECC P-384 EK certificate", &ecKey384.PublicKey, func(*x509.Certificate) {}, ""},
+		{"ECC P-521 EK certificate (no template here)", &ecKey521.PublicKey, func(*x509.Certificate) {}, "ek_unsupported"},
 		{"EK certificate without EKU or key usage", ecKey, func(c *x509.Certificate) { c.UnknownExtKeyUsage, c.KeyUsage = nil, 0 }, ""},
 		{"TLS server certificate", &rsaKey.PublicKey, func(c *x509.Certificate) {
 			c.UnknownExtKeyUsage, c.ExtKeyUsage = nil, []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}
