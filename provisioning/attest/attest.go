@@ -175,6 +175,9 @@ func (v *Verifier) Challenge(ctx context.Context, deviceID string, binding [32]b
 	if !a.Restricted || !a.SignEncrypt || a.Decrypt || !a.FixedTPM || !a.FixedParent || !a.SensitiveDataOrigin {
 		return Challenge{}, refuse("ak_attributes", "the attestation key must be a restricted signing key with fixedTPM, fixedParent and sensitiveDataOrigin (got %s)", attrs(a))
 	}
+	if !strongName(akPub.NameAlg) {
+		return Challenge{}, refuse("ak_attributes", "the attestation key's name algorithm 0x%04x is not SHA-256, SHA-384 or SHA-512", uint16(akPub.NameAlg))
+	}
 	name, err := tpm2.ObjectName(akPub)
 	if err != nil {
 		return Challenge{}, malformed("bad_ak", "attestation key name: %v", err)
@@ -280,6 +283,11 @@ func (v *Verifier) Verify(ctx context.Context, deviceID string, binding [32]byte
 	}
 	if k, ok := key.(interface{ Equal(crypto.PublicKey) bool }); !ok || !k.Equal(tpub) {
 		return EK{}, refuse("certify_mismatch", "the certified key is not the key of the certificate request")
+	}
+	// The name binds the certified public area: a weak hash would let
+	// another public area (other attributes) share it.
+	if !strongName(kpub.NameAlg) {
+		return EK{}, refuse("key_attributes", "the device key's name algorithm 0x%04x is not SHA-256, SHA-384 or SHA-512", uint16(kpub.NameAlg))
 	}
 	a := kpub.ObjectAttributes
 	if !a.FixedTPM || !a.FixedParent || !a.SensitiveDataOrigin || !a.SignEncrypt || a.Decrypt || a.Restricted || a.EncryptedDuplication {
@@ -449,6 +457,10 @@ func ekPublicArea(pub crypto.PublicKey) *tpm2.TPMTPublic {
 		return &t
 	}
 	return &tpm2.TPMTPublic{} // checkEK admits RSA and ECC only
+}
+
+func strongName(alg tpm2.TPMIAlgHash) bool {
+	return alg == tpm2.TPMAlgSHA256 || alg == tpm2.TPMAlgSHA384 || alg == tpm2.TPMAlgSHA512
 }
 
 func attrs(a tpm2.TPMAObject) string {

@@ -15,6 +15,8 @@ import (
 
 	"crypto/x509"
 
+	"github.com/google/go-tpm/tpm2"
+
 	"github.com/mqtls/mqtls/internal/testing/ektest"
 	"github.com/mqtls/mqtls/internal/testing/testpki"
 	"github.com/mqtls/mqtls/provisioning/attest"
@@ -139,5 +141,36 @@ func TestChallengeRefusesNonEKCertificates(t *testing.T) {
 				t.Fatalf("got %v; want refusal %q", err, tc.label)
 			}
 		})
+	}
+}
+
+// An AK whose name is a SHA-1 digest is refused: names bind the credential
+// and the certified key, and SHA-1 collides.
+func TestChallengeRefusesSHA1AK(t *testing.T) {
+	m := ektest.NewManufacturer(t)
+	roots, inter := m.Pools()
+	v, err := attest.New(attest.Config{Roots: roots, Intermediates: inter, Store: ektest.Registry(t, "dev")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ek := m.EKCert(t, testpki.NewKey(t).Public())
+	for _, alg := range []tpm2.TPMAlgID{tpm2.TPMAlgSHA256, tpm2.TPMAlgSHA1} {
+		ak, err := tpm2.Unmarshal[tpm2.TPM2BPublic](ektest.ForeignAK(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, err := ak.Contents()
+		if err != nil {
+			t.Fatal(err)
+		}
+		p.NameAlg = alg
+		_, err = v.Challenge(t.Context(), "dev", attest.Binding("tok"), ek, tpm2.Marshal(tpm2.New2B(*p)))
+		var ae *attest.Error
+		switch {
+		case alg == tpm2.TPMAlgSHA256 && err != nil:
+			t.Fatalf("SHA-256 AK refused: %v", err)
+		case alg == tpm2.TPMAlgSHA1 && (!errors.As(err, &ae) || ae.Label != "ak_attributes"):
+			t.Fatalf("SHA-1 AK: %v, want ak_attributes", err)
+		}
 	}
 }

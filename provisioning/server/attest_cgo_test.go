@@ -261,6 +261,24 @@ func TestAttestationRefusals(t *testing.T) {
 		f.certify(t, dup)
 		wantRefused(t, env, f.enroll(t, dup), http.StatusForbidden, "cannot leave its TPM")
 	})
+	t.Run("key named with SHA-1", func(t *testing.T) {
+		tr, err := tpmsim.OpenSeed(simSeed)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer tr.Close()
+		ektest.Key(t, tr, store.Dir(), "sha1", func(p *tpm2.TPMTPublic) {
+			p.NameAlg = tpm2.TPMAlgSHA1
+			p.ObjectAttributes.FixedTPM, p.ObjectAttributes.FixedParent = true, true
+		})
+		k, err := store.Signer(ctx, "sha1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := prepare(t, env, store, "sha1-dev")
+		f.certify(t, k)
+		wantRefused(t, env, f.enroll(t, k), http.StatusForbidden, "name algorithm")
+	})
 	t.Run("AK from another TPM", func(t *testing.T) {
 		f := prepare(t, env, store, "foreign-ak")
 		ch, err := client(t, env).RequestAttestChallenge(ctx, f.id, f.tok, provisioning.AttestRequest{EKCertificate: f.att.EKCertificate(), AKPublic: ektest.ForeignAK(t)})

@@ -181,6 +181,15 @@ func RemoveEKCert(t testing.TB, tr transport.TPM, index tpm2.TPMHandle) {
 // dir/name.tpmkey, where a tpm.Store finds it.
 func DuplicableKey(t testing.TB, tr transport.TPM, dir, name string) {
 	t.Helper()
+	Key(t, tr, dir, name, func(*tpm2.TPMTPublic) {})
+}
+
+// Key creates, in the TPM behind tr, an ECC P-256 signing key from a
+// template that tweak may change (default: duplicable, fixedTPM and
+// fixedParent clear) and writes it as dir/name.tpmkey, where a tpm.Store
+// finds it.
+func Key(t testing.TB, tr transport.TPM, dir, name string, tweak func(*tpm2.TPMTPublic)) {
+	t.Helper()
 	srk, err := tpm2.CreatePrimary{
 		PrimaryHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)},
 		InPublic:      tpm2.New2B(tpm.SRKTemplate()),
@@ -189,21 +198,23 @@ func DuplicableKey(t testing.TB, tr transport.TPM, dir, name string) {
 		t.Fatal(err)
 	}
 	defer tpm2.FlushContext{FlushHandle: srk.ObjectHandle}.Execute(tr)
+	tmpl := tpm2.TPMTPublic{
+		Type:    tpm2.TPMAlgECC,
+		NameAlg: tpm2.TPMAlgSHA256,
+		ObjectAttributes: tpm2.TPMAObject{
+			SensitiveDataOrigin: true, UserWithAuth: true, NoDA: true, SignEncrypt: true,
+		},
+		Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &tpm2.TPMSECCParms{
+			Scheme:  tpm2.TPMTECCScheme{Scheme: tpm2.TPMAlgNull},
+			CurveID: tpm2.TPMECCNistP256,
+			KDF:     tpm2.TPMTKDFScheme{Scheme: tpm2.TPMAlgNull},
+		}),
+		Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{}),
+	}
+	tweak(&tmpl)
 	rsp, err := tpm2.Create{
 		ParentHandle: tpm2.AuthHandle{Handle: srk.ObjectHandle, Name: srk.Name, Auth: tpm2.PasswordAuth(nil)},
-		InPublic: tpm2.New2B(tpm2.TPMTPublic{
-			Type:    tpm2.TPMAlgECC,
-			NameAlg: tpm2.TPMAlgSHA256,
-			ObjectAttributes: tpm2.TPMAObject{
-				SensitiveDataOrigin: true, UserWithAuth: true, NoDA: true, SignEncrypt: true,
-			},
-			Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &tpm2.TPMSECCParms{
-				Scheme:  tpm2.TPMTECCScheme{Scheme: tpm2.TPMAlgNull},
-				CurveID: tpm2.TPMECCNistP256,
-				KDF:     tpm2.TPMTKDFScheme{Scheme: tpm2.TPMAlgNull},
-			}),
-			Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{}),
-		}),
+		InPublic:     tpm2.New2B(tmpl),
 	}.Execute(tr)
 	if err != nil {
 		t.Fatal(err)
