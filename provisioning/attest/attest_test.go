@@ -174,3 +174,27 @@ func TestChallengeRefusesSHA1AK(t *testing.T) {
 		}
 	}
 }
+
+// A device has at most Config.PerDevice challenges pending: a token
+// holder cannot fill the registry.
+func TestChallengesBoundedPerDevice(t *testing.T) {
+	m := ektest.NewManufacturer(t)
+	roots, inter := m.Pools()
+	v, err := attest.New(attest.Config{Roots: roots, Intermediates: inter, Store: ektest.Registry(t, "dev", "other"), PerDevice: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ek, ak := m.EKCert(t, testpki.NewKey(t).Public()), ektest.ForeignAK(t)
+	for i := range 2 {
+		if _, err := v.Challenge(t.Context(), "dev", attest.Binding("tok"), ek, ak); err != nil {
+			t.Fatalf("challenge %d: %v", i, err)
+		}
+	}
+	var ae *attest.Error
+	if _, err := v.Challenge(t.Context(), "dev", attest.Binding("tok"), ek, ak); !errors.As(err, &ae) || ae.Label != "attest_busy" {
+		t.Fatalf("third pending challenge: %v, want attest_busy", err)
+	}
+	if _, err := v.Challenge(t.Context(), "other", attest.Binding("tok2"), ek, ak); err != nil {
+		t.Fatalf("another device: %v", err)
+	}
+}

@@ -430,6 +430,13 @@ func TestAttestationRefusals(t *testing.T) {
 		}
 		wantRefused(t, env, f.enroll(t, soft), http.StatusForbidden, "not made by a TPM")
 	})
+	t.Run("a quote by the AK instead of a certify", func(t *testing.T) {
+		f, soft, err := cheat(t, "quoted", ektest.Quote)
+		if err != nil {
+			t.Fatal(err)
+		}
+		wantRefused(t, env, f.enroll(t, soft), http.StatusForbidden, "not a TPM2_Certify")
+	})
 	t.Run("EK bound to another device", func(t *testing.T) {
 		f := prepare(t, env, store, "first-of-tpm")
 		if err := f.enroll(t, f.key); err != nil && !strings.Contains(err.Error(), "bound") {

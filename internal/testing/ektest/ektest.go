@@ -278,6 +278,9 @@ const (
 	// TPM_GENERATED_VALUE (a restricted key signs any digest of data not
 	// starting with it: TPM2_Hash then TPM2_Sign), and has the AK sign it.
 	SignForgery
+	// Quote sends a TPM2_Quote by the AK over the nonce (a genuine
+	// TPMS_ATTEST, of another type) instead of a TPM2_Certify.
+	Quote
 )
 
 // CheatingEvidence plays a device that cheats with a genuine TPM: it makes
@@ -370,9 +373,16 @@ func CheatingEvidence(t testing.TB, tr transport.TPM, ekTemplate tpm2.TPMTPublic
 		}),
 	})
 	akAuth := tpm2.AuthHandle{Handle: ak.ObjectHandle, Name: ak.Name, Auth: tpm2.PasswordAuth(nil)}
-	if how == SignForgery {
+	switch how {
+	case SignForgery:
 		info, sig, err := forge(tr, akAuth, soft, nonce)
 		return act.CertInfo.Buffer, tpm2.Marshal(soft), info, sig, err
+	case Quote:
+		q, err := tpm2.Quote{SignHandle: akAuth, QualifyingData: tpm2.TPM2BData{Buffer: nonce}, InScheme: tpm2.TPMTSigScheme{Scheme: tpm2.TPMAlgNull}}.Execute(tr)
+		if err != nil {
+			return nil, nil, nil, nil, err
+		}
+		return act.CertInfo.Buffer, tpm2.Marshal(soft), q.Quoted.Bytes(), tpm2.Marshal(q.Signature), nil
 	}
 	ext, err := tpm2.LoadExternal{InPublic: soft, Hierarchy: tpm2.TPMRHOwner}.Execute(tr)
 	if err != nil {
