@@ -1,7 +1,8 @@
 // Package ektest manufactures TPMs for attestation tests: a test TPM
 // manufacturer CA (made at test time) and an EK certificate for a TPM's
-// RSA endorsement key, written to the NV index of the TCG EK Credential
-// Profile (0x01c00002) as a TPM vendor does at the factory.
+// endorsement key, written to an NV index of the TCG EK Credential Profile
+// as a TPM vendor does at the factory. It also plays cheating devices
+// (CheatingEvidence) and makes keys with chosen attributes (Key).
 package ektest
 
 import (
