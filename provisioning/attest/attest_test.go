@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"crypto/x509"
 
@@ -130,6 +131,10 @@ func TestChallengeRefusesNonEKCertificates(t *testing.T) {
 		{"CA certificate", &rsaKey.PublicKey, func(c *x509.Certificate) { c.IsCA, c.KeyUsage = true, c.KeyUsage|x509.KeyUsageCertSign }, "ek_usage"},
 		{"RSA signing key", &rsaKey.PublicKey, func(c *x509.Certificate) { c.KeyUsage = x509.KeyUsageDigitalSignature }, "ek_usage"},
 		{"ECC key without keyAgreement", ecKey, func(c *x509.Certificate) { c.KeyUsage = x509.KeyUsageKeyEncipherment }, "ek_usage"},
+		{"expired EK certificate", ecKey, func(c *x509.Certificate) {
+			c.NotBefore, c.NotAfter = time.Now().Add(-48*time.Hour), time.Now().Add(-time.Hour)
+		}, "ek_untrusted"},
+		{"EK certificate not yet valid", ecKey, func(c *x509.Certificate) { c.NotBefore = time.Now().Add(time.Hour) }, "ek_untrusted"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := v.Challenge(t.Context(), "dev", attest.Binding("tok"), m.EKCert(t, tc.pub, tc.tweak), ektest.ForeignAK(t))
