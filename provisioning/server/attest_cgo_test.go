@@ -138,6 +138,16 @@ func TestAttestedEnrollment(t *testing.T) {
 	if err != nil || ca.Attested(renewed[0]) {
 		t.Fatalf("renewal with a new key: %v; the new key was not attested, the certificate must not say so", err)
 	}
+	// Once the operator released the EK (the TPM moved, the board was
+	// replaced), the device is no longer known to hold its TPM: the same
+	// key renews without the marker.
+	if err := env.Registry.ReleaseEK(t.Context(), "dev-attested", "board replaced"); err != nil {
+		t.Fatal(err)
+	}
+	renewed, err = client(t, env).Reenroll(t.Context(), cur, key)
+	if err != nil || ca.Attested(renewed[0]) {
+		t.Fatalf("renewal with the same key after ek release: %v; attested %v, want false", err, err == nil && ca.Attested(renewed[0]))
+	}
 
 	// A plain enrollment gets no marker.
 	plain, err := store.Generate(t.Context(), "plain", keystore.ECDSAP256)
