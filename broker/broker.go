@@ -54,6 +54,9 @@ type Config struct {
 	// CRLFile, if set, is a CRL (PEM or DER) reloaded when it changes; it
 	// must be signed by Root or by one of Issuers.
 	CRLFile string
+	// Issuers are the issuing CAs of this deployment: they may sign the
+	// CRL, and only their certificates' attested marker (policy
+	// match: {attested: true}) counts. None: no certificate is attested.
 	Issuers []*x509.Certificate
 	// HandshakeTimeout bounds TLS handshake + CONNECT (default 10s).
 	HandshakeTimeout time.Duration

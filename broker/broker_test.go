@@ -2,10 +2,16 @@ package broker_test
 
 import (
 	"crypto"
+	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"errors"
 	"fmt"
+	"math/big"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -20,6 +26,7 @@ import (
 	"github.com/mqtls/mqtls/internal/testing/testpki"
 	"github.com/mqtls/mqtls/internal/testing/testtool"
 	"github.com/mqtls/mqtls/keystore"
+	"github.com/mqtls/mqtls/provisioning/ca"
 )
 
 type conn struct {
@@ -429,4 +436,70 @@ func TestAttestedRule(t *testing.T) {
 		t.Fatal(err)
 	}
 	expect(t, ch, "devices/tpm-dev/telemetry t")
+}
+
+// The attested marker counts only from the deployment's issuing CA: a
+// certificate of another CA under the same root (an adopted enterprise
+// root has many) carrying the same policy OIDs is not attested.
+func TestAttestedMarkerOnlyFromIssuingCA(t *testing.T) {
+	env := brokertest.Start(t, nil)
+	pol, err := policy.Parse([]byte(`rules:
+  - name: own
+    match: {cn: "*"}
+    publish: ["devices/{cn}/telemetry"]
+  - name: attested
+    match: {attested: true}
+    subscribe: ["attested/#"]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := env.Broker.SetPolicy(pol); err != nil {
+		t.Fatal(err)
+	}
+	if q, _ := subscribe(t, mustDial(t, env, env.AttestedDevice(t, "tpm-dev")), "attested/#", 1); q != 1 {
+		t.Fatalf("attested device from the issuing CA: SUBACK %#x, want granted", q)
+	}
+
+	data, err := os.ReadFile(filepath.Join(env.Dir, ca.RootKeyFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	block, _ := pem.Decode(data)
+	rootKey, err := x509.ParsePKCS8PrivateKey(block.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	otherKey := testpki.NewKey(t)
+	other, err := x509.ParseCertificate(otherCA(t, env.CA.Root, rootKey.(crypto.Signer), otherKey.Public()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := testpki.NewKey(t)
+	leaf, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{
+		SerialNumber: big.NewInt(7), Subject: pkix.Name{CommonName: "rogue-dev"},
+		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+		Policies: []x509.OID{ca.OIDVerifiedTPMResidency, ca.OIDVerifiedTPMFixed},
+	}, other, key.Public(), otherKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rogue := &brokertest.Device{ID: "rogue-dev", Key: key, Chain: [][]byte{leaf, other.Raw}}
+	if q, _ := subscribe(t, mustDial(t, env, rogue), "attested/#", 1); q == 1 {
+		t.Fatal("a certificate of another CA under the root with the attested policy OIDs was treated as attested")
+	}
+}
+
+func otherCA(t *testing.T, root *x509.Certificate, rootKey crypto.Signer, pub crypto.PublicKey) []byte {
+	t.Helper()
+	der, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{
+		SerialNumber: big.NewInt(8), Subject: pkix.Name{CommonName: "another CA under the root"},
+		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
+	}, root, pub, rootKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return der
 }

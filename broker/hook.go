@@ -179,7 +179,7 @@ func (b *Broker) identify(cl *mqtt.Client, pk packets.Packet) (*session, *refusa
 		flow:     flowState{drained: make(chan struct{}, 1)},
 		cl:       cl,
 		conn:     tc,
-		id:       identityOf(leaf),
+		id:       identityOf(chain, b.cfg.Issuers),
 		serial:   leaf.SerialNumber.Text(16),
 		issuer:   leaf.RawIssuer,
 		notAfter: leaf.NotAfter,
@@ -248,9 +248,17 @@ func (b *Broker) checkRevoked(s *session) *refusal {
 	return nil
 }
 
-// identityOf extracts the policy identity from a verified leaf.
-func identityOf(leaf *x509.Certificate) policy.Identity {
-	id := policy.Identity{CN: leaf.Subject.CommonName, OUs: leaf.Subject.OrganizationalUnit, Attested: ca.Attested(leaf)}
+// identityOf extracts the policy identity from a verified chain. The
+// attested marker counts only in a certificate of one of issuers, the CAs
+// that set it after verifying a TPM attestation: another CA under the
+// same root (an adopted enterprise root has many) may write the same
+// policy OIDs for its own reasons.
+func identityOf(chain []*x509.Certificate, issuers []*x509.Certificate) policy.Identity {
+	leaf := chain[0]
+	attested := ca.Attested(leaf) && len(chain) > 1 && slices.ContainsFunc(issuers, func(c *x509.Certificate) bool {
+		return bytes.Equal(c.RawSubjectPublicKeyInfo, chain[1].RawSubjectPublicKeyInfo)
+	})
+	id := policy.Identity{CN: leaf.Subject.CommonName, OUs: leaf.Subject.OrganizationalUnit, Attested: attested}
 	id.SANs = append(id.SANs, leaf.DNSNames...)
 	id.SANs = append(id.SANs, leaf.EmailAddresses...)
 	for _, u := range leaf.URIs {

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"database/sql"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -339,13 +340,27 @@ func TestAttestCLI(t *testing.T) {
 	if _, errs, code := brokerCLI(t, "ek", "release", "--data", data, "--device", "dev-2"); code != 2 || !strings.Contains(errs, "--reason") {
 		t.Fatalf("ek release without a reason: %d %s", code, errs)
 	}
+	// Both refusals come before any listener: the MQTT address is taken,
+	// so a serve that listened first would fail on it instead.
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	held := func(extra ...string) []string {
+		return append([]string{"serve", "--data", data, "--mqtt-addr", busy.Addr().String(), "--est-addr", testtool.FreeAddr(t), "--metrics-addr", testtool.FreeAddr(t)}, extra...)
+	}
 	var errs strings.Builder
-	if code := run(t.Context(), serveArgs(t, data, "--attest", "required"), io.Discard, &errs); code != 1 || !strings.Contains(errs.String(), "--tpm-ca") {
+	if code := run(t.Context(), held("--attest", "required"), io.Discard, &errs); code != 1 || !strings.Contains(errs.String(), "--tpm-ca") {
 		t.Fatalf("serve --attest required without --tpm-ca: %d %s", code, errs.String())
 	}
 	errs.Reset()
 	empty := t.TempDir()
-	if code := run(t.Context(), serveArgs(t, data, "--tpm-ca", empty), io.Discard, &errs); code != 1 || !strings.Contains(errs.String(), "no TPM CA certificate") {
+	if code := run(t.Context(), held("--tpm-ca", empty), io.Discard, &errs); code != 1 || !strings.Contains(errs.String(), "no TPM CA certificate") {
 		t.Fatalf("serve --tpm-ca EMPTYDIR: %d %s", code, errs.String())
+	}
+	errs.Reset()
+	if code := run(t.Context(), held("--tpm-ca", empty, "--attest", "always"), io.Discard, &errs); code == 0 || !strings.Contains(errs.String(), "want") {
+		t.Fatalf("serve --attest always: %d %s", code, errs.String())
 	}
 }

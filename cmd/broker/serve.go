@@ -238,6 +238,11 @@ func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io
 			return err
 		}
 	}
+	// Attestation settings are checked before any listener starts.
+	verifier, err := attestVerifier(cfg, reg, log)
+	if err != nil {
+		return err
+	}
 	metrics := prometheus.NewRegistry()
 	metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
@@ -275,17 +280,6 @@ func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io
 		}
 	}
 	if cfg.ESTAddr != "" {
-		var verifier *attest.Verifier
-		if cfg.TPMCA != "" {
-			roots, n, err := attest.LoadRoots(cfg.TPMCA)
-			if err != nil {
-				return err
-			}
-			if verifier, err = attest.New(attest.Config{Roots: roots}); err != nil {
-				return err
-			}
-			log.Info("TPM key attestation", "tpm_ca", cfg.TPMCA, "certificates", n, "default", cmp.Or(cfg.Attest, registry.AttestOptional))
-		}
 		est, err := server.New(server.Config{CA: c, Registry: reg, Validity: cfg.Validity, Logger: log, Metrics: metrics,
 			AuditMaxRows: cfg.AuditMaxRows, AuditMaxAge: cfg.AuditMaxAge, Attestation: verifier, Attest: cfg.Attest})
 		if err != nil {
@@ -465,6 +459,32 @@ func newClusterNode(cfg serveConfig, cert tls.Certificate, root *x509.Certificat
 
 // serveFlags defines serve's flags over cfg, with cfg's values as their
 // defaults. Every flag but --config is a key of serveConfig ("-" as "_").
+// attestVerifier loads --tpm-ca (nil without it) and checks --attest.
+func attestVerifier(cfg serveConfig, reg registry.Registry, log *slog.Logger) (*attest.Verifier, error) {
+	switch cfg.Attest {
+	case "", registry.AttestOptional:
+	case registry.AttestRequired:
+		if cfg.TPMCA == "" {
+			return nil, errors.New("--attest required needs --tpm-ca (the TPM manufacturer CAs EK certificates chain to)")
+		}
+	default:
+		return nil, cli.Usagef("--attest %q: want %s or %s", cfg.Attest, registry.AttestRequired, registry.AttestOptional)
+	}
+	if cfg.TPMCA == "" {
+		return nil, nil
+	}
+	roots, n, err := attest.LoadRoots(cfg.TPMCA)
+	if err != nil {
+		return nil, err
+	}
+	v, err := attest.New(attest.Config{Roots: roots, Store: reg})
+	if err != nil {
+		return nil, err
+	}
+	log.Info("TPM key attestation", "tpm_ca", cfg.TPMCA, "certificates", n, "default", cmp.Or(cfg.Attest, registry.AttestOptional))
+	return v, nil
+}
+
 func serveFlags(fs *flag.FlagSet, cfg *serveConfig) (*registryFlags, *string) {
 	fs.String("config", "", "YAML config file with the same settings (flags override it)")
 	fs.StringVar(&cfg.Data, "data", cfg.Data, "data directory (CA, server certificate, registry)")

@@ -18,12 +18,44 @@ import (
 var _ keystore.Attester = (*Store)(nil)
 
 // NV indices of the EK certificates (TCG EK Credential Profile 2.x), with
-// the EK templates that go with them: RSA 2048 (template L-1) and ECC P-256
-// (template L-2).
+// the EK templates that go with them: RSA 2048 (template L-1), ECC P-256
+// (template L-2) and, in the high range, ECC P-384 (template H-3, where
+// swtpm_setup --create-ek-cert writes the ECC EK certificate).
 const (
-	EKCertIndexRSA = 0x01c00002
-	EKCertIndexECC = 0x01c0000a
+	EKCertIndexRSA  = 0x01c00002
+	EKCertIndexECC  = 0x01c0000a
+	EKCertIndexP384 = 0x01c00016
 )
+
+// EKTemplateP384 is the TCG EK Credential Profile's template H-3: ECC
+// P-384, SHA-384, AES-256, userWithAuth and adminWithPolicy with the
+// profile's PolicyB (SHA-384), and an empty unique field. go-tpm has no
+// high-range template; TestEKTemplateP384 checks that it derives the EK
+// of swtpm's certificate.
+var EKTemplateP384 = tpm2.TPMTPublic{
+	Type:    tpm2.TPMAlgECC,
+	NameAlg: tpm2.TPMAlgSHA384,
+	ObjectAttributes: tpm2.TPMAObject{
+		FixedTPM: true, FixedParent: true, SensitiveDataOrigin: true, UserWithAuth: true, AdminWithPolicy: true,
+		Restricted: true, Decrypt: true,
+	},
+	AuthPolicy: tpm2.TPM2BDigest{Buffer: []byte{
+		0xb2, 0x6e, 0x7d, 0x28, 0xd1, 0x1a, 0x50, 0xbc, 0x53, 0xd8, 0x82, 0xbc, 0xf5, 0xfd, 0x3a, 0x1a,
+		0x07, 0x41, 0x48, 0xbb, 0x35, 0xd3, 0xb4, 0xe4, 0xcb, 0x1c, 0x0a, 0xd9, 0xbd, 0xe4, 0x19, 0xca,
+		0xcb, 0x47, 0xba, 0x09, 0x69, 0x96, 0x46, 0x15, 0x0f, 0x9f, 0xc0, 0x00, 0xf3, 0xf8, 0x0e, 0x12,
+	}},
+	Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &tpm2.TPMSECCParms{
+		Symmetric: tpm2.TPMTSymDefObject{
+			Algorithm: tpm2.TPMAlgAES,
+			KeyBits:   tpm2.NewTPMUSymKeyBits(tpm2.TPMAlgAES, tpm2.TPMKeyBits(256)),
+			Mode:      tpm2.NewTPMUSymMode(tpm2.TPMAlgAES, tpm2.TPMAlgCFB),
+		},
+		Scheme:  tpm2.TPMTECCScheme{Scheme: tpm2.TPMAlgNull},
+		CurveID: tpm2.TPMECCNistP384,
+		KDF:     tpm2.TPMTKDFScheme{Scheme: tpm2.TPMAlgNull},
+	}),
+	Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{}),
+}
 
 // ErrNoEKCert: the TPM holds no EK certificate this package can use.
 var ErrNoEKCert = errors.New("tpm: no EK certificate")
@@ -39,6 +71,7 @@ var ekSlots = []struct {
 }{
 	{EKCertIndexRSA, tpm2.RSAEKTemplate, 0x81010001},
 	{EKCertIndexECC, tpm2.ECCEKTemplate, 0x81010002},
+	{EKCertIndexP384, EKTemplateP384, 0x81010016}, // swtpm's handle
 }
 
 // akTemplate is the attestation key: a restricted ECDSA P-256 signing key
@@ -81,11 +114,13 @@ type Attestation struct {
 	ekCert     []byte
 	ekTemplate tpm2.TPMTPublic
 	ekHandle   *tpm2.NamedHandle // the persistent EK, or nil: derive it
+	ekUser     bool              // the EK admits its (empty) password: userWithAuth
 	akPublic   tpm2.TPM2BPublic
 	akPrivate  tpm2.TPM2BPrivate
 }
 
-// Attest reads the TPM's EK certificate (RSA, then ECC P-256), checks that
+// Attest reads the TPM's EK certificate (RSA, ECC P-256, then ECC P-384 in
+// the high range), checks that
 // it certifies the EK this TPM derives from the standard template, and
 // creates an attestation key. [ErrNoEKCert] when no EK certificate is
 // provisioned.
@@ -110,10 +145,13 @@ func (s *Store) Attest(ctx context.Context) (keystore.Attestation, error) {
 			if err != nil {
 				return fmt.Errorf("tpm: EK certificate at NV 0x%08x: %w", uint32(slot.index), err)
 			}
-			a.ekCert, a.ekTemplate = cert.Raw, slot.template
+			a.ekCert, a.ekTemplate, a.ekUser = cert.Raw, slot.template, slot.template.ObjectAttributes.UserWithAuth
 			if rp, err := (tpm2.ReadPublic{ObjectHandle: slot.persistent}).Execute(t); err == nil {
 				if pub, err := ekPublicKey(rp.OutPublic); err == nil && pub.(interface{ Equal(crypto.PublicKey) bool }).Equal(cert.PublicKey) {
 					a.ekHandle = &tpm2.NamedHandle{Handle: slot.persistent, Name: rp.Name}
+					if p, err := rp.OutPublic.Contents(); err == nil {
+						a.ekUser = p.ObjectAttributes.UserWithAuth
+					}
 					break
 				}
 			}
@@ -186,24 +224,35 @@ func (a *Attestation) Activate(ctx context.Context, credential, secret []byte) (
 			defer flush(t, rsp.ObjectHandle)
 			ek = &tpm2.NamedHandle{Handle: rsp.ObjectHandle, Name: rsp.Name}
 		}
-		sess, closeSess, err := tpm2.PolicySession(t, tpm2.TPMAlgSHA256, 16)
-		if err != nil {
-			return tpmErr("start EK policy session", err)
+		// The high-range EKs admit their empty password; the low-range
+		// ones only their policy (PolicySecret with the endorsement
+		// hierarchy).
+		var sess tpm2.Session = tpm2.PasswordAuth(nil)
+		if !a.ekUser {
+			ps, closeSess, err := tpm2.PolicySession(t, tpm2.TPMAlgSHA256, 16)
+			if err != nil {
+				return tpmErr("start EK policy session", err)
+			}
+			defer func() { _ = closeSess() }() // flushed by the TPM after use anyway
+			if _, err := (tpm2.PolicySecret{
+				AuthHandle:    tpm2.AuthHandle{Handle: tpm2.TPMRHEndorsement, Auth: tpm2.PasswordAuth(nil)},
+				PolicySession: ps.Handle(),
+				NonceTPM:      ps.NonceTPM(),
+			}).Execute(t); err != nil {
+				return tpmErr("EK policy (PolicySecret endorsement)", err)
+			}
+			sess = ps
 		}
-		defer func() { _ = closeSess() }() // flushed by the TPM after use anyway
-		if _, err := (tpm2.PolicySecret{
-			AuthHandle:    tpm2.AuthHandle{Handle: tpm2.TPMRHEndorsement, Auth: tpm2.PasswordAuth(nil)},
-			PolicySession: sess.Handle(),
-			NonceTPM:      sess.NonceTPM(),
-		}).Execute(t); err != nil {
-			return tpmErr("EK policy (PolicySecret endorsement)", err)
-		}
-		rsp, err := tpm2.ActivateCredential{
-			ActivateHandle: tpm2.AuthHandle{Handle: ak.ObjectHandle, Name: ak.Name, Auth: tpm2.PasswordAuth(nil)},
-			KeyHandle:      tpm2.AuthHandle{Handle: ek.Handle, Name: ek.Name, Auth: sess},
-			CredentialBlob: *blob,
-			Secret:         *enc,
-		}.Execute(t)
+		// RETRY (swtpm answers it while busy) means not executed: the
+		// policy session is still unused.
+		rsp, err := run(func() (*tpm2.ActivateCredentialResponse, error) {
+			return tpm2.ActivateCredential{
+				ActivateHandle: tpm2.AuthHandle{Handle: ak.ObjectHandle, Name: ak.Name, Auth: tpm2.PasswordAuth(nil)},
+				KeyHandle:      tpm2.AuthHandle{Handle: ek.Handle, Name: ek.Name, Auth: sess},
+				CredentialBlob: *blob,
+				Secret:         *enc,
+			}.Execute(t)
+		})
 		if err != nil {
 			return tpmErr("activate credential", err)
 		}

@@ -9,8 +9,9 @@
 //     EK certificate must chain to a configured manufacturer CA; the AK must
 //     be a restricted signing key fixed to its TPM. The answer is a
 //     credential made with TPM2_MakeCredential's algorithm (go-tpm's
-//     credactivation) for the EK, bound to the AK's name, wrapping a random
-//     secret, and a nonce.
+//     tpm2.CreateCredential, with the name and symmetric algorithms of the
+//     EK's TCG template) for the EK, bound to the AK's name, wrapping a
+//     random secret, and a nonce.
 //  2. [Verifier.Verify]: the device returns the secret (only the TPM that
 //     owns the EK decrypts it, and only with that AK loaded) and a
 //     TPM2_Certify of its device key by the AK over the nonce. The key must
@@ -19,17 +20,20 @@
 //
 // # Security
 //
-// A challenge is single use (taken out of the table by the first Verify,
-// whatever its outcome), expires after Config.TTL, and is bound to the
-// device ID and to the hash of the enrollment token it was asked with. The
-// secret and the nonce are compared in constant time. The table is bounded
-// (Config.MaxPending). Challenges live in this process: an enrollment must
-// reach the same server for both steps.
+// A challenge is single use (taken out of the registry by the first Verify,
+// whatever its outcome: the database lets one taker have it), expires after
+// Config.TTL, and is bound to the device ID and to the hash of the
+// enrollment token it was asked with. The registry keeps the secret's hash
+// only; the secret and the nonce are compared in constant time. A device
+// has at most Config.PerDevice challenges pending. Challenges live in the
+// registry: both steps may reach different servers sharing it.
 package attest
 
 import (
+	"context"
 	"crypto"
 	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
@@ -38,6 +42,7 @@ import (
 	"encoding/asn1"
 	"encoding/base64"
 	"encoding/hex"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -45,14 +50,13 @@ import (
 	"math/big"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
-	"sync"
 	"time"
 
-	legacy "github.com/google/go-tpm/legacy/tpm2"
-	"github.com/google/go-tpm/legacy/tpm2/credactivation"
 	"github.com/google/go-tpm/tpm2"
-	"github.com/google/go-tpm/tpmutil"
+
+	"github.com/mqtls/mqtls/provisioning/registry"
 )
 
 // Error is an attestation refusal: Label names the cause (for metrics and
@@ -80,38 +84,44 @@ type Config struct {
 	// (required; see LoadRoots). Intermediates, if any, help build chains.
 	Roots         *x509.CertPool
 	Intermediates *x509.CertPool
+	// Store keeps the pending challenges (required): the registry, shared
+	// by every server that may receive the second step.
+	Store Store
 	// TTL is how long a challenge may be answered (default 2 minutes).
 	TTL time.Duration
-	// MaxPending bounds the challenges waiting for an answer (default
-	// 10000); past it new challenges are refused until some expire.
-	MaxPending int
+	// PerDevice bounds the challenges a device has pending (default 4);
+	// past it new ones are refused until some are answered or expire.
+	PerDevice int
 	// Now is the clock (default time.Now), for tests.
 	Now func() time.Time
+}
+
+// Store keeps pending challenges (registry.Registry is one).
+type Store interface {
+	PutChallenge(ctx context.Context, c registry.Challenge, perDevice int) error
+	TakeChallenge(ctx context.Context, id string) (registry.Challenge, error)
 }
 
 // Verifier issues credential challenges and verifies their answers. It is
 // safe for concurrent use.
 type Verifier struct {
-	cfg     Config
-	mu      sync.Mutex
-	pending map[string]*challenge
+	cfg Config
 }
 
-type challenge struct {
-	deviceID string
-	binding  [32]byte
-	expires  time.Time
-	secret   []byte
-	nonce    []byte
-	ak       *tpm2.TPMTPublic
-	ek       EK
+// state is what a pending challenge keeps (registry.Challenge.Data).
+type state struct {
+	Binding      []byte `json:"binding"`       // SHA-256 of the token
+	SecretSHA256 []byte `json:"secret_sha256"` // of the credential's secret
+	Nonce        []byte `json:"nonce"`
+	AK           []byte `json:"ak"` // TPM2B_PUBLIC
+	EK           EK     `json:"ek"`
 }
 
 // EK identifies an attested endorsement key.
 type EK struct {
-	SHA256 string // hex SHA-256 of the EK's SubjectPublicKeyInfo
-	Issuer string // the EK certificate's issuer (RFC 2253)
-	Serial string // the EK certificate's serial, hex
+	SHA256 string `json:"sha256"` // hex SHA-256 of the EK's SubjectPublicKeyInfo
+	Issuer string `json:"issuer"` // the EK certificate's issuer (RFC 2253)
+	Serial string `json:"serial"` // the EK certificate's serial, hex
 }
 
 // New returns a Verifier.
@@ -119,16 +129,19 @@ func New(cfg Config) (*Verifier, error) {
 	if cfg.Roots == nil {
 		return nil, errors.New("attest: no TPM manufacturer CA configured")
 	}
+	if cfg.Store == nil {
+		return nil, errors.New("attest: no challenge store (registry) configured")
+	}
 	if cfg.TTL <= 0 {
 		cfg.TTL = 2 * time.Minute
 	}
-	if cfg.MaxPending <= 0 {
-		cfg.MaxPending = 10000
+	if cfg.PerDevice <= 0 {
+		cfg.PerDevice = 4
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	return &Verifier{cfg: cfg, pending: map[string]*challenge{}}, nil
+	return &Verifier{cfg: cfg}, nil
 }
 
 // Challenge is the server's answer to a challenge request; the fields are
@@ -148,17 +161,13 @@ func Binding(token string) [32]byte { return sha256.Sum256([]byte(token)) }
 
 // Challenge checks the EK certificate and the AK and makes a credential
 // challenge for deviceID.
-func (v *Verifier) Challenge(deviceID string, binding [32]byte, ekCertDER, akPublic []byte) (Challenge, error) {
+func (v *Verifier) Challenge(ctx context.Context, deviceID string, binding [32]byte, ekCertDER, akPublic []byte) (Challenge, error) {
 	now := v.cfg.Now()
 	ek, ekPub, err := v.checkEK(ekCertDER, now)
 	if err != nil {
 		return Challenge{}, err
 	}
-	ak, err := tpm2.Unmarshal[tpm2.TPM2BPublic](akPublic)
-	if err != nil {
-		return Challenge{}, malformed("bad_ak", "attestation key public area: %v", err)
-	}
-	akPub, err := ak.Contents()
+	akPub, err := publicArea(akPublic)
 	if err != nil {
 		return Challenge{}, malformed("bad_ak", "attestation key public area: %v", err)
 	}
@@ -166,35 +175,35 @@ func (v *Verifier) Challenge(deviceID string, binding [32]byte, ekCertDER, akPub
 	if !a.Restricted || !a.SignEncrypt || a.Decrypt || !a.FixedTPM || !a.FixedParent || !a.SensitiveDataOrigin {
 		return Challenge{}, refuse("ak_attributes", "the attestation key must be a restricted signing key with fixedTPM, fixedParent and sensitiveDataOrigin (got %s)", attrs(a))
 	}
+	if !strongName(akPub.NameAlg) {
+		return Challenge{}, refuse("ak_attributes", "the attestation key's name algorithm 0x%04x is not SHA-256, SHA-384 or SHA-512", uint16(akPub.NameAlg))
+	}
 	name, err := tpm2.ObjectName(akPub)
 	if err != nil {
 		return Challenge{}, malformed("bad_ak", "attestation key name: %v", err)
 	}
-	aikName, err := legacyName(name.Buffer)
+	ekKey, err := tpm2.ImportEncapsulationKey(ekPublicArea(ekPub))
 	if err != nil {
-		return Challenge{}, malformed("bad_ak", "attestation key name: %v", err)
+		return Challenge{}, refuse("ek_unsupported", "EK key: %v", err)
 	}
-	c := &challenge{deviceID: deviceID, binding: binding, expires: now.Add(v.cfg.TTL), secret: random(32), nonce: random(32), ak: akPub, ek: ek}
-	// AES-128: the symmetric algorithm of the standard EK templates.
-	cred, enc, err := credactivation.Generate(aikName, ekPub, 16, c.secret)
+	secret, nonce := random(32), random(32)
+	cred, enc, err := tpm2.CreateCredential(rand.Reader, ekKey, name.Buffer, secret)
 	if err != nil {
 		return Challenge{}, refuse("ek_unsupported", "make credential for the EK: %v", err)
 	}
-	id := base64.RawURLEncoding.EncodeToString(random(18))
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	if len(v.pending) >= v.cfg.MaxPending {
-		for k, p := range v.pending {
-			if !now.Before(p.expires) {
-				delete(v.pending, k)
-			}
-		}
-		if len(v.pending) >= v.cfg.MaxPending {
-			return Challenge{}, refuse("attest_busy", "too many attestation challenges pending (%d): retry in %v", len(v.pending), v.cfg.TTL)
-		}
+	cred, enc = tpm2.Marshal(tpm2.TPM2BIDObject{Buffer: cred}), tpm2.Marshal(tpm2.TPM2BEncryptedSecret{Buffer: enc})
+	sum := sha256.Sum256(secret)
+	data, err := json.Marshal(state{Binding: binding[:], SecretSHA256: sum[:], Nonce: nonce, AK: akPublic, EK: ek})
+	if err != nil {
+		return Challenge{}, fmt.Errorf("attest: %w", err)
 	}
-	v.pending[id] = c
-	return Challenge{ID: id, Credential: cred, Secret: enc, Nonce: c.nonce, Expires: c.expires}, nil
+	c := registry.Challenge{ID: base64.RawURLEncoding.EncodeToString(random(18)), DeviceID: deviceID, Expires: now.Add(v.cfg.TTL), Data: data}
+	if err := v.cfg.Store.PutChallenge(ctx, c, v.cfg.PerDevice); errors.Is(err, registry.ErrChallengeLimit) {
+		return Challenge{}, refuse("attest_busy", "%d attestation challenges of this device are pending: answer one or retry in %v", v.cfg.PerDevice, v.cfg.TTL)
+	} else if err != nil {
+		return Challenge{}, fmt.Errorf("attest: store challenge: %w", err)
+	}
+	return Challenge{ID: c.ID, Credential: cred, Secret: enc, Nonce: nonce, Expires: c.Expires}, nil
 }
 
 // Evidence is the device's answer to a challenge.
@@ -208,41 +217,53 @@ type Evidence struct {
 
 // Verify checks the evidence for deviceID's request for key and returns the
 // EK that vouches for it. The challenge is used up whatever the outcome.
-func (v *Verifier) Verify(deviceID string, binding [32]byte, ev Evidence, key crypto.PublicKey) (EK, error) {
+func (v *Verifier) Verify(ctx context.Context, deviceID string, binding [32]byte, ev Evidence, key crypto.PublicKey) (EK, error) {
 	now := v.cfg.Now()
-	v.mu.Lock()
-	c := v.pending[ev.ChallengeID]
-	delete(v.pending, ev.ChallengeID)
-	v.mu.Unlock()
-	switch {
-	case c == nil:
+	p, err := v.cfg.Store.TakeChallenge(ctx, ev.ChallengeID)
+	if errors.Is(err, registry.ErrNotFound) {
 		return EK{}, refuse("challenge_unknown", "unknown or already used attestation challenge: ask for a new one")
-	case !now.Before(c.expires):
-		return EK{}, refuse("challenge_expired", "attestation challenge expired at %s: ask for a new one", c.expires.UTC().Format(time.RFC3339))
-	case c.deviceID != deviceID || subtle.ConstantTimeCompare(c.binding[:], binding[:]) != 1:
+	}
+	if err != nil {
+		return EK{}, fmt.Errorf("attest: take challenge: %w", err)
+	}
+	var c state
+	if err := json.Unmarshal(p.Data, &c); err != nil {
+		return EK{}, fmt.Errorf("attest: challenge %s: %w", p.ID, err)
+	}
+	sum := sha256.Sum256(ev.Secret)
+	switch {
+	case !now.Before(p.Expires):
+		return EK{}, refuse("challenge_expired", "attestation challenge expired at %s: ask for a new one", p.Expires.UTC().Format(time.RFC3339))
+	case p.DeviceID != deviceID || subtle.ConstantTimeCompare(c.Binding, binding[:]) != 1:
 		return EK{}, refuse("challenge_mismatch", "attestation challenge was issued for another device or token")
-	case subtle.ConstantTimeCompare(c.secret, ev.Secret) != 1:
+	case subtle.ConstantTimeCompare(c.SecretSHA256, sum[:]) != 1:
 		return EK{}, refuse("activation_failed", "wrong activation secret: the attestation key is not in the TPM of the EK certificate")
 	}
-	kp, err := tpm2.Unmarshal[tpm2.TPM2BPublic](ev.KeyPublic)
+	ak, err := publicArea(c.AK)
+	if err != nil {
+		return EK{}, fmt.Errorf("attest: challenge %s: %w", p.ID, err)
+	}
+	kpub, err := publicArea(ev.KeyPublic)
 	if err != nil {
 		return EK{}, malformed("bad_evidence", "key public area: %v", err)
 	}
-	kpub, err := kp.Contents()
-	if err != nil {
-		return EK{}, malformed("bad_evidence", "key public area: %v", err)
-	}
-	if err := verifySignature(c.ak, ev.CertifyInfo, ev.Signature); err != nil {
+	if err := verifySignature(ak, ev.CertifyInfo, ev.Signature); err != nil {
 		return EK{}, err
 	}
 	info, err := tpm2.Unmarshal[tpm2.TPMSAttest](ev.CertifyInfo)
 	if err != nil {
 		return EK{}, malformed("bad_evidence", "certify info: %v", err)
 	}
+	// go-tpm does not check the magic. Without it a restricted AK signs
+	// any structure the device wrote (TPM2_Hash's ticket only says the
+	// data does not start with TPM_GENERATED_VALUE).
+	if info.Magic.Check() != nil {
+		return EK{}, refuse("certify_forged", "the certify info was not made by a TPM (magic 0x%08x, want TPM_GENERATED_VALUE)", uint32(info.Magic))
+	}
 	if info.Type != tpm2.TPMSTAttestCertify {
 		return EK{}, refuse("certify_mismatch", "attestation structure is not a TPM2_Certify (type 0x%x)", uint16(info.Type))
 	}
-	if subtle.ConstantTimeCompare(info.ExtraData.Buffer, c.nonce) != 1 {
+	if subtle.ConstantTimeCompare(info.ExtraData.Buffer, c.Nonce) != 1 {
 		return EK{}, refuse("certify_mismatch", "certify info does not carry the challenge's nonce")
 	}
 	certified, err := info.Attested.Certify()
@@ -263,11 +284,25 @@ func (v *Verifier) Verify(deviceID string, binding [32]byte, ev Evidence, key cr
 	if k, ok := key.(interface{ Equal(crypto.PublicKey) bool }); !ok || !k.Equal(tpub) {
 		return EK{}, refuse("certify_mismatch", "the certified key is not the key of the certificate request")
 	}
+	// The name binds the certified public area: a weak hash would let
+	// another public area (other attributes) share it.
+	if !strongName(kpub.NameAlg) {
+		return EK{}, refuse("key_attributes", "the device key's name algorithm 0x%04x is not SHA-256, SHA-384 or SHA-512", uint16(kpub.NameAlg))
+	}
 	a := kpub.ObjectAttributes
 	if !a.FixedTPM || !a.FixedParent || !a.SensitiveDataOrigin || !a.SignEncrypt || a.Decrypt || a.Restricted || a.EncryptedDuplication {
 		return EK{}, refuse("key_attributes", "the device key must be a TPM-generated signing key that cannot leave its TPM (fixedTPM, fixedParent, sensitiveDataOrigin, sign; not decrypt, restricted or duplicable); got %s", attrs(a))
 	}
-	return c.ek, nil
+	return c.EK, nil
+}
+
+// publicArea parses a TPM2B_PUBLIC.
+func publicArea(b []byte) (*tpm2.TPMTPublic, error) {
+	p, err := tpm2.Unmarshal[tpm2.TPM2BPublic](b)
+	if err != nil {
+		return nil, err
+	}
+	return p.Contents()
 }
 
 // checkEK verifies the EK certificate and returns its identity and key.
@@ -280,10 +315,29 @@ func (v *Verifier) checkEK(der []byte, now time.Time) (EK, crypto.PublicKey, err
 		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
 		return EK{}, nil, refuse("ek_untrusted", "EK certificate (issuer %q) does not chain to a configured TPM manufacturer CA (--tpm-ca): %v", cert.Issuer.String(), err)
 	}
-	switch cert.PublicKey.(type) {
-	case *rsa.PublicKey, *ecdsa.PublicKey:
+	// Only an EK certificate vouches for a TPM: a manufacturer CA may
+	// sign other certificates (a CA, a TLS server) whose key is anywhere.
+	usage := x509.KeyUsageKeyEncipherment
+	switch k := cert.PublicKey.(type) {
+	case *rsa.PublicKey:
+		if k.N.BitLen() != 2048 {
+			return EK{}, nil, refuse("ek_unsupported", "EK RSA key of %d bits (want 2048: templates L-1, H-1)", k.N.BitLen())
+		}
+	case *ecdsa.PublicKey:
+		usage = x509.KeyUsageKeyAgreement
+		if c := k.Curve; c != elliptic.P256() && c != elliptic.P384() {
+			return EK{}, nil, refuse("ek_unsupported", "EK curve %s (want P-256 or P-384)", c.Params().Name)
+		}
 	default:
 		return EK{}, nil, refuse("ek_unsupported", "EK key type %T (want RSA or ECC)", cert.PublicKey)
+	}
+	switch {
+	case cert.IsCA:
+		return EK{}, nil, refuse("ek_usage", "the EK certificate %q is a CA certificate, not an EK certificate", cert.Subject.String())
+	case (len(cert.ExtKeyUsage) > 0 || len(cert.UnknownExtKeyUsage) > 0) && !slices.ContainsFunc(cert.UnknownExtKeyUsage, oidEKCertificate.Equal):
+		return EK{}, nil, refuse("ek_usage", "the EK certificate's extended key usage lacks tcg-kp-EKCertificate (2.23.133.8.1): not an EK certificate")
+	case cert.KeyUsage != 0 && cert.KeyUsage&usage == 0:
+		return EK{}, nil, refuse("ek_usage", "the EK certificate's key usage (0x%x) lacks %s for its key type: not an EK certificate", int(cert.KeyUsage), map[x509.KeyUsage]string{x509.KeyUsageKeyEncipherment: "keyEncipherment", x509.KeyUsageKeyAgreement: "keyAgreement"}[usage])
 	}
 	return EK{SHA256: Fingerprint(cert), Issuer: cert.Issuer.String(), Serial: cert.SerialNumber.Text(16)}, cert.PublicKey, nil
 }
@@ -296,7 +350,10 @@ func Fingerprint(ekCert *x509.Certificate) string {
 	return hex.EncodeToString(sum[:])
 }
 
-var oidSAN = asn1.ObjectIdentifier{2, 5, 29, 17}
+var (
+	oidSAN           = asn1.ObjectIdentifier{2, 5, 29, 17}
+	oidEKCertificate = asn1.ObjectIdentifier{2, 23, 133, 8, 1} // tcg-kp-EKCertificate
+)
 
 // ParseEKCertificate parses an EK certificate. TCG EK certificates carry a
 // critical subject alternative name holding only a directoryName (TPM
@@ -366,21 +423,44 @@ func verifySignature(ak *tpm2.TPMTPublic, info, sigBytes []byte) error {
 	return nil
 }
 
-// legacyName converts a TPM2B_NAME's buffer (hash algorithm, digest) to
-// what credactivation takes.
-func legacyName(name []byte) (*legacy.HashValue, error) {
-	if len(name) < 2 {
-		return nil, errors.New("short name")
+// ekPublicArea is the public area the TCG EK templates give the EK of
+// pub, as far as TPM2_MakeCredential uses it (name and symmetric
+// algorithms): RSA 2048 (L-1, H-1) and ECC P-256 (L-2, H-2) use SHA-256
+// and AES-128, ECC P-384 (H-3, at 0x01c00016) SHA-384 and AES-256.
+func ekPublicArea(pub crypto.PublicKey) *tpm2.TPMTPublic {
+	switch k := pub.(type) {
+	case *rsa.PublicKey:
+		t := tpm2.RSAEKTemplate
+		d, _ := t.Parameters.RSADetail() // a constant template: copied, not changed
+		p := *d
+		if k.E != 65537 {
+			p.Exponent = uint32(k.E)
+		}
+		t.Parameters = tpm2.NewTPMUPublicParms(tpm2.TPMAlgRSA, &p)
+		t.Unique = tpm2.NewTPMUPublicID(tpm2.TPMAlgRSA, &tpm2.TPM2BPublicKeyRSA{Buffer: k.N.Bytes()})
+		return &t
+	case *ecdsa.PublicKey:
+		t := tpm2.ECCEKTemplate
+		d, _ := t.Parameters.ECCDetail()
+		p := *d
+		if k.Curve == elliptic.P384() {
+			t.NameAlg = tpm2.TPMAlgSHA384
+			p.CurveID = tpm2.TPMECCNistP384
+			p.Symmetric.KeyBits = tpm2.NewTPMUSymKeyBits(tpm2.TPMAlgAES, tpm2.TPMKeyBits(256))
+		}
+		t.Parameters = tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &p)
+		size := (k.Curve.Params().BitSize + 7) / 8
+		t.Unique = tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{
+			X: tpm2.TPM2BECCParameter{Buffer: k.X.FillBytes(make([]byte, size))},
+			Y: tpm2.TPM2BECCParameter{Buffer: k.Y.FillBytes(make([]byte, size))},
+		})
+		return &t
 	}
-	alg := legacy.Algorithm(uint16(name[0])<<8 | uint16(name[1]))
-	h, err := alg.Hash()
-	if err != nil {
-		return nil, err
-	}
-	if len(name)-2 != h.Size() {
-		return nil, fmt.Errorf("name digest is %d bytes, want %d", len(name)-2, h.Size())
-	}
-	return &legacy.HashValue{Alg: alg, Value: tpmutil.U16Bytes(name[2:])}, nil
+	return &tpm2.TPMTPublic{} // checkEK admits RSA and ECC only
+}
+
+func strongName(alg tpm2.TPMIAlgHash) bool {
+	return alg == tpm2.TPMAlgSHA256 || alg == tpm2.TPMAlgSHA384 || alg == tpm2.TPMAlgSHA512
 }
 
 func attrs(a tpm2.TPMAObject) string {

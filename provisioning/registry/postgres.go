@@ -87,6 +87,10 @@ var postgresDialect = &dialect{
 		{`ALTER TABLE tokens ADD COLUMN attest TEXT NOT NULL DEFAULT ''`,
 			`ALTER TABLE certificates ADD COLUMN ek_sha256 TEXT`,
 			`CREATE TABLE endorsement_keys (ek_sha256 TEXT PRIMARY KEY, device_id TEXT NOT NULL UNIQUE REFERENCES devices(id), issuer TEXT NOT NULL, serial TEXT NOT NULL, bound_at BIGINT NOT NULL)`},
+		// 4: pending attestation challenges (see the SQLite migration 5).
+		{`CREATE TABLE attest_challenges (id TEXT PRIMARY KEY, device_id TEXT NOT NULL, expires BIGINT NOT NULL, data BYTEA NOT NULL)`,
+			`CREATE INDEX attest_challenges_device ON attest_challenges(device_id)`,
+			`CREATE INDEX attest_challenges_expires ON attest_challenges(expires)`},
 	},
 	placeholder: dollarPlaceholders,
 	forUpdate:   " FOR UPDATE",

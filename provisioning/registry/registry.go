@@ -68,6 +68,9 @@ var (
 	// or the device to another endorsement key (a moved or cloned
 	// identity); ReleaseEK lifts the binding.
 	ErrEKBound = errors.New("registry: endorsement key bound to another device")
+	// ErrChallengeLimit: the device has too many pending attestation
+	// challenges.
+	ErrChallengeLimit = errors.New("registry: too many pending attestation challenges for the device")
 )
 
 // Attestation policies of a token.
@@ -160,6 +163,16 @@ type Registry interface {
 	// key (an operator's decision for a moved TPM or a replaced board),
 	// audited with reason. ErrNotFound when the device has none.
 	ReleaseEK(ctx context.Context, deviceID, reason string) error
+	// PutChallenge stores a pending attestation challenge so that its
+	// answer may reach any server sharing this registry. It deletes the
+	// expired challenges and refuses with ErrChallengeLimit when the
+	// device already has perDevice unexpired ones. ErrNotFound for an
+	// unknown device.
+	PutChallenge(ctx context.Context, c Challenge, perDevice int) error
+	// TakeChallenge deletes challenge id and returns it, expired or not:
+	// of concurrent takers (on any handle) exactly one gets it, the
+	// others ErrNotFound.
+	TakeChallenge(ctx context.Context, id string) (Challenge, error)
 
 	// Device returns one device, or ErrNotFound.
 	Device(ctx context.Context, id string) (Device, error)
@@ -217,6 +230,15 @@ type EK struct {
 	SHA256 string `json:"sha256"` // hex SHA-256 of its SubjectPublicKeyInfo
 	Issuer string `json:"issuer,omitempty"`
 	Serial string `json:"serial,omitempty"` // of its EK certificate, hex
+}
+
+// Challenge is a pending attestation challenge. Data is the verifier's
+// state, opaque to the registry (it holds no secret in the clear).
+type Challenge struct {
+	ID       string
+	DeviceID string
+	Expires  time.Time
+	Data     []byte
 }
 
 // Cert is an issued certificate as the registry keeps it.

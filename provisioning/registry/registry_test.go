@@ -112,7 +112,7 @@ func TestPostgresOpenCreateAndSchema(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, err = registry.OpenPostgres(ctx, srv.URL(db))
-	if !errors.Is(err, registry.ErrNewerSchema) || !strings.Contains(err.Error(), "999") || !strings.Contains(err.Error(), "up to 3") {
+	if !errors.Is(err, registry.ErrNewerSchema) || !strings.Contains(err.Error(), "999") || !strings.Contains(err.Error(), "up to 4") {
 		t.Fatalf("OpenPostgres(newer schema) = %v", err)
 	}
 }
@@ -133,8 +133,8 @@ func TestCreateModeAndWAL(t *testing.T) {
 	var version int
 	db.QueryRow("PRAGMA journal_mode").Scan(&mode)
 	db.QueryRow("PRAGMA user_version").Scan(&version)
-	if mode != "wal" || version != 4 {
-		t.Fatalf("journal_mode %q, user_version %d; want wal and schema 4", mode, version)
+	if mode != "wal" || version != 5 {
+		t.Fatalf("journal_mode %q, user_version %d; want wal and schema 5", mode, version)
 	}
 	if _, err := registry.CreateSQLite(t.Context(), path, registrytest.Root); !errors.Is(err, registry.ErrExists) {
 		t.Fatalf("CreateSQLite over an existing registry = %v, want ErrExists", err)

@@ -681,6 +681,62 @@ func (r *sqlDB) ReleaseEK(ctx context.Context, deviceID, reason string) error {
 	return nil
 }
 
+// PutChallenge stores c, under the device's row lock so that the bound
+// holds against concurrent requests.
+func (r *sqlDB) PutChallenge(ctx context.Context, c Challenge, perDevice int) error {
+	now := r.now()
+	tx, done, err := r.begin(ctx)
+	if err != nil {
+		return err
+	}
+	defer done()
+	if _, err := r.lockDevice(ctx, tx, c.DeviceID); err != nil {
+		return err
+	}
+	if _, err := r.exec(ctx, tx, `DELETE FROM attest_challenges WHERE expires <= ?`, now.UnixMilli()); err != nil {
+		return fmt.Errorf("registry: %w", err)
+	}
+	var n int
+	if err := tx.QueryRowContext(ctx, r.q(`SELECT COUNT(*) FROM attest_challenges WHERE device_id = ?`), c.DeviceID).Scan(&n); err != nil {
+		return fmt.Errorf("registry: %w", err)
+	}
+	if n >= perDevice {
+		return fmt.Errorf("%w: %q has %d", ErrChallengeLimit, c.DeviceID, n)
+	}
+	if _, err := r.exec(ctx, tx, `INSERT INTO attest_challenges (id, device_id, expires, data) VALUES (?, ?, ?, ?)`,
+		c.ID, c.DeviceID, c.Expires.UnixMilli(), c.Data); err != nil {
+		return fmt.Errorf("registry: %w", err)
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("registry: %w", err)
+	}
+	return nil
+}
+
+// TakeChallenge deletes and returns a challenge in one statement: the
+// database lets one DELETE only remove the row.
+func (r *sqlDB) TakeChallenge(ctx context.Context, id string) (Challenge, error) {
+	tx, done, err := r.begin(ctx)
+	if err != nil {
+		return Challenge{}, err
+	}
+	defer done()
+	c := Challenge{ID: id}
+	var expires int64
+	err = tx.QueryRowContext(ctx, r.q(`DELETE FROM attest_challenges WHERE id = ? RETURNING device_id, expires, data`), id).Scan(&c.DeviceID, &expires, &c.Data)
+	if errors.Is(err, sql.ErrNoRows) {
+		return Challenge{}, fmt.Errorf("%w: challenge", ErrNotFound)
+	}
+	if err != nil {
+		return Challenge{}, fmt.Errorf("registry: %w", err)
+	}
+	if err := tx.Commit(); err != nil {
+		return Challenge{}, fmt.Errorf("registry: %w", err)
+	}
+	c.Expires = time.UnixMilli(expires)
+	return c, nil
+}
+
 func (r *sqlDB) insertCert(ctx context.Context, tx *sql.Tx, now time.Time, c Cert) error {
 	var ek sql.NullString
 	if c.EK.SHA256 != "" {

@@ -81,6 +81,11 @@ var sqliteDialect = &dialect{
 		{`ALTER TABLE tokens ADD COLUMN attest TEXT NOT NULL DEFAULT ''`,
 			`ALTER TABLE certificates ADD COLUMN ek_sha256 TEXT`,
 			`CREATE TABLE endorsement_keys (ek_sha256 TEXT PRIMARY KEY, device_id TEXT NOT NULL UNIQUE REFERENCES devices(id), issuer TEXT NOT NULL, serial TEXT NOT NULL, bound_at INTEGER NOT NULL)`},
+		// 5: pending attestation challenges, shared by the servers of a
+		// registry.
+		{`CREATE TABLE attest_challenges (id TEXT PRIMARY KEY, device_id TEXT NOT NULL, expires INTEGER NOT NULL, data BLOB NOT NULL)`,
+			`CREATE INDEX attest_challenges_device ON attest_challenges(device_id)`,
+			`CREATE INDEX attest_challenges_expires ON attest_challenges(expires)`},
 	},
 	placeholder: func(q string) string { return q },
 	oneWriter:   true,

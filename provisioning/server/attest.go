@@ -63,7 +63,7 @@ func (s *Server) attestChallenge(w http.ResponseWriter, r *http.Request) {
 		s.registryFailed(w, r, event, id, "", "check token", err)
 		return
 	}
-	ch, err := s.cfg.Attestation.Challenge(id, attest.Binding(token), req.EKCertificate, req.AKPublic)
+	ch, err := s.cfg.Attestation.Challenge(r.Context(), id, attest.Binding(token), req.EKCertificate, req.AKPublic)
 	if err != nil {
 		s.refuse(w, r, event, id, "", attestRefusal(err))
 		return
@@ -113,7 +113,7 @@ func (s *Server) verifyAttestation(r *http.Request, id, token string, g registry
 		}
 		*h.dst = b
 	}
-	ek, err := s.cfg.Attestation.Verify(id, attest.Binding(token), ev, csr.PublicKey)
+	ek, err := s.cfg.Attestation.Verify(r.Context(), id, attest.Binding(token), ev, csr.PublicKey)
 	if err != nil {
 		f := attestRefusal(err)
 		return registry.EK{}, &f

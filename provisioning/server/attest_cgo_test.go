@@ -4,8 +4,10 @@ package server_test
 
 import (
 	"crypto"
+	"crypto/ecdsa"
 	"crypto/rand"
 	"crypto/rsa"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"math/big"
@@ -25,6 +27,7 @@ import (
 	"github.com/mqtls/mqtls/hardware/tpm/tpmsim"
 	"github.com/mqtls/mqtls/internal/testing/ektest"
 	"github.com/mqtls/mqtls/internal/testing/esttest"
+	"github.com/mqtls/mqtls/internal/testing/pgtest"
 	"github.com/mqtls/mqtls/internal/testing/testpki"
 	"github.com/mqtls/mqtls/keystore"
 	"github.com/mqtls/mqtls/provisioning"
@@ -73,7 +76,7 @@ func attestEnv(t testing.TB, tweak func(*server.Config, *attest.Config)) *esttes
 	t.Helper()
 	return esttest.Start(t, func(c *server.Config) {
 		roots, inter := mfr.Pools()
-		ac := attest.Config{Roots: roots, Intermediates: inter}
+		ac := attest.Config{Roots: roots, Intermediates: inter, Store: c.Registry}
 		if tweak != nil {
 			tweak(c, &ac)
 		}
@@ -134,6 +137,16 @@ func TestAttestedEnrollment(t *testing.T) {
 	renewed, err = client(t, env).Reenroll(t.Context(), cur, rekey)
 	if err != nil || ca.Attested(renewed[0]) {
 		t.Fatalf("renewal with a new key: %v; the new key was not attested, the certificate must not say so", err)
+	}
+	// Once the operator released the EK (the TPM moved, the board was
+	// replaced), the device is no longer known to hold its TPM: the same
+	// key renews without the marker.
+	if err := env.Registry.ReleaseEK(t.Context(), "dev-attested", "board replaced"); err != nil {
+		t.Fatal(err)
+	}
+	renewed, err = client(t, env).Reenroll(t.Context(), cur, key)
+	if err != nil || ca.Attested(renewed[0]) {
+		t.Fatalf("renewal with the same key after ek release: %v; attested %v, want false", err, err == nil && ca.Attested(renewed[0]))
 	}
 
 	// A plain enrollment gets no marker.
@@ -258,6 +271,24 @@ func TestAttestationRefusals(t *testing.T) {
 		f.certify(t, dup)
 		wantRefused(t, env, f.enroll(t, dup), http.StatusForbidden, "cannot leave its TPM")
 	})
+	t.Run("key named with SHA-1", func(t *testing.T) {
+		tr, err := tpmsim.OpenSeed(simSeed)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer tr.Close()
+		ektest.Key(t, tr, store.Dir(), "sha1", func(p *tpm2.TPMTPublic) {
+			p.NameAlg = tpm2.TPMAlgSHA1
+			p.ObjectAttributes.FixedTPM, p.ObjectAttributes.FixedParent = true, true
+		})
+		k, err := store.Signer(ctx, "sha1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := prepare(t, env, store, "sha1-dev")
+		f.certify(t, k)
+		wantRefused(t, env, f.enroll(t, k), http.StatusForbidden, "name algorithm")
+	})
 	t.Run("AK from another TPM", func(t *testing.T) {
 		f := prepare(t, env, store, "foreign-ak")
 		ch, err := client(t, env).RequestAttestChallenge(ctx, f.id, f.tok, provisioning.AttestRequest{EKCertificate: f.att.EKCertificate(), AKPublic: ektest.ForeignAK(t)})
@@ -291,6 +322,14 @@ func TestAttestationRefusals(t *testing.T) {
 		rogue := ektest.NewManufacturer(t)
 		_, err := client(t, env).RequestAttestChallenge(ctx, f.id, f.tok, provisioning.AttestRequest{EKCertificate: rogue.EKCert(t, ektest.EKPublicOf(t, f.att.EKCertificate())), AKPublic: f.att.AKPublic()})
 		wantRefused(t, env, err, http.StatusForbidden, "does not chain to a configured TPM manufacturer CA")
+	})
+	t.Run("manufacturer certificate that is not an EK certificate", func(t *testing.T) {
+		f := prepare(t, env, store, "not-ek")
+		tls := mfr.EKCert(t, ektest.EKPublicOf(t, f.att.EKCertificate()), func(c *x509.Certificate) {
+			c.UnknownExtKeyUsage, c.ExtKeyUsage = nil, []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}
+		})
+		_, err := client(t, env).RequestAttestChallenge(ctx, f.id, f.tok, provisioning.AttestRequest{EKCertificate: tls, AKPublic: f.att.AKPublic()})
+		wantRefused(t, env, err, http.StatusForbidden, "not an EK certificate")
 	})
 	t.Run("wrong activation secret", func(t *testing.T) {
 		f := prepare(t, env, store, "wrong-secret")
@@ -359,6 +398,54 @@ func TestAttestationRefusals(t *testing.T) {
 		f := prepare(t, env, store, "tampered-info")
 		f.ev.CertifyInfo[len(f.ev.CertifyInfo)-1] ^= 1
 		wantRefused(t, env, f.enroll(t, f.key), http.StatusForbidden, "signature over the certify info does not verify")
+	})
+	// A device with a genuine TPM (AK activated) vouching for a software key.
+	cheat := func(t *testing.T, id string, how ektest.Cheat) (*flow, crypto.Signer, error) {
+		f := prepare(t, env, store, id)
+		tr, err := tpmsim.OpenSeed(simSeed)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer tr.Close()
+		soft := testpki.NewKey(t)
+		f.ev.Secret, f.ev.KeyPublic, f.ev.CertifyInfo, f.ev.Signature, err = ektest.CheatingEvidence(t, tr, tpm2.RSAEKTemplate, soft.Public().(*ecdsa.PublicKey), how,
+			func(ak []byte) ([]byte, []byte, []byte) {
+				ch, err := client(t, env).RequestAttestChallenge(ctx, f.id, f.tok, provisioning.AttestRequest{EKCertificate: f.att.EKCertificate(), AKPublic: ak})
+				if err != nil {
+					t.Fatal(err)
+				}
+				f.ev.ChallengeID = ch.ID
+				return ch.Credential, ch.Secret, ch.Nonce
+			})
+		return f, soft, err
+	}
+	t.Run("software key loaded into the TPM with TPM2_LoadExternal", func(t *testing.T) {
+		f, soft, err := cheat(t, "external-key", ektest.LoadExternal)
+		// The server trusts fixedTPM in a certified public area because a
+		// TPM authorizes no use (TPM2_Certify included) of an object loaded
+		// without its private part: if that changes, the enrollment below
+		// shows what a software key would get.
+		if errors.Is(err, tpm2.TPMRCAuthUnavailable) {
+			return
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		wantRefused(t, env, f.enroll(t, soft), http.StatusForbidden, "TPM")
+	})
+	t.Run("certify info written by the device and signed by the AK", func(t *testing.T) {
+		f, soft, err := cheat(t, "forged-info", ektest.SignForgery)
+		if err != nil {
+			t.Fatal(err)
+		}
+		wantRefused(t, env, f.enroll(t, soft), http.StatusForbidden, "not made by a TPM")
+	})
+	t.Run("a quote by the AK instead of a certify", func(t *testing.T) {
+		f, soft, err := cheat(t, "quoted", ektest.Quote)
+		if err != nil {
+			t.Fatal(err)
+		}
+		wantRefused(t, env, f.enroll(t, soft), http.StatusForbidden, "not a TPM2_Certify")
 	})
 	t.Run("EK bound to another device", func(t *testing.T) {
 		f := prepare(t, env, store, "first-of-tpm")
@@ -438,6 +525,7 @@ func BenchmarkAttestedEnrollment(b *testing.B) {
 
 func benchAttested(b *testing.B, store *tpm.Store, ac attest.Config) {
 	env := esttest.Start(b, func(c *server.Config) {
+		ac.Store = c.Registry
 		v, err := attest.New(ac)
 		if err != nil {
 			b.Fatal(err)
@@ -483,4 +571,49 @@ func benchAttested(b *testing.B, store *tpm.Store, ac attest.Config) {
 			}
 		})
 	}
+}
+
+// Challenges live in the registry: with two EST servers on one PostgreSQL
+// registry (a cluster behind a load balancer) the challenge asked from one
+// is answered on the other, and only once across both.
+func TestAttestationOnAnyNode(t *testing.T) {
+	store := attestedTPM(t)
+	pg := pgtest.Start(t)
+	db := pg.NewDatabase(t)
+	node := func(c *ca.CA, create bool) *esttest.Env {
+		return attestEnv(t, func(sc *server.Config, ac *attest.Config) {
+			var reg registry.Registry
+			var err error
+			if create {
+				reg, err = registry.CreatePostgres(t.Context(), pg.URL(db), ca.Fingerprint(sc.CA.Root))
+			} else {
+				sc.CA = c
+				reg, err = registry.OpenPostgres(t.Context(), pg.URL(db))
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { reg.Close() })
+			sc.Registry, ac.Store = reg, reg
+		})
+	}
+	a := node(nil, true)
+	b := node(a.CA, false)
+
+	f := prepare(t, a, store, "any-node") // challenge from node a
+	chain, err := client(t, b).EnrollWithEvidence(t.Context(), f.key, f.id, f.tok, &f.ev)
+	if err != nil {
+		t.Fatalf("evidence for node a's challenge answered on node b: %v", err)
+	}
+	if !ca.Attested(chain[0]) {
+		t.Fatal("no attested marker")
+	}
+	g := prepare(t, a, store, "any-node-2")
+	g.env = b
+	ev := g.ev
+	if err := g.enroll(t, g.key); err != nil && !strings.Contains(err.Error(), "bound") {
+		t.Fatal(err)
+	}
+	g.env, g.ev = a, ev
+	wantRefused(t, a, g.enroll(t, g.key), http.StatusForbidden, "unknown or already used attestation challenge")
 }

@@ -534,10 +534,12 @@ func (s *Server) reenroll(w http.ResponseWriter, r *http.Request) {
 	if dev.Group != "" {
 		groups = []string{dev.Group}
 	}
-	// The attested marker carries over to a renewal of the same key: the
-	// key is still the one the TPM certified. A new key was not attested.
+	// The attested marker carries over to a renewal of the same key while
+	// the device is still bound to the EK that attested it: the key is
+	// still the one the TPM certified. A new key was not attested; after
+	// an ek release the operator no longer vouches for that TPM.
 	issue, ek := s.cfg.CA.IssueDevice, registry.EK{}
-	if ca.Attested(leaf) && leaf.PublicKey.(interface{ Equal(crypto.PublicKey) bool }).Equal(csr.PublicKey) && rec.EK.SHA256 != "" {
+	if ca.Attested(leaf) && leaf.PublicKey.(interface{ Equal(crypto.PublicKey) bool }).Equal(csr.PublicKey) && rec.EK.SHA256 != "" && dev.EK == rec.EK.SHA256 {
 		issue, ek = s.cfg.CA.IssueAttestedDevice, rec.EK
 	}
 	cert, err := issue(csr.PublicKey, id, groups, s.cfg.Validity)

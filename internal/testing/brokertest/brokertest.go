@@ -71,7 +71,7 @@ func StartOn(t testing.TB, dir string, reg registry.Registry, tweak func(*broker
 	}
 	m := prometheus.NewRegistry()
 	cfg := broker.Config{
-		Addr: "127.0.0.1:0", Certificate: srv, Root: c.Root, Registry: reg,
+		Addr: "127.0.0.1:0", Certificate: srv, Root: c.Root, Issuers: []*x509.Certificate{c.Issuing}, Registry: reg,
 		RevocationPoll: 100 * time.Millisecond, Metrics: m,
 		Logger: slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn})),
 	}

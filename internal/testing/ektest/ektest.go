@@ -1,7 +1,8 @@
 // Package ektest manufactures TPMs for attestation tests: a test TPM
 // manufacturer CA (made at test time) and an EK certificate for a TPM's
-// RSA endorsement key, written to the NV index of the TCG EK Credential
-// Profile (0x01c00002) as a TPM vendor does at the factory.
+// endorsement key, written to an NV index of the TCG EK Credential Profile
+// as a TPM vendor does at the factory. It also plays cheating devices
+// (CheatingEvidence) and makes keys with chosen attributes (Key).
 package ektest
 
 import (
@@ -16,6 +17,7 @@ import (
 	"math/big"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -24,6 +26,7 @@ import (
 
 	"github.com/mqtls/mqtls/hardware/tpm"
 	"github.com/mqtls/mqtls/internal/testing/testpki"
+	"github.com/mqtls/mqtls/provisioning/registry"
 )
 
 // Manufacturer is a test TPM manufacturer: a root and an issuing CA.
@@ -44,10 +47,11 @@ func (m *Manufacturer) Pools() (roots, inter *x509.CertPool) {
 }
 
 // EKCert issues an EK certificate for pub shaped like a vendor's: EKU
-// tcg-kp-EKCertificate, key usage keyEncipherment, and a critical subject
-// alternative name holding only the TPM manufacturer, model and version
-// (a directoryName).
-func (m *Manufacturer) EKCert(t testing.TB, pub crypto.PublicKey) []byte {
+// tcg-kp-EKCertificate, key usage keyEncipherment (RSA) or keyAgreement
+// (ECC), and a critical subject alternative name holding only the TPM
+// manufacturer, model and version (a directoryName). Each tweak may change
+// the template before it is signed.
+func (m *Manufacturer) EKCert(t testing.TB, pub crypto.PublicKey, tweaks ...func(*x509.Certificate)) []byte {
 	t.Helper()
 	san := sanDirName(t)
 	serial, _ := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 64))
@@ -59,6 +63,12 @@ func (m *Manufacturer) EKCert(t testing.TB, pub crypto.PublicKey) []byte {
 		UnknownExtKeyUsage:    []asn1.ObjectIdentifier{{2, 23, 133, 8, 1}},
 		BasicConstraintsValid: true,
 		ExtraExtensions:       []pkix.Extension{{Id: asn1.ObjectIdentifier{2, 5, 29, 17}, Critical: true, Value: san}},
+	}
+	if _, ok := pub.(*ecdsa.PublicKey); ok {
+		tmpl.KeyUsage = x509.KeyUsageKeyAgreement
+	}
+	for _, tw := range tweaks {
+		tw(tmpl)
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, m.Issuing, pub, m.IssuingKey)
 	if err != nil {
@@ -172,6 +182,15 @@ func RemoveEKCert(t testing.TB, tr transport.TPM, index tpm2.TPMHandle) {
 // dir/name.tpmkey, where a tpm.Store finds it.
 func DuplicableKey(t testing.TB, tr transport.TPM, dir, name string) {
 	t.Helper()
+	Key(t, tr, dir, name, func(*tpm2.TPMTPublic) {})
+}
+
+// Key creates, in the TPM behind tr, an ECC P-256 signing key from a
+// template that tweak may change (default: duplicable, fixedTPM and
+// fixedParent clear) and writes it as dir/name.tpmkey, where a tpm.Store
+// finds it.
+func Key(t testing.TB, tr transport.TPM, dir, name string, tweak func(*tpm2.TPMTPublic)) {
+	t.Helper()
 	srk, err := tpm2.CreatePrimary{
 		PrimaryHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)},
 		InPublic:      tpm2.New2B(tpm.SRKTemplate()),
@@ -180,21 +199,23 @@ func DuplicableKey(t testing.TB, tr transport.TPM, dir, name string) {
 		t.Fatal(err)
 	}
 	defer tpm2.FlushContext{FlushHandle: srk.ObjectHandle}.Execute(tr)
+	tmpl := tpm2.TPMTPublic{
+		Type:    tpm2.TPMAlgECC,
+		NameAlg: tpm2.TPMAlgSHA256,
+		ObjectAttributes: tpm2.TPMAObject{
+			SensitiveDataOrigin: true, UserWithAuth: true, NoDA: true, SignEncrypt: true,
+		},
+		Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &tpm2.TPMSECCParms{
+			Scheme:  tpm2.TPMTECCScheme{Scheme: tpm2.TPMAlgNull},
+			CurveID: tpm2.TPMECCNistP256,
+			KDF:     tpm2.TPMTKDFScheme{Scheme: tpm2.TPMAlgNull},
+		}),
+		Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{}),
+	}
+	tweak(&tmpl)
 	rsp, err := tpm2.Create{
 		ParentHandle: tpm2.AuthHandle{Handle: srk.ObjectHandle, Name: srk.Name, Auth: tpm2.PasswordAuth(nil)},
-		InPublic: tpm2.New2B(tpm2.TPMTPublic{
-			Type:    tpm2.TPMAlgECC,
-			NameAlg: tpm2.TPMAlgSHA256,
-			ObjectAttributes: tpm2.TPMAObject{
-				SensitiveDataOrigin: true, UserWithAuth: true, NoDA: true, SignEncrypt: true,
-			},
-			Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &tpm2.TPMSECCParms{
-				Scheme:  tpm2.TPMTECCScheme{Scheme: tpm2.TPMAlgNull},
-				CurveID: tpm2.TPMECCNistP256,
-				KDF:     tpm2.TPMTKDFScheme{Scheme: tpm2.TPMAlgNull},
-			}),
-			Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{}),
-		}),
+		InPublic:     tpm2.New2B(tmpl),
 	}.Execute(tr)
 	if err != nil {
 		t.Fatal(err)
@@ -244,4 +265,192 @@ func EKPublicOf(t testing.TB, der []byte) crypto.PublicKey {
 		t.Fatal(err)
 	}
 	return c.PublicKey
+}
+
+// Cheat is how a device with a genuine TPM tries to have a software key
+// pass as one of its TPM's.
+type Cheat int
+
+const (
+	// LoadExternal loads only the public part of the software key into the
+	// TPM (TPM2_LoadExternal) and has the AK certify it.
+	LoadExternal Cheat = iota
+	// SignForgery writes the TPMS_ATTEST itself, with a magic other than
+	// TPM_GENERATED_VALUE (a restricted key signs any digest of data not
+	// starting with it: TPM2_Hash then TPM2_Sign), and has the AK sign it.
+	SignForgery
+	// Quote sends a TPM2_Quote by the AK over the nonce (a genuine
+	// TPMS_ATTEST, of another type) instead of a TPM2_Certify.
+	Quote
+)
+
+// CheatingEvidence plays a device that cheats with a genuine TPM: it makes
+// an AK in the TPM behind tr (owner hierarchy), asks challenge for a
+// credential bound to it, activates it with the EK made from ekTemplate,
+// then has the AK vouch, as how says, for a public area of the software
+// key pub claiming fixedTPM, fixedParent and sensitiveDataOrigin. It
+// returns the evidence: the activated secret, the key's public area, the
+// certify info and the AK's signature, or the TPM's refusal to make them
+// (the reference TPM authorizes no use of a public-only object).
+func CheatingEvidence(t testing.TB, tr transport.TPM, ekTemplate tpm2.TPMTPublic, pub *ecdsa.PublicKey, how Cheat,
+	challenge func(akPublic []byte) (credential, secret, nonce []byte)) (activated, keyPublic, info, sig []byte, err error) {
+	t.Helper()
+	owner := tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)}
+	akPub, err := tpm2.Unmarshal[tpm2.TPM2BPublic](ForeignAK(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl, err := akPub.Contents()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl.Unique = tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{})
+	ak, err := tpm2.CreatePrimary{PrimaryHandle: owner, InPublic: tpm2.New2B(*tmpl)}.Execute(tr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tpm2.FlushContext{FlushHandle: ak.ObjectHandle}.Execute(tr)
+	cred, enc, nonce := challenge(tpm2.Marshal(ak.OutPublic))
+
+	ek, err := tpm2.CreatePrimary{
+		PrimaryHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHEndorsement, Auth: tpm2.PasswordAuth(nil)},
+		InPublic:      tpm2.New2B(ekTemplate),
+	}.Execute(tr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sess, closeSess, err := tpm2.PolicySession(tr, tpm2.TPMAlgSHA256, 16)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeSess()
+	if _, err := (tpm2.PolicySecret{AuthHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHEndorsement, Auth: tpm2.PasswordAuth(nil)},
+		PolicySession: sess.Handle(), NonceTPM: sess.NonceTPM()}).Execute(tr); err != nil {
+		t.Fatal(err)
+	}
+	blob, err := tpm2.Unmarshal[tpm2.TPM2BIDObject](cred)
+	if err != nil {
+		t.Fatal(err)
+	}
+	encSecret, err := tpm2.Unmarshal[tpm2.TPM2BEncryptedSecret](enc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	act, err := tpm2.ActivateCredential{
+		ActivateHandle: tpm2.AuthHandle{Handle: ak.ObjectHandle, Name: ak.Name, Auth: tpm2.PasswordAuth(nil)},
+		KeyHandle:      tpm2.AuthHandle{Handle: ek.ObjectHandle, Name: ek.Name, Auth: sess},
+		CredentialBlob: *blob,
+		Secret:         *encSecret,
+	}.Execute(tr)
+	tpm2.FlushContext{FlushHandle: ek.ObjectHandle}.Execute(tr) // room for the external key
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// A public-only object has no authValue: TPM2_Certify's admin role is
+	// met by a policy allowing TPM2_Certify.
+	pc, err := tpm2.NewPolicyCalculator(tpm2.TPMAlgSHA256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := (tpm2.PolicyCommandCode{Code: tpm2.TPMCCCertify}).Update(pc); err != nil {
+		t.Fatal(err)
+	}
+	soft := tpm2.New2B(tpm2.TPMTPublic{
+		Type:    tpm2.TPMAlgECC,
+		NameAlg: tpm2.TPMAlgSHA256,
+		ObjectAttributes: tpm2.TPMAObject{
+			FixedTPM: true, FixedParent: true, SensitiveDataOrigin: true, UserWithAuth: true, AdminWithPolicy: true, NoDA: true, SignEncrypt: true,
+		},
+		AuthPolicy: tpm2.TPM2BDigest{Buffer: pc.Hash().Digest},
+		Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &tpm2.TPMSECCParms{
+			Scheme:  tpm2.TPMTECCScheme{Scheme: tpm2.TPMAlgNull},
+			CurveID: tpm2.TPMECCNistP256,
+			KDF:     tpm2.TPMTKDFScheme{Scheme: tpm2.TPMAlgNull},
+		}),
+		Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{
+			X: tpm2.TPM2BECCParameter{Buffer: pub.X.FillBytes(make([]byte, 32))},
+			Y: tpm2.TPM2BECCParameter{Buffer: pub.Y.FillBytes(make([]byte, 32))},
+		}),
+	})
+	akAuth := tpm2.AuthHandle{Handle: ak.ObjectHandle, Name: ak.Name, Auth: tpm2.PasswordAuth(nil)}
+	switch how {
+	case SignForgery:
+		info, sig, err := forge(tr, akAuth, soft, nonce)
+		return act.CertInfo.Buffer, tpm2.Marshal(soft), info, sig, err
+	case Quote:
+		q, err := tpm2.Quote{SignHandle: akAuth, QualifyingData: tpm2.TPM2BData{Buffer: nonce}, InScheme: tpm2.TPMTSigScheme{Scheme: tpm2.TPMAlgNull}}.Execute(tr)
+		if err != nil {
+			return nil, nil, nil, nil, err
+		}
+		return act.CertInfo.Buffer, tpm2.Marshal(soft), q.Quoted.Bytes(), tpm2.Marshal(q.Signature), nil
+	}
+	ext, err := tpm2.LoadExternal{InPublic: soft, Hierarchy: tpm2.TPMRHOwner}.Execute(tr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tpm2.FlushContext{FlushHandle: ext.ObjectHandle}.Execute(tr)
+	adm, closeAdm, err := tpm2.PolicySession(tr, tpm2.TPMAlgSHA256, 16)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeAdm()
+	if _, err := (tpm2.PolicyCommandCode{PolicySession: adm.Handle(), Code: tpm2.TPMCCCertify}).Execute(tr); err != nil {
+		t.Fatal(err)
+	}
+	rsp, err := tpm2.Certify{
+		ObjectHandle:   tpm2.AuthHandle{Handle: ext.ObjectHandle, Name: ext.Name, Auth: adm},
+		SignHandle:     akAuth,
+		QualifyingData: tpm2.TPM2BData{Buffer: nonce},
+		InScheme:       tpm2.TPMTSigScheme{Scheme: tpm2.TPMAlgNull},
+	}.Execute(tr)
+	if err != nil {
+		return nil, nil, nil, nil, err
+	}
+	return act.CertInfo.Buffer, tpm2.Marshal(soft), rsp.CertifyInfo.Bytes(), tpm2.Marshal(rsp.Signature), nil
+}
+
+// forge has the restricted AK sign a TPMS_ATTEST of type certify naming
+// the key public, written outside the TPM (magic 0).
+func forge(tr transport.TPM, ak tpm2.AuthHandle, public tpm2.TPM2BPublic, nonce []byte) (info, sig []byte, err error) {
+	p, err := public.Contents()
+	if err != nil {
+		return nil, nil, err
+	}
+	name, err := tpm2.ObjectName(p)
+	if err != nil {
+		return nil, nil, err
+	}
+	info = tpm2.Marshal(tpm2.TPMSAttest{
+		Magic:     0,
+		Type:      tpm2.TPMSTAttestCertify,
+		ExtraData: tpm2.TPM2BData{Buffer: nonce},
+		Attested:  tpm2.NewTPMUAttest(tpm2.TPMSTAttestCertify, &tpm2.TPMSCertifyInfo{Name: *name, QualifiedName: *name}),
+	})
+	h, err := tpm2.Hash{Data: tpm2.TPM2BMaxBuffer{Buffer: info}, HashAlg: tpm2.TPMAlgSHA256, Hierarchy: tpm2.TPMRHOwner}.Execute(tr)
+	if err != nil {
+		return nil, nil, err
+	}
+	rsp, err := tpm2.Sign{KeyHandle: ak, Digest: h.OutHash, InScheme: tpm2.TPMTSigScheme{Scheme: tpm2.TPMAlgNull}, Validation: h.Validation}.Execute(tr)
+	if err != nil {
+		return nil, nil, err
+	}
+	return info, tpm2.Marshal(rsp.Signature), nil
+}
+
+// Registry returns a SQLite registry (in t's temporary directory) that
+// knows the devices ids, to keep an attest.Verifier's challenges.
+func Registry(t testing.TB, ids ...string) registry.Registry {
+	t.Helper()
+	reg, err := registry.CreateSQLite(t.Context(), filepath.Join(t.TempDir(), "registry.db"), strings.Repeat("ab", 32))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { reg.Close() })
+	for _, id := range ids {
+		if _, err := reg.CreateToken(t.Context(), id, "", time.Hour); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return reg
 }

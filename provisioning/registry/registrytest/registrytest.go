@@ -2,8 +2,9 @@
 // passes: token single use under 20-way concurrency, revocation burning
 // tokens and visible to other handles at once, re-enrollment racing a
 // revocation, idempotent enrollment replay, audit aggregation and
-// retention, the CA binding, token attestation policies and the one EK ↔
-// one device binding.
+// retention, the CA binding, token attestation policies, the one EK ↔
+// one device binding and attestation challenges (single use across
+// handles under 20-way concurrency, expiry, a bound per device).
 package registrytest
 
 import (
@@ -13,6 +14,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -48,6 +50,7 @@ func Run(t *testing.T, b Backend) {
 		{"GatewayChildren", testChildren},
 		{"TokenAttestPolicy", testTokenAttest},
 		{"EKBinding", testEKBinding},
+		{"AttestChallenges", testChallenges},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) { tc.fn(t, b) })
@@ -630,5 +633,73 @@ func testEKBinding(t *testing.T, b Backend) {
 		return e.Event == "ek_release" && e.DeviceID == "a" && e.Reason == "EK e1 released: board replaced (ticket 7)"
 	}) {
 		t.Fatalf("no ek_release audit record in %+v", ev)
+	}
+}
+
+// Attestation challenges: stored on one handle and taken on another (two
+// servers on one registry), once only even by 20 concurrent takers,
+// expired ones purged, at most perDevice pending per device.
+func testChallenges(t *testing.T, b Backend) {
+	r, reopen := b.Create(t, Root)
+	other := reopen(t)
+	ctx := t.Context()
+	future := time.Now().Add(time.Minute)
+	if err := r.PutChallenge(ctx, registry.Challenge{ID: "x", DeviceID: "nobody", Expires: future, Data: []byte("d")}, 2); !errors.Is(err, registry.ErrNotFound) {
+		t.Fatalf("challenge for an unknown device: %v, want ErrNotFound", err)
+	}
+	if _, err := r.CreateToken(ctx, "dev", "", time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{"c1", "c2"} {
+		if err := r.PutChallenge(ctx, registry.Challenge{ID: id, DeviceID: "dev", Expires: future, Data: []byte("data " + id)}, 2); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := other.PutChallenge(ctx, registry.Challenge{ID: "c3", DeviceID: "dev", Expires: future, Data: []byte("d")}, 2); !errors.Is(err, registry.ErrChallengeLimit) {
+		t.Fatalf("third pending challenge with a bound of 2: %v, want ErrChallengeLimit", err)
+	}
+	c, err := other.TakeChallenge(ctx, "c1")
+	if err != nil || c.DeviceID != "dev" || string(c.Data) != "data c1" || !c.Expires.Equal(future.Truncate(time.Millisecond)) {
+		t.Fatalf("TakeChallenge on another handle = %+v, %v", c, err)
+	}
+	if _, err := r.TakeChallenge(ctx, "c1"); !errors.Is(err, registry.ErrNotFound) {
+		t.Fatalf("second take: %v, want ErrNotFound", err)
+	}
+
+	var wg sync.WaitGroup
+	var got atomic.Int32
+	for i := range 20 {
+		wg.Go(func() {
+			reg := r
+			if i%2 == 1 {
+				reg = other
+			}
+			_, err := reg.TakeChallenge(ctx, "c2")
+			switch {
+			case err == nil:
+				got.Add(1)
+			case !errors.Is(err, registry.ErrNotFound):
+				t.Errorf("take %d: %v", i, err)
+			}
+		})
+	}
+	wg.Wait()
+	if got.Load() != 1 {
+		t.Fatalf("20 concurrent takes of one challenge: %d succeeded, want 1", got.Load())
+	}
+
+	// An expired challenge is returned to its taker (who reports the
+	// expiry) until the next PutChallenge purges it.
+	past := time.Now().Add(-time.Second)
+	for _, id := range []string{"old1", "old2"} {
+		if err := r.PutChallenge(ctx, registry.Challenge{ID: id, DeviceID: "dev", Expires: past, Data: []byte("d")}, 1); err != nil {
+			t.Fatalf("put %s (the expired one before it does not count): %v", id, err)
+		}
+	}
+	if c, err := r.TakeChallenge(ctx, "old2"); err != nil || !c.Expires.Before(time.Now()) {
+		t.Fatalf("take of an expired challenge = %+v, %v; want it, with its expiry", c, err)
+	}
+	if _, err := r.TakeChallenge(ctx, "old1"); !errors.Is(err, registry.ErrNotFound) {
+		t.Fatalf("expired challenge after a later put: %v, want ErrNotFound (purged)", err)
 	}
 }
