@@ -38,13 +38,13 @@ type Token struct{ ID, Token string }
 
 // Config describes a run. Zero values take the defaults noted.
 type Config struct {
-	Broker string            // mqtts://HOST:PORT (required, unless Brokers)
+	Broker string // mqtts://HOST:PORT (required, unless Brokers)
 	// Brokers, instead of Broker: the nodes of a cluster; each device
 	// starts on a random one and moves to another when its node fails.
 	Brokers []string
-	EST    string            // https://HOST:PORT (required)
-	Root   *x509.Certificate // pinned root (required)
-	Tokens []Token           // one per device (required, at least Devices, unless Identities)
+	EST     string            // https://HOST:PORT (required)
+	Root    *x509.Certificate // pinned root (required)
+	Tokens  []Token           // one per device (required, at least Devices, unless Identities)
 	// Identities, if set, are used instead of enrolling (see Enroll): the
 	// same certificates against several brokers.
 	Identities []*device.Identity

@@ -19,13 +19,13 @@ import (
 
 // clientFlags are the flags pub and sub share, long and mosquitto-short.
 type clientFlags struct {
-	brokers     stringList
-	dir         string
-	qos         int
-	timeout     time.Duration
-	wait        time.Duration
-	logFormat   string
-	logLevel    string
+	brokers   stringList
+	dir       string
+	qos       int
+	timeout   time.Duration
+	wait      time.Duration
+	logFormat string
+	logLevel  string
 }
 
 func (f *clientFlags) register(fs *flag.FlagSet, timeoutUsage string) {
