@@ -194,7 +194,7 @@ func dialNode(t *testing.T, id *device.Identity, addr string, clean bool) *mqttC
 		t.Fatal(err)
 	}
 	c := &mqttClient{msgs: make(chan string, 1000)}
-	c.Client = paho.NewClient(paho.NewClientOptions().AddBroker("ssl://"+addr).SetClientID(id.Config.DeviceID).
+	c.Client = paho.NewClient(paho.NewClientOptions().AddBroker("ssl://" + addr).SetClientID(id.Config.DeviceID).
 		SetTLSConfig(&tls.Config{RootCAs: id.RootPool(), Certificates: []tls.Certificate{cert}, ServerName: "127.0.0.1"}).
 		SetProtocolVersion(4).SetAutoReconnect(false).SetCleanSession(clean).
 		SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) { c.msgs <- m.Topic() + " " + string(m.Payload()) }))
