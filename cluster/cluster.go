@@ -8,8 +8,9 @@
 // # Experimental
 //
 // Cross-node delivery is at most once while NATS itself is partitioned
-// (core NATS, not a JetStream stream), and a persistent session's queued
-// messages do not follow its client to another node yet.
+// (core NATS, not a JetStream stream); a persistent session follows its
+// client to another node only while the node holding it is up (a killed
+// node's sessions are lost).
 package cluster
 
 import (
@@ -18,6 +19,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -77,6 +79,8 @@ type Node struct {
 	retains chan broker.Message
 	claims  chan claim
 	stop    chan struct{}
+	ctx     context.Context // ends at Close: bounds requests to other nodes
+	cancel  context.CancelFunc
 	wg      sync.WaitGroup
 
 	mu     sync.Mutex
@@ -99,6 +103,7 @@ type claim struct {
 
 const (
 	msgPrefix   = "mqtls.m."
+	sessPrefix  = "mqtls.s." // + node ID: sessions handed over to that node
 	hdrOrigin   = "Mqtls-Origin"
 	hdrSeq      = "Mqtls-Seq"
 	hdrQoS      = "Mqtls-Qos"
@@ -111,8 +116,8 @@ const (
 // New validates cfg. Nothing runs until the broker calls Start.
 func New(cfg Config) (*Node, error) {
 	switch {
-	case cfg.Name == "" || strings.ContainsAny(cfg.Name, " \t\n/."):
-		return nil, fmt.Errorf("cluster: node name %q: want a non-empty name without spaces, '/' or '.'", cfg.Name)
+	case cfg.Name == "" || strings.ContainsAny(cfg.Name, " \t\n/.*>"):
+		return nil, fmt.Errorf("cluster: node name %q: want a non-empty name without spaces, '/', '.', '*' or '>'", cfg.Name)
 	case cfg.StoreDir == "":
 		return nil, errors.New("cluster: StoreDir is required")
 	case cfg.Root == nil || len(cfg.Certificate.Certificate) == 0:
@@ -138,7 +143,8 @@ func New(cfg Config) (*Node, error) {
 	}
 	var nonce [4]byte
 	rand.Read(nonce[:])
-	return &Node{
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Node{ctx: ctx, cancel: cancel,
 		cfg: cfg, log: log.With("node", cfg.Name), id: cfg.Name + "-" + hex.EncodeToString(nonce[:]),
 		msgs: make(chan *nats.Msg, 65536), retains: make(chan broker.Message, 4096), claims: make(chan claim, 4096),
 		stop: make(chan struct{}), subs: map[string]*interest{}, byID: map[string][]string{},
@@ -228,6 +234,11 @@ func (n *Node) Start(b broker.Node) error {
 		n.nc.Close()
 		n.srv.Shutdown()
 		return err
+	}
+	if _, err := n.nc.Subscribe(sessPrefix+n.id, n.imported); err != nil {
+		n.nc.Close()
+		n.srv.Shutdown()
+		return fmt.Errorf("cluster: %w", err)
 	}
 	n.wg.Add(3)
 	go n.deliverLoop()
@@ -428,25 +439,46 @@ func (n *Node) writeLoop() {
 		case <-n.stop:
 			return
 		case m := <-n.retains:
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			key := EncodeTopic(m.Topic)
-			var err error
-			if len(m.Payload) == 0 {
-				err = n.kvR.Delete(ctx, key)
-			} else {
-				_, err = n.kvR.Put(ctx, key, append([]byte{m.QoS, byte(len(n.id))}, append([]byte(n.id), m.Payload...)...))
-			}
-			cancel()
+			err := n.retry(func(ctx context.Context) error {
+				if len(m.Payload) == 0 {
+					return n.kvR.Delete(ctx, key)
+				}
+				_, err := n.kvR.Put(ctx, key, append([]byte{m.QoS, byte(len(n.id))}, append([]byte(n.id), m.Payload...)...))
+				return err
+			})
 			if err != nil {
 				n.log.Error("retained message not stored cluster-wide", "topic", m.Topic, "err", err)
 			}
 		case c := <-n.claims:
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			_, err := n.kvS.Put(ctx, EncodeTopic(c.clientID), []byte(n.id+"\n"+c.serial+"\n"+strconv.FormatInt(c.at, 10)))
-			cancel()
+			err := n.retry(func(ctx context.Context) error {
+				_, err := n.kvS.Put(ctx, EncodeTopic(c.clientID), []byte(n.id+"\n"+c.serial+"\n"+strconv.FormatInt(c.at, 10)))
+				return err
+			})
 			if err != nil {
 				n.log.Error("session claim not published", "client_id", c.clientID, "err", err)
 			}
+		}
+	}
+}
+
+// retry runs a JetStream write until it succeeds, for up to 30 s: while
+// a bucket elects a new leader (its node failed) writes fail for seconds,
+// and a lost claim would leave a session behind. Later writes wait: the
+// order stays.
+func (n *Node) retry(write func(context.Context) error) error {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(n.ctx, 5*time.Second)
+		err := write(ctx)
+		cancel()
+		if err == nil || time.Now().After(deadline) {
+			return err
+		}
+		select {
+		case <-n.stop:
+			return err
+		case <-time.After(200 * time.Millisecond):
 		}
 	}
 }
@@ -535,7 +567,87 @@ func (n *Node) claimed(e jetstream.KeyValueEntry) {
 	if i := strings.LastIndexByte(owner, '-'); i > 0 {
 		node = owner[:i]
 	}
-	n.node.TakeOver(clientID, serial, node)
+	n.wg.Go(func() { n.handOver(clientID, serial, owner, node) })
+}
+
+// handoff is a session sent to its new owner.
+type handoff struct {
+	ClientID string
+	Session  broker.Session
+}
+
+// handOver closes the local session of a client ID another node now owns
+// and sends it a persistent session's subscriptions and queued messages.
+// The local copy ends only once the new owner has it (it stays here,
+// offline, if the owner cannot be reached); what was queued meanwhile
+// follows (duplicates possible, as QoS 1 allows).
+func (n *Node) handOver(clientID, serial, owner, node string) {
+	sess, ok := n.node.TakeOver(clientID, serial, node)
+	if !ok {
+		return
+	}
+	clean, err := n.send(owner, clientID, sess)
+	if err != nil {
+		n.log.Warn("session not handed over; kept here until its client returns or it expires", "client_id", clientID, "node", node, "err", err)
+		return
+	}
+	rest := n.node.Release(clientID, sess)
+	n.log.Info("session handed over", "client_id", clientID, "node", node, "subscriptions", len(sess.Subscriptions), "messages", len(sess.Messages)+len(rest.Messages))
+	if len(rest.Messages) == 0 || clean {
+		return
+	}
+	if _, err := n.send(owner, clientID, rest); err != nil {
+		n.log.Error("messages queued during a session handover lost", "client_id", clientID, "node", node, "count", len(rest.Messages), "err", err)
+	}
+}
+
+// send hands a session to the node with ID owner; clean: that node's
+// session is clean (nothing kept).
+func (n *Node) send(owner, clientID string, s broker.Session) (clean bool, err error) {
+	data, err := json.Marshal(handoff{ClientID: clientID, Session: s})
+	if err != nil {
+		return false, err
+	}
+	ctx, cancel := context.WithTimeout(n.ctx, 10*time.Second)
+	defer cancel()
+	reply, err := n.nc.RequestWithContext(ctx, sessPrefix+owner, data)
+	if err != nil {
+		return false, err
+	}
+	switch string(reply.Data) {
+	case "ok":
+		return false, nil
+	case "clean":
+		return true, nil
+	}
+	return false, fmt.Errorf("node %s: %s", owner, reply.Data)
+}
+
+// imported applies a session another node handed over. Only nodes reach
+// this subject (the NATS cluster is the nodes' own: a token and mutual
+// TLS; MQTT topics map under msgPrefix).
+func (n *Node) imported(msg *nats.Msg) {
+	var h handoff
+	if err := json.Unmarshal(msg.Data, &h); err != nil {
+		msg.Respond([]byte("bad handoff: " + err.Error()))
+		return
+	}
+	err := n.node.Import(h.ClientID, h.Session)
+	switch {
+	case errors.Is(err, broker.ErrCleanSession):
+		msg.Respond([]byte("clean"))
+	case err != nil:
+		msg.Respond([]byte(err.Error()))
+	default:
+		// our subscriptions reach the NATS server before the old owner
+		// stops queueing
+		if err := n.nc.Flush(); err != nil {
+			msg.Respond([]byte(err.Error()))
+			return
+		}
+		n.log.Debug("session handed over", "client_id", h.ClientID, "subscriptions", len(h.Session.Subscriptions), "messages", len(h.Session.Messages))
+		msg.Respond([]byte("ok"))
+	}
 }
 
 // Close leaves the cluster: stops routing and the embedded NATS server.
@@ -546,6 +658,7 @@ func (n *Node) Close() error {
 	default:
 	}
 	close(n.stop)
+	n.cancel()
 	n.wg.Wait()
 	if n.nc != nil {
 		n.nc.Close()

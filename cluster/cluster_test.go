@@ -276,6 +276,66 @@ func TestCluster(t *testing.T) {
 		}
 	})
 
+	t.Run("a persistent session's queued QoS 1 messages follow its client to another node", func(t *testing.T) {
+		devP := env.Device(t, "dev-p", 0)
+		p, err := dial(t, env, n1, devP, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		subscribe(t, p, "devices/dev-p/commands/#")
+		backend := mustDial(t, env, n2, be)
+		publishUntilRouted(t, backend, p, "devices/dev-p/commands/probe")
+		p.Disconnect(100) // offline on n1, its session kept
+		const count = 100
+		for i := range count {
+			if err := wait(t, backend.Publish("devices/dev-p/commands/c", 1, false, fmt.Sprint(i))); err != nil {
+				t.Fatal(err)
+			}
+		}
+
+		// a device with another certificate cannot take the client ID (and
+		// so cannot make n1 hand the session over)
+		thief := env.Device(t, "dev-thief", 0)
+		tc := &client{lost: make(chan error, 1), msgs: make(chan string, 10)}
+		tc.Client = paho.NewClient(paho.NewClientOptions().AddBroker("ssl://" + n2.addr).SetClientID("dev-p").SetTLSConfig(env.TLS(t, thief)).
+			SetProtocolVersion(4).SetAutoReconnect(false).SetCleanSession(false))
+		if err := wait(t, tc.Connect()); err == nil {
+			tc.Disconnect(0)
+			t.Fatal("a device connected with another device's client ID")
+		}
+
+		p3, err := dial(t, env, n3, devP, false) // no SUBSCRIBE: the session brings it
+		if err != nil {
+			t.Fatal(err)
+		}
+		seen := map[string]bool{}
+		deadline := time.After(20 * time.Second)
+		for len(seen) < count {
+			select {
+			case m := <-p3.msgs:
+				if strings.HasPrefix(m, "devices/dev-p/commands/c ") {
+					seen[m] = true
+				}
+			case <-deadline:
+				t.Fatalf("%d of %d queued messages reached the client on n3", len(seen), count)
+			}
+		}
+		// the subscription came along: a new command reaches n3
+		wait(t, backend.Publish("devices/dev-p/commands/after", 1, false, "x"))
+		testtool.Eventually(t, 10*time.Second, "command after the move", func() bool {
+			for {
+				select {
+				case m := <-p3.msgs:
+					if m == "devices/dev-p/commands/after x" {
+						return true
+					}
+				default:
+					return false
+				}
+			}
+		})
+	})
+
 	t.Run("revocation closes a session on any node within 2s and is refused everywhere", func(t *testing.T) {
 		devD := env.Device(t, "dev-d", 0)
 		c := mustDial(t, env, n3, devD)
