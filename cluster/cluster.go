@@ -53,8 +53,17 @@ type Config struct {
 	// chains to Root with EKU serverAuth, in both directions.
 	Certificate tls.Certificate
 	Root        *x509.Certificate
+	// NATS, instead of RouteAddr and Peers: the URLs of an existing NATS
+	// cluster (with JetStream) to join; no NATS server runs here. Every
+	// node of the broker cluster must use the same NATS cluster.
+	NATS []string
+	// NATSCreds is a NATS credentials file (user JWT and seed, as nsc
+	// writes it) and NATSTLS the TLS client config (with a client
+	// certificate for mutual TLS) for an external NATS.
+	NATSCreds string
+	NATSTLS   *tls.Config
 	// Replicas of the JetStream buckets (default: 3, or the node count if
-	// smaller).
+	// smaller; 1 with an external NATS).
 	Replicas int
 	// ReadyTimeout bounds the wait for the NATS cluster and JetStream
 	// (default 1m).
@@ -118,12 +127,25 @@ func New(cfg Config) (*Node, error) {
 	switch {
 	case cfg.Name == "" || strings.ContainsAny(cfg.Name, " \t\n/.*>"):
 		return nil, fmt.Errorf("cluster: node name %q: want a non-empty name without spaces, '/', '.', '*' or '>'", cfg.Name)
-	case cfg.StoreDir == "":
+	case cfg.StoreDir == "" && len(cfg.NATS) == 0:
 		return nil, errors.New("cluster: StoreDir is required")
+	case len(cfg.NATS) > 0 && (cfg.RouteAddr != "" || len(cfg.Peers) > 0):
+		return nil, errors.New("cluster: an external NATS (NATS) or an embedded one (RouteAddr, Peers), not both")
+	case len(cfg.NATS) == 0 && (cfg.NATSCreds != "" || cfg.NATSTLS != nil):
+		return nil, errors.New("cluster: NATS credentials and TLS are for an external NATS: NATS URLs are missing")
+	case len(cfg.NATS) > 0:
+		for _, u := range cfg.NATS {
+			if pu, err := url.Parse(u); err != nil || (pu.Scheme != "nats" && pu.Scheme != "tls") || pu.Host == "" {
+				return nil, fmt.Errorf("cluster: NATS URL %q: want nats://HOST:PORT or tls://HOST:PORT", u)
+			}
+		}
+		if cfg.Replicas == 0 {
+			cfg.Replicas = 1
+		}
 	case cfg.Root == nil || len(cfg.Certificate.Certificate) == 0:
 		return nil, errors.New("cluster: the node's certificate and the root are required (nodes authenticate each other with mutual TLS)")
 	}
-	if _, _, err := net.SplitHostPort(cfg.RouteAddr); err != nil {
+	if _, _, err := net.SplitHostPort(cfg.RouteAddr); len(cfg.NATS) == 0 && err != nil {
 		return nil, fmt.Errorf("cluster: route address %q: %w", cfg.RouteAddr, err)
 	}
 	for _, p := range cfg.Peers {
@@ -188,10 +210,74 @@ func (n *Node) routeTLS() *tls.Config {
 	}
 }
 
-// Start runs the embedded NATS server, joins the peers, waits for
-// JetStream and starts routing. The broker calls it once.
+// Start runs the embedded NATS server and joins the peers (or connects to
+// the external NATS), waits for JetStream and starts routing. The broker
+// calls it once.
 func (n *Node) Start(b broker.Node) error {
 	n.node = b
+	if len(n.cfg.NATS) > 0 {
+		if err := n.connectExternal(); err != nil {
+			return err
+		}
+	} else if err := n.startEmbedded(); err != nil {
+		return err
+	}
+	n.nc.SetErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+		n.log.Error("NATS error", "err", err)
+	})
+	if err := n.buckets(); err != nil {
+		n.shutdown()
+		return err
+	}
+	if _, err := n.nc.Subscribe(sessPrefix+n.id, n.imported); err != nil {
+		n.shutdown()
+		return fmt.Errorf("cluster: %w", err)
+	}
+	n.wg.Add(3)
+	go n.deliverLoop()
+	go n.writeLoop()
+	go n.watchLoop()
+	if len(n.cfg.NATS) > 0 {
+		n.log.Info("cluster node started", "nats", n.nc.ConnectedUrlRedacted())
+	} else {
+		n.log.Info("cluster node started", "route", n.cfg.RouteAddr, "peers", strings.Join(n.cfg.Peers, ","))
+	}
+	return nil
+}
+
+// shutdown closes the NATS connection and the embedded server.
+func (n *Node) shutdown() {
+	if n.nc != nil {
+		n.nc.Close()
+	}
+	if n.srv != nil {
+		n.srv.Shutdown()
+		n.srv.WaitForShutdown()
+	}
+}
+
+// connectExternal joins an existing NATS cluster.
+func (n *Node) connectExternal() error {
+	opts := []nats.Option{nats.NoEcho(), nats.Name(n.id), nats.MaxReconnects(-1)}
+	if n.cfg.NATSCreds != "" {
+		opts = append(opts, nats.UserCredentials(n.cfg.NATSCreds))
+	}
+	if n.cfg.NATSTLS != nil {
+		opts = append(opts, nats.Secure(n.cfg.NATSTLS.Clone()))
+	}
+	var err error
+	if n.nc, err = nats.Connect(strings.Join(n.cfg.NATS, ","), opts...); err != nil {
+		hint := ""
+		if errors.Is(err, nats.ErrAuthorization) || errors.Is(err, nats.ErrAuthExpired) || errors.Is(err, nats.ErrAuthRevoked) {
+			hint = " (the NATS server refused our credentials: check the credentials file / the client certificate)"
+		}
+		return fmt.Errorf("cluster: connect to NATS %s: %w%s", strings.Join(n.cfg.NATS, ","), err, hint)
+	}
+	return nil
+}
+
+// startEmbedded runs this node's NATS server, clustered with the peers.
+func (n *Node) startEmbedded() error {
 	host, portStr, _ := net.SplitHostPort(n.cfg.RouteAddr)
 	port, err := strconv.Atoi(portStr)
 	if err != nil {
@@ -227,24 +313,6 @@ func (n *Node) Start(b broker.Node) error {
 		n.srv.Shutdown()
 		return fmt.Errorf("cluster: connect to the embedded NATS: %w", err)
 	}
-	n.nc.SetErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
-		n.log.Error("NATS error", "err", err)
-	})
-	if err := n.buckets(); err != nil {
-		n.nc.Close()
-		n.srv.Shutdown()
-		return err
-	}
-	if _, err := n.nc.Subscribe(sessPrefix+n.id, n.imported); err != nil {
-		n.nc.Close()
-		n.srv.Shutdown()
-		return fmt.Errorf("cluster: %w", err)
-	}
-	n.wg.Add(3)
-	go n.deliverLoop()
-	go n.writeLoop()
-	go n.watchLoop()
-	n.log.Info("cluster node started", "route", n.cfg.RouteAddr, "peers", strings.Join(n.cfg.Peers, ","))
 	return nil
 }
 
@@ -660,13 +728,7 @@ func (n *Node) Close() error {
 	close(n.stop)
 	n.cancel()
 	n.wg.Wait()
-	if n.nc != nil {
-		n.nc.Close()
-	}
-	if n.srv != nil {
-		n.srv.Shutdown()
-		n.srv.WaitForShutdown()
-	}
+	n.shutdown()
 	return nil
 }
 

@@ -2,6 +2,7 @@ package cluster_test
 
 import (
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"log/slog"
 	"path/filepath"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/nats-io/nats.go"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/mqtls/mqtls/broker"
@@ -22,6 +24,7 @@ import (
 
 // node is one broker of a test cluster.
 type node struct {
+	cluster *cluster.Node
 	name    string
 	b       *broker.Broker
 	addr    string
@@ -70,7 +73,7 @@ func startCluster(t *testing.T, env *brokertest.Env, n int) []*node {
 		if err != nil {
 			t.Fatal(err)
 		}
-		nodes[i] = &node{name: name, b: b, metrics: m}
+		nodes[i] = &node{name: name, b: b, metrics: m, cluster: cn}
 		wg.Go(func() { errs[i] = b.Start() })
 	}
 	wg.Wait()
@@ -171,6 +174,20 @@ func TestCluster(t *testing.T) {
 	n1, n2, n3 := nodes[0], nodes[1], nodes[2]
 	devA := env.Device(t, "dev-a", 0)
 	be := env.Device(t, "backend-1", 0, "backend")
+
+	t.Run("the embedded NATS refuses a client without the token", func(t *testing.T) {
+		cn := n1.cluster
+		for _, opts := range [][]nats.Option{nil, {nats.Token("guess")}} {
+			nc, err := nats.Connect(cluster.ClientURL(cn), append(opts, nats.MaxReconnects(0))...)
+			if err == nil {
+				nc.Close()
+				t.Fatal("connected to a node's NATS without its token")
+			}
+			if !errors.Is(err, nats.ErrAuthorization) {
+				t.Fatalf("connect without the token: %v, want an authorization error", err)
+			}
+		}
+	})
 
 	t.Run("cross-node QoS 1, no loss, no duplicates", func(t *testing.T) {
 		sub := mustDial(t, env, n3, be)
