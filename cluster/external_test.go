@@ -165,4 +165,3 @@ func TestClusterExternalNATS(t *testing.T) {
 		publishUntilRouted(t, pub, sub, "devices/dev-a/telemetry")
 	})
 }
-
