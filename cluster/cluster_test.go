@@ -35,7 +35,7 @@ type node struct {
 // with an embedded NATS server clustered with the others (mutual TLS with
 // the broker certificate). Nodes start concurrently: JetStream needs a
 // quorum.
-func startCluster(t *testing.T, env *brokertest.Env, n int) []*node {
+func startCluster(t testing.TB, env *brokertest.Env, n int) []*node {
 	t.Helper()
 	pol, err := policy.Parse([]byte(policy.Example))
 	if err != nil {
@@ -93,7 +93,7 @@ type client struct {
 	msgs chan string
 }
 
-func dial(t *testing.T, env *brokertest.Env, n *node, d *brokertest.Device, clean bool) (*client, error) {
+func dial(t testing.TB, env *brokertest.Env, n *node, d *brokertest.Device, clean bool) (*client, error) {
 	t.Helper()
 	c := &client{lost: make(chan error, 1), msgs: make(chan string, 20000)}
 	o := paho.NewClientOptions().AddBroker("ssl://" + n.addr).SetClientID(d.ID).SetTLSConfig(env.TLS(t, d)).
@@ -108,7 +108,7 @@ func dial(t *testing.T, env *brokertest.Env, n *node, d *brokertest.Device, clea
 	return c, nil
 }
 
-func mustDial(t *testing.T, env *brokertest.Env, n *node, d *brokertest.Device) *client {
+func mustDial(t testing.TB, env *brokertest.Env, n *node, d *brokertest.Device) *client {
 	t.Helper()
 	c, err := dial(t, env, n, d, true)
 	if err != nil {
@@ -117,7 +117,7 @@ func mustDial(t *testing.T, env *brokertest.Env, n *node, d *brokertest.Device) 
 	return c
 }
 
-func wait(t *testing.T, tok paho.Token) error {
+func wait(t testing.TB, tok paho.Token) error {
 	t.Helper()
 	select {
 	case <-tok.Done():
@@ -128,7 +128,7 @@ func wait(t *testing.T, tok paho.Token) error {
 	}
 }
 
-func subscribe(t *testing.T, c *client, filter string) {
+func subscribe(t testing.TB, c *client, filter string) {
 	t.Helper()
 	tok := c.Subscribe(filter, 1, nil)
 	if err := wait(t, tok); err != nil || tok.(*paho.SubscribeToken).Result()[filter] != 1 {
@@ -136,7 +136,7 @@ func subscribe(t *testing.T, c *client, filter string) {
 	}
 }
 
-func expect(t *testing.T, c *client, want string) {
+func expect(t testing.TB, c *client, want string) {
 	t.Helper()
 	select {
 	case m := <-c.msgs:
@@ -150,7 +150,7 @@ func expect(t *testing.T, c *client, want string) {
 
 // A subscription made on one node reaches the others; expect tolerates
 // the moment it takes to propagate by publishing until one arrives.
-func publishUntilRouted(t *testing.T, pub, sub *client, topic string) {
+func publishUntilRouted(t testing.TB, pub, sub *client, topic string) {
 	t.Helper()
 	testtool.Eventually(t, 10*time.Second, "first message routed across nodes", func() bool {
 		wait(t, pub.Publish(topic, 1, false, "probe"))
@@ -166,7 +166,7 @@ func publishUntilRouted(t *testing.T, pub, sub *client, topic string) {
 	}
 }
 
-func metric(t *testing.T, n *node, name string) float64 { return brokertest.Metric(t, n.metrics, name) }
+func metric(t testing.TB, n *node, name string) float64 { return brokertest.Metric(t, n.metrics, name) }
 
 func TestCluster(t *testing.T) {
 	env := brokertest.Start(t, nil) // the PKI and the shared registry
