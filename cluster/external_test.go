@@ -4,8 +4,11 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"net"
+	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -20,6 +23,7 @@ import (
 	"github.com/mqtls/mqtls/broker/policy"
 	"github.com/mqtls/mqtls/cluster"
 	"github.com/mqtls/mqtls/internal/testing/brokertest"
+	"github.com/mqtls/mqtls/internal/testing/testtool"
 )
 
 // natsAuth is a NATS server's decentralized auth (operator, system
@@ -164,4 +168,108 @@ func TestClusterExternalNATS(t *testing.T) {
 		pub := mustDial(t, env, nodes[0], env.Device(t, "dev-a", 0))
 		publishUntilRouted(t, pub, sub, "devices/dev-a/telemetry")
 	})
+}
+
+// NATS failure: the broker nodes use an external 3-server NATS cluster
+// (JetStream, 3 replicas) and each knows every server's URL; one NATS
+// server stops and routing, retained messages and takeovers go on over
+// the other two.
+func TestClusterNATSServerFailure(t *testing.T) {
+	env := brokertest.Start(t, nil)
+	srvCert, err := env.CA.ServerCertificate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	const token = "nats-test-token"
+	routes := []string{testtool.FreeAddr(t), testtool.FreeAddr(t), testtool.FreeAddr(t)}
+	servers := make([]*server.Server, 3)
+	var urls []string
+	for i := range servers {
+		host, port := splitAddr(t, routes[i])
+		var rs []*url.URL
+		for j, r := range routes {
+			if j != i {
+				rs = append(rs, &url.URL{Scheme: "nats", Host: r})
+			}
+		}
+		s, err := server.NewServer(&server.Options{ServerName: fmt.Sprintf("nats%d", i+1), Host: "127.0.0.1", Port: server.RANDOM_PORT,
+			Authorization: token, NoSigs: true, JetStream: true, StoreDir: t.TempDir(),
+			Cluster: server.ClusterOpts{Name: "ext", Host: host, Port: port}, Routes: rs})
+		if err != nil {
+			t.Fatal(err)
+		}
+		go s.Start()
+		t.Cleanup(s.Shutdown)
+		servers[i] = s
+	}
+	for _, s := range servers {
+		if !s.ReadyForConnections(20 * time.Second) {
+			t.Fatal("nats-server not ready")
+		}
+		u, _ := url.Parse(s.ClientURL())
+		u.User = url.User(token)
+		urls = append(urls, u.String())
+	}
+	var nodes [2]*node
+	var errs [2]error
+	var wg sync.WaitGroup
+	for i := range nodes {
+		wg.Go(func() {
+			cn, err := cluster.New(cluster.Config{Name: fmt.Sprintf("x%d", i+1), NATS: urls, Replicas: 3, ReadyTimeout: 60 * time.Second})
+			if err != nil {
+				errs[i] = err
+				return
+			}
+			pol, _ := policy.Parse([]byte(policy.Example))
+			b, err := broker.New(broker.Config{Addr: "127.0.0.1:0", Certificate: srvCert, Root: env.CA.Root, Registry: env.Registry, Policy: pol, Cluster: cn})
+			if err != nil {
+				errs[i] = err
+				return
+			}
+			if errs[i] = b.Start(); errs[i] == nil {
+				t.Cleanup(func() { b.Close() })
+				nodes[i] = &node{name: fmt.Sprintf("x%d", i+1), b: b, addr: b.Addr().String()}
+			}
+		})
+	}
+	wg.Wait()
+	if err := errors.Join(errs[:]...); err != nil {
+		t.Fatal(err)
+	}
+	sub := mustDial(t, env, nodes[1], env.Device(t, "backend-1", 0, "backend"))
+	subscribe(t, sub, "devices/+/telemetry")
+	devA := env.Device(t, "dev-a", 0)
+	pub := mustDial(t, env, nodes[0], devA)
+	publishUntilRouted(t, pub, sub, "devices/dev-a/telemetry")
+
+	servers[0].Shutdown() // one NATS server of three
+	servers[0].WaitForShutdown()
+	publishUntilRouted(t, pub, sub, "devices/dev-a/telemetry")
+	if err := wait(t, pub.Publish("devices/dev-a/state", 1, true, "on")); err != nil {
+		t.Fatal(err)
+	}
+	testtool.Eventually(t, 30*time.Second, "retained state on x2 after the NATS server stopped", func() bool {
+		c := mustDial(t, env, nodes[1], devA)
+		defer c.Disconnect(0)
+		c.Subscribe("devices/dev-a/state", 1, nil)
+		select {
+		case m := <-c.msgs:
+			return m == "devices/dev-a/state on"
+		case <-time.After(500 * time.Millisecond):
+			return false
+		}
+	})
+}
+
+func splitAddr(t *testing.T, addr string) (string, int) {
+	t.Helper()
+	host, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	port, err := strconv.Atoi(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return host, port
 }
