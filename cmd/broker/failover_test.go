@@ -259,7 +259,7 @@ func TestClusterNodeFailure(t *testing.T) {
 		}
 		dc, err := device.New(device.Config{Brokers: urls, Identity: ident, ServerName: "127.0.0.1", DisableRenewal: true,
 			MinBackoff: 500 * time.Millisecond, MaxBackoff: 5 * time.Second, ConnectTimeout: 10 * time.Second,
-			LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(1+i%8))}})
+			LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(2+i%8))}}) // not 127.0.0.1: its ports stay free for listeners
 		if err != nil {
 			t.Fatal(err)
 		}
