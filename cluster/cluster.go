@@ -271,9 +271,25 @@ func (n *Node) connectExternal() error {
 		if errors.Is(err, nats.ErrAuthorization) || errors.Is(err, nats.ErrAuthExpired) || errors.Is(err, nats.ErrAuthRevoked) {
 			hint = " (the NATS server refused our credentials: check the credentials file / the client certificate)"
 		}
-		return fmt.Errorf("cluster: connect to NATS %s: %w%s", strings.Join(n.cfg.NATS, ","), err, hint)
+		return fmt.Errorf("cluster: connect to NATS %s: %w%s", redact(n.cfg.NATS), err, hint)
 	}
 	return nil
+}
+
+// redact drops the credentials (user, password or token) from NATS URLs
+// for errors and logs.
+func redact(urls []string) string {
+	out := make([]string, len(urls))
+	for i, s := range urls {
+		u, err := url.Parse(s)
+		if err != nil {
+			out[i] = "(unparsable URL)"
+			continue
+		}
+		u.User = nil
+		out[i] = u.String()
+	}
+	return strings.Join(out, ",")
 }
 
 // startEmbedded runs this node's NATS server, clustered with the peers.

@@ -114,6 +114,7 @@ func TestServeExternalNATSFlags(t *testing.T) {
 		want string
 	}{
 		{[]string{"--nats", "nats://" + testtool.FreeAddr(t)}, 1, "cluster: connect to NATS"},
+		{[]string{"--nats", "nats://s3cret-token@" + testtool.FreeAddr(t)}, 1, "cluster: connect to NATS nats://127.0.0.1:"},
 		{[]string{"--nats", "nats://127.0.0.1:4222", "--cluster-listen", testtool.FreeAddr(t)}, 2, "not both"},
 		{[]string{"--nats-creds", "x.creds", "--cluster-listen", testtool.FreeAddr(t)}, 2, "for an external NATS"},
 		{[]string{"--nats", "http://127.0.0.1:4222"}, 2, "want nats://"},
@@ -122,6 +123,9 @@ func TestServeExternalNATSFlags(t *testing.T) {
 		_, errs, code := brokerCLI(t, append(base, tc.args...)...)
 		if code != tc.code || !strings.Contains(errs, tc.want) {
 			t.Errorf("serve %v: exit %d %q, want %d with %q", tc.args, code, errs, tc.code, tc.want)
+		}
+		if strings.Contains(errs, "s3cret") {
+			t.Errorf("serve %v: the NATS credentials in the error: %q", tc.args, errs)
 		}
 	}
 }
