@@ -340,8 +340,10 @@ func (n *Node) buckets() error {
 		return fmt.Errorf("cluster: %w", err)
 	}
 	deadline := time.Now().Add(n.cfg.ReadyTimeout)
-	for {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	// Short attempts at first: while JetStream has no leader a request
+	// goes unanswered until it times out, and the leader may come any moment.
+	for wait := time.Second; ; wait = min(2*wait, 5*time.Second) {
+		ctx, cancel := context.WithTimeout(context.Background(), wait)
 		n.kvR, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucketRet, History: 1, Replicas: n.cfg.Replicas})
 		if err == nil {
 			n.kvS, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucketSess, History: 1, Replicas: n.cfg.Replicas, TTL: 0})
@@ -350,6 +352,7 @@ func (n *Node) buckets() error {
 		if err == nil {
 			return nil
 		}
+		n.log.Debug("JetStream buckets not ready yet", "err", err)
 		if time.Now().After(deadline) {
 			return fmt.Errorf("cluster: JetStream buckets not available after %s (are %d nodes up? replicas need them): %w", n.cfg.ReadyTimeout, n.cfg.Replicas, err)
 		}
