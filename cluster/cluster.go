@@ -1,9 +1,11 @@
 // Package cluster makes several broker nodes act as one broker over NATS:
 // each node runs an embedded NATS server clustered with its peers (mutual
-// TLS with the fleet's broker certificates), routes its clients' messages
-// to the nodes with matching subscribers, keeps retained messages in a
-// JetStream key-value bucket every node mirrors, and owns a client ID only
-// while it holds its session (a newer claim on another node closes it).
+// TLS with the fleet's broker certificates) or joins an external NATS
+// cluster, routes its clients' messages to the nodes with matching
+// subscribers, keeps retained messages in a JetStream key-value bucket
+// every node mirrors, and owns a client ID only while it holds its session
+// (a newer claim on another node closes it and hands a persistent session,
+// subscriptions and queued messages, over to the new node).
 //
 // # Experimental
 //
