@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -30,6 +31,16 @@ type Cluster interface {
 	// Claim announces that clientID went live here with certificate serial.
 	Claim(clientID, serial string)
 	Close() error
+}
+
+// SessionStore, if a Cluster implements it, keeps a cluster-wide copy of
+// the subscriptions of the persistent sessions held here, so that another
+// node can stand in for this one (queue their messages) if it fails.
+type SessionStore interface {
+	// Persist records all the subscriptions of clientID's persistent
+	// session here (none: the record goes). Called from clients'
+	// goroutines: it must not block.
+	Persist(clientID string, subs []Subscription)
 }
 
 // Node is what a cluster may ask of this broker.
@@ -165,13 +176,27 @@ func (n clusterNode) drop(s *session) {
 // exportSession copies a session's subscriptions and queued or in-flight
 // messages (a QoS 2 message whose PUBREC came is delivered: not copied).
 func exportSession(cl *mqtt.Client) Session {
-	out := Session{cl: cl}
-	for f, sub := range cl.State.Subscriptions.GetAll() {
-		out.Subscriptions = append(out.Subscriptions, Subscription{Filter: f, QoS: sub.Qos, NoLocal: sub.NoLocal,
-			RetainAsPublished: sub.RetainAsPublished, RetainHandling: sub.RetainHandling, Identifier: sub.Identifier})
-	}
+	out := Session{cl: cl, Subscriptions: subscriptions(cl)}
 	out.Messages, out.ids = inflight(cl, nil)
 	return out
+}
+
+func subscriptions(cl *mqtt.Client) []Subscription {
+	var subs []Subscription
+	for f, sub := range cl.State.Subscriptions.GetAll() {
+		subs = append(subs, Subscription{Filter: f, QoS: sub.Qos, NoLocal: sub.NoLocal,
+			RetainAsPublished: sub.RetainAsPublished, RetainHandling: sub.RetainHandling, Identifier: sub.Identifier})
+	}
+	slices.SortFunc(subs, func(a, b Subscription) int { return strings.Compare(a.Filter, b.Filter) })
+	return subs
+}
+
+// persist gives the cluster a copy of a persistent session's
+// subscriptions.
+func (b *Broker) persist(cl *mqtt.Client) {
+	if st, ok := b.cfg.Cluster.(SessionStore); ok && !cl.Properties.Clean && !cl.Net.Inline {
+		st.Persist(cl.ID, subscriptions(cl))
+	}
 }
 
 // inflight lists cl's queued or in-flight PUBLISHes, oldest first,
@@ -243,6 +268,9 @@ func (n clusterNode) Import(clientID string, in Session) error {
 			b.cfg.Cluster.Subscribe(cl.ID, sub.Filter)
 		}
 	}
+	if len(in.Subscriptions) > 0 {
+		b.persist(cl)
+	}
 	for _, m := range in.Messages {
 		if s.revoked.Load() || !perms.Allow(m.Topic, policy.Subscribe) {
 			continue // each delivery is checked here too
@@ -289,6 +317,7 @@ func (h *clusterHook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, codes []b
 			h.b.cfg.Cluster.Subscribe(cl.ID, f.Filter)
 		}
 	}
+	h.b.persist(cl)
 }
 
 func (h *clusterHook) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
@@ -298,6 +327,7 @@ func (h *clusterHook) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
 	for _, f := range pk.Filters {
 		h.b.cfg.Cluster.Unsubscribe(cl.ID, f.Filter)
 	}
+	h.b.persist(cl)
 }
 
 func (h *clusterHook) OnWillSent(cl *mqtt.Client, pk packets.Packet) {

@@ -10,9 +10,9 @@
 // # Experimental
 //
 // Cross-node delivery is at most once while NATS itself is partitioned
-// (core NATS, not a JetStream stream); a persistent session follows its
-// client to another node only while the node holding it is up (a killed
-// node's sessions are lost).
+// (core NATS, not a JetStream stream); when a node dies, what it had
+// queued for its persistent sessions dies with it (a survivor stands in
+// for them from then on: standin.go).
 package cluster
 
 import (
@@ -27,6 +27,7 @@ import (
 	"log/slog"
 	"net"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -77,22 +78,27 @@ type Config struct {
 // Node is one broker's membership in the cluster. Create it with New,
 // pass it as broker.Config.Cluster; the broker starts it.
 type Node struct {
-	cfg  Config
-	log  *slog.Logger
-	id   string // name + boot nonce: tells this run's messages apart
-	srv  *server.Server
-	nc   *nats.Conn
-	kvR  jetstream.KeyValue // retained messages
-	kvS  jetstream.KeyValue // session claims
-	node broker.Node
+	cfg Config
+	log *slog.Logger
+	id  string // name + boot nonce: tells this run's messages apart
+	srv *server.Server
+	nc  *nats.Conn // NoEcho: our own messages do not come back
+	sc  *nats.Conn // for stand-in subscriptions, which want them too (made at the first)
+	// connect opens a connection to our NATS
+	connect func(...nats.Option) (*nats.Conn, error)
+	kvR     jetstream.KeyValue // retained messages
+	kvS     jetstream.KeyValue // session claims
+	kvP     jetstream.KeyValue // persistent sessions' subscriptions
+	node    broker.Node
 
-	msgs    chan *nats.Msg
-	retains chan broker.Message
-	claims  chan claim
-	stop    chan struct{}
-	ctx     context.Context // ends at Close: bounds requests to other nodes
-	cancel  context.CancelFunc
-	wg      sync.WaitGroup
+	msgs     chan *nats.Msg
+	retains  chan broker.Message
+	claims   chan claim
+	persists chan persistOp
+	stop     chan struct{}
+	ctx      context.Context // ends at Close: bounds requests to other nodes
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
 
 	mu     sync.Mutex
 	seq    uint64
@@ -100,6 +106,10 @@ type Node struct {
 	byID   map[string][]string  // client ID -> filters
 	last   map[string]uint64    // origin -> last sequence delivered (duplicates from overlapping subscriptions)
 	claimT map[string]int64     // client ID -> when this node's session for it went live (unix ns)
+
+	records  map[string]record   // client ID -> persistent session record (every node's)
+	dead     map[string]bool     // node IDs found failed
+	standIns map[string]*standIn // client ID -> failed node's session queued here
 }
 
 type interest struct {
@@ -173,6 +183,7 @@ func New(cfg Config) (*Node, error) {
 		msgs: make(chan *nats.Msg, 65536), retains: make(chan broker.Message, 4096), claims: make(chan claim, 4096),
 		stop: make(chan struct{}), subs: map[string]*interest{}, byID: map[string][]string{},
 		last: map[string]uint64{}, claimT: map[string]int64{},
+		persists: make(chan persistOp, 4096), records: map[string]record{}, dead: map[string]bool{}, standIns: map[string]*standIn{},
 	}, nil
 }
 
@@ -235,10 +246,11 @@ func (n *Node) Start(b broker.Node) error {
 		n.shutdown()
 		return fmt.Errorf("cluster: %w", err)
 	}
-	n.wg.Add(3)
+	n.wg.Add(4)
 	go n.deliverLoop()
 	go n.writeLoop()
 	go n.watchLoop()
+	go n.standInLoop()
 	if len(n.cfg.NATS) > 0 {
 		n.log.Info("cluster node started", "nats", n.nc.ConnectedUrlRedacted())
 	} else {
@@ -252,6 +264,12 @@ func (n *Node) shutdown() {
 	if n.nc != nil {
 		n.nc.Close()
 	}
+	n.mu.Lock()
+	sc := n.sc
+	n.mu.Unlock()
+	if sc != nil {
+		sc.Close()
+	}
 	if n.srv != nil {
 		n.srv.Shutdown()
 		n.srv.WaitForShutdown()
@@ -260,15 +278,18 @@ func (n *Node) shutdown() {
 
 // connectExternal joins an existing NATS cluster.
 func (n *Node) connectExternal() error {
-	opts := []nats.Option{nats.NoEcho(), nats.Name(n.id), nats.MaxReconnects(-1)}
+	opts := []nats.Option{nats.Name(n.id), nats.MaxReconnects(-1)}
 	if n.cfg.NATSCreds != "" {
 		opts = append(opts, nats.UserCredentials(n.cfg.NATSCreds))
 	}
 	if n.cfg.NATSTLS != nil {
 		opts = append(opts, nats.Secure(n.cfg.NATSTLS.Clone()))
 	}
+	n.connect = func(more ...nats.Option) (*nats.Conn, error) {
+		return nats.Connect(strings.Join(n.cfg.NATS, ","), append(slices.Clone(opts), more...)...)
+	}
 	var err error
-	if n.nc, err = nats.Connect(strings.Join(n.cfg.NATS, ","), opts...); err != nil {
+	if n.nc, err = n.connect(nats.NoEcho()); err != nil {
 		hint := ""
 		if errors.Is(err, nats.ErrAuthorization) || errors.Is(err, nats.ErrAuthExpired) || errors.Is(err, nats.ErrAuthRevoked) {
 			hint = " (the NATS server refused our credentials: check the credentials file / the client certificate)"
@@ -326,8 +347,10 @@ func (n *Node) startEmbedded() error {
 		n.srv.Shutdown()
 		return fmt.Errorf("cluster: embedded NATS not ready after %s", n.cfg.ReadyTimeout)
 	}
-	if n.nc, err = nats.Connect("", nats.InProcessServer(n.srv), nats.Token(token), nats.NoEcho(), nats.Name(n.id),
-		nats.MaxReconnects(-1)); err != nil {
+	n.connect = func(more ...nats.Option) (*nats.Conn, error) {
+		return nats.Connect("", append([]nats.Option{nats.InProcessServer(n.srv), nats.Token(token), nats.Name(n.id), nats.MaxReconnects(-1)}, more...)...)
+	}
+	if n.nc, err = n.connect(nats.NoEcho()); err != nil {
 		n.srv.Shutdown()
 		return fmt.Errorf("cluster: connect to the embedded NATS: %w", err)
 	}
@@ -349,6 +372,9 @@ func (n *Node) buckets() error {
 		n.kvR, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucketRet, History: 1, Replicas: n.cfg.Replicas})
 		if err == nil {
 			n.kvS, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucketSess, History: 1, Replicas: n.cfg.Replicas, TTL: 0})
+		}
+		if err == nil {
+			n.kvP, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucketPersist, History: 1, Replicas: n.cfg.Replicas, TTL: standInAge})
 		}
 		cancel()
 		if err == nil {
@@ -480,7 +506,11 @@ func (n *Node) Claim(clientID, serial string) {
 	at := time.Now().UnixNano()
 	n.mu.Lock()
 	n.claimT[clientID] = at
+	stood := n.standIns[clientID] != nil
 	n.mu.Unlock()
+	if stood { // its node failed and we stood in: the session is back here
+		go n.handStandIn(clientID, n.id)
+	}
 	select {
 	case n.claims <- claim{clientID, serial, at}:
 	default:
@@ -547,6 +577,10 @@ func (n *Node) writeLoop() {
 			if err != nil {
 				n.log.Error("session claim not published", "client_id", c.clientID, "err", err)
 			}
+		case op := <-n.persists:
+			if err := n.writePersist(op); err != nil {
+				n.log.Error("persistent session not recorded cluster-wide", "client_id", op.clientID, "err", err)
+			}
 		}
 	}
 }
@@ -588,6 +622,11 @@ func (n *Node) watchLoop() {
 		n.log.Error("cannot watch session claims", "err", err)
 		return
 	}
+	wp, err := n.kvP.WatchAll(ctx)
+	if err != nil {
+		n.log.Error("cannot watch persistent sessions", "err", err)
+		return
+	}
 	for {
 		select {
 		case <-n.stop:
@@ -600,6 +639,10 @@ func (n *Node) watchLoop() {
 		case e := <-ws.Updates():
 			if e != nil {
 				n.claimed(e)
+			}
+		case e := <-wp.Updates():
+			if e != nil {
+				n.recorded(e)
 			}
 		}
 	}
@@ -643,6 +686,9 @@ func (n *Node) claimed(e jetstream.KeyValueEntry) {
 		return
 	}
 	n.mu.Lock()
+	if n.standIns[clientID] != nil {
+		n.wg.Go(func() { n.handStandIn(clientID, owner) })
+	}
 	mine, ok := n.claimT[clientID]
 	newer := ok && at > mine
 	if newer {
@@ -716,6 +762,10 @@ func (n *Node) send(owner, clientID string, s broker.Session) (clean bool, err e
 // this subject (the NATS cluster is the nodes' own: a token and mutual
 // TLS; MQTT topics map under msgPrefix).
 func (n *Node) imported(msg *nats.Msg) {
+	if string(msg.Data) == ping {
+		msg.Respond([]byte("pong"))
+		return
+	}
 	var h handoff
 	if err := json.Unmarshal(msg.Data, &h); err != nil {
 		msg.Respond([]byte("bad handoff: " + err.Error()))

@@ -126,13 +126,17 @@ func (c *serveCluster) start(i int) {
 	c.cmds[i] = cmd
 }
 
+// logged reports whether node i's current run logged s.
+func (c *serveCluster) logged(i int, s string) bool {
+	log, _ := os.ReadFile(c.logs[i])
+	return strings.Contains(string(log[min(c.from[i], int64(len(log))):]), s)
+}
+
 // waitServing waits for node i's current run to serve MQTT (and EST on
 // n1): after its cluster link is up.
 func (c *serveCluster) waitServing(i int) {
 	testtool.Eventually(c.t, 60*time.Second, fmt.Sprintf("n%d serving", i+1), func() bool {
-		log, _ := os.ReadFile(c.logs[i])
-		log = log[min(c.from[i], int64(len(log))):]
-		return strings.Contains(string(log), "MQTT listening") && (i != 0 || strings.Contains(string(log), "EST listening"))
+		return c.logged(i, "MQTT listening") && (i != 0 || c.logged(i, "EST listening"))
 	})
 }
 
@@ -221,23 +225,24 @@ func waitTok(tok paho.Token) error {
 // Node failure: 300 devices (device SDK with the three nodes' URLs) over
 // three `broker serve` nodes; n1 is killed with SIGKILL. Every device is
 // back on n2 or n3 within 60 s; QoS 1 messages published during the
-// outage to persistent sessions on the surviving nodes (across nodes:
-// n2 -> n3, with n1's NATS gone) are delivered once their clients return,
-// each to the other survivor (the session follows its client);
-// n1 restarted rejoins and routes again.
+// outage to 30 offline persistent sessions are delivered once their
+// clients return on another node: those on n2 and n3 by routing (n2 -> n3
+// with n1's NATS gone) and handover, those on n1 through the survivor that
+// stands in for n1; n1 restarted rejoins and routes again.
 func TestClusterNodeFailure(t *testing.T) {
 	c := startServeCluster(t)
-	const devices, offline = 300, 20
+	const devices, offline = 300, 30
 	others := map[string]string{"ops-1": "backend"}
 	ids := c.identities("fleet", devices, others)
 	persist := c.identities("persist", offline, nil)
 	urls := []string{"mqtts://" + c.mqtt[0], "mqtts://" + c.mqtt[1], "mqtts://" + c.mqtt[2]}
 
-	// persistent sessions on n2 and n3 that go offline
+	// persistent sessions on each node that go offline
 	var names []string
-	home := map[string]int{}
+	home, back := map[string]int{}, map[string]int{}
 	for id, ident := range persist {
-		node := 1 + len(names)%2
+		node := len(names) % 3
+		back[id] = []int{1 + len(names)/3%2, 2, 1}[node] // where it returns: another survivor
 		p := dialNode(t, ident, c.mqtt[node], false)
 		if err := waitTok(p.Subscribe("devices/"+id+"/commands/#", 1, nil)); err != nil {
 			t.Fatal(err)
@@ -295,6 +300,10 @@ func TestClusterNodeFailure(t *testing.T) {
 	ops := dialNode(t, ids["ops-1"], c.mqtt[1], true) // the publisher, on n2
 	killed := time.Now()
 	c.kill(0)
+	testtool.Eventually(t, 20*time.Second, "a survivor standing in for n1's persistent sessions", func() bool {
+		return c.logged(1, "standing in for a failed node") || c.logged(2, "standing in for a failed node")
+	})
+	t.Logf("a survivor stands in for n1's sessions %v after the kill", time.Since(killed).Round(time.Millisecond))
 
 	// during the outage: commands to the offline persistent sessions
 	for _, id := range names {
@@ -313,17 +322,17 @@ func TestClusterNodeFailure(t *testing.T) {
 	})
 	t.Logf("%d devices back on n2/n3 %v after n1 was killed", len(clients), time.Since(killed).Round(time.Millisecond))
 
-	for _, id := range names { // each returns on the other survivor: its session follows
-		p := dialNode(t, persist[id], c.mqtt[3-home[id]], false)
-		back := time.Now()
+	for _, id := range names { // each returns on another node: its session follows
+		p := dialNode(t, persist[id], c.mqtt[back[id]], false)
+		at := time.Now()
 		select {
 		case m := <-p.msgs:
 			if m != "devices/"+id+"/commands/reboot during-outage" {
 				t.Fatalf("%s received %q", id, m)
 			}
-			t.Logf("%s: its command %v after it connected to n%d", id, time.Since(back).Round(time.Millisecond), 4-home[id])
+			t.Logf("%s (session on n%d): its command %v after it connected to n%d", id, home[id]+1, time.Since(at).Round(time.Millisecond), back[id]+1)
 		case <-time.After(30 * time.Second):
-			t.Fatalf("%s (session on n%d, back on n%d) did not receive the command published during the outage", id, home[id]+1, 4-home[id])
+			t.Fatalf("%s (session on n%d, back on n%d) did not receive the command published during the outage", id, home[id]+1, back[id]+1)
 		}
 		p.Disconnect(0)
 	}
