@@ -248,7 +248,11 @@ func TestClusterNATSServerFailure(t *testing.T) {
 	if err := wait(t, pub.Publish("devices/dev-a/state", 1, true, "on")); err != nil {
 		t.Fatal(err)
 	}
-	testtool.Eventually(t, 30*time.Second, "retained state on x2 after the NATS server stopped", func() bool {
+	set := time.Now()
+	defer func() { t.Logf("retained message on x2 %v after it was set", time.Since(set).Round(time.Millisecond)) }()
+	// JetStream moves the bucket's leader and the watchers reconnect:
+	// seconds, up to half a minute under load
+	testtool.Eventually(t, 60*time.Second, "retained state on x2 after the NATS server stopped", func() bool {
 		c := mustDial(t, env, nodes[1], devA)
 		defer c.Disconnect(0)
 		c.Subscribe("devices/dev-a/state", 1, nil)

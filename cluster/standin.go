@@ -46,12 +46,13 @@ type persistOp struct {
 
 // standIn is a failed node's persistent session queued here.
 type standIn struct {
-	subs   []broker.Subscription
-	msgs   []broker.Message
-	nsubs  []*nats.Subscription
-	seen   map[string]bool // origin:seq, against overlapping filters
-	since  time.Time
-	closed bool
+	subs    []broker.Subscription
+	msgs    []broker.Message
+	nsubs   []*nats.Subscription
+	seen    map[string]bool // origin:seq, against overlapping filters
+	since   time.Time
+	handing bool // a handover is under way
+	closed  bool
 }
 
 var _ broker.SessionStore = (*Node)(nil)
@@ -106,10 +107,15 @@ func (n *Node) recorded(e jetstream.KeyValueEntry) {
 	put := e.Operation() == jetstream.KeyValuePut && json.Unmarshal(e.Value(), &r) == nil
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	if put {
-		n.records[clientID] = r
-	} else {
+	if !put {
 		delete(n.records, clientID)
+		return
+	}
+	n.records[clientID] = r
+	if n.standIns[clientID] != nil && r.Owner != n.id && !n.dead[r.Owner] {
+		// its client came back on another node before we stood in (and
+		// subscribed there): the queued messages go to that node
+		n.wg.Go(func() { n.handStandIn(clientID, r.Owner) })
 	}
 }
 
@@ -242,10 +248,11 @@ func (n *Node) closeStandInLocked(clientID string, a *standIn) {
 func (n *Node) handStandIn(clientID, owner string) {
 	n.mu.Lock()
 	a := n.standIns[clientID]
-	if a == nil {
+	if a == nil || a.handing {
 		n.mu.Unlock()
 		return
 	}
+	a.handing = true
 	sess := broker.Session{Subscriptions: a.subs, Messages: slices.Clone(a.msgs)}
 	sent := len(a.msgs)
 	n.mu.Unlock()
@@ -262,6 +269,9 @@ func (n *Node) handStandIn(clientID, owner string) {
 	}
 	if err := give(sess); err != nil {
 		n.log.Warn("stood-in session not handed over; kept", "client_id", clientID, "err", err)
+		n.mu.Lock()
+		a.handing = false
+		n.mu.Unlock()
 		return
 	}
 	n.mu.Lock()
