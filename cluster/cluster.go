@@ -1,15 +1,18 @@
 // Package cluster makes several broker nodes act as one broker over NATS:
 // each node runs an embedded NATS server clustered with its peers (mutual
-// TLS with the fleet's broker certificates), routes its clients' messages
-// to the nodes with matching subscribers, keeps retained messages in a
-// JetStream key-value bucket every node mirrors, and owns a client ID only
-// while it holds its session (a newer claim on another node closes it).
+// TLS with the fleet's broker certificates) or joins an external NATS
+// cluster, routes its clients' messages to the nodes with matching
+// subscribers, keeps retained messages in a JetStream key-value bucket
+// every node mirrors, and owns a client ID only while it holds its session
+// (a newer claim on another node closes it and hands a persistent session,
+// subscriptions and queued messages, over to the new node).
 //
 // # Experimental
 //
 // Cross-node delivery is at most once while NATS itself is partitioned
-// (core NATS, not a JetStream stream), and a persistent session's queued
-// messages do not follow its client to another node yet.
+// (core NATS, not a JetStream stream); when a node dies, what it had
+// queued for its persistent sessions dies with it (a survivor stands in
+// for them from then on: standin.go).
 package cluster
 
 import (
@@ -18,11 +21,13 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -51,8 +56,17 @@ type Config struct {
 	// chains to Root with EKU serverAuth, in both directions.
 	Certificate tls.Certificate
 	Root        *x509.Certificate
+	// NATS, instead of RouteAddr and Peers: the URLs of an existing NATS
+	// cluster (with JetStream) to join; no NATS server runs here. Every
+	// node of the broker cluster must use the same NATS cluster.
+	NATS []string
+	// NATSCreds is a NATS credentials file (user JWT and seed, as nsc
+	// writes it) and NATSTLS the TLS client config (with a client
+	// certificate for mutual TLS) for an external NATS.
+	NATSCreds string
+	NATSTLS   *tls.Config
 	// Replicas of the JetStream buckets (default: 3, or the node count if
-	// smaller).
+	// smaller; 1 with an external NATS).
 	Replicas int
 	// ReadyTimeout bounds the wait for the NATS cluster and JetStream
 	// (default 1m).
@@ -64,20 +78,27 @@ type Config struct {
 // Node is one broker's membership in the cluster. Create it with New,
 // pass it as broker.Config.Cluster; the broker starts it.
 type Node struct {
-	cfg  Config
-	log  *slog.Logger
-	id   string // name + boot nonce: tells this run's messages apart
-	srv  *server.Server
-	nc   *nats.Conn
-	kvR  jetstream.KeyValue // retained messages
-	kvS  jetstream.KeyValue // session claims
-	node broker.Node
+	cfg Config
+	log *slog.Logger
+	id  string // name + boot nonce: tells this run's messages apart
+	srv *server.Server
+	nc  *nats.Conn // NoEcho: our own messages do not come back
+	sc  *nats.Conn // for stand-in subscriptions, which want them too (made at the first)
+	// connect opens a connection to our NATS
+	connect func(...nats.Option) (*nats.Conn, error)
+	kvR     jetstream.KeyValue // retained messages
+	kvS     jetstream.KeyValue // session claims
+	kvP     jetstream.KeyValue // persistent sessions' subscriptions
+	node    broker.Node
 
-	msgs    chan *nats.Msg
-	retains chan broker.Message
-	claims  chan claim
-	stop    chan struct{}
-	wg      sync.WaitGroup
+	msgs     chan *nats.Msg
+	retains  chan broker.Message
+	claims   chan claim
+	persists chan persistOp
+	stop     chan struct{}
+	ctx      context.Context // ends at Close: bounds requests to other nodes
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
 
 	mu     sync.Mutex
 	seq    uint64
@@ -85,6 +106,10 @@ type Node struct {
 	byID   map[string][]string  // client ID -> filters
 	last   map[string]uint64    // origin -> last sequence delivered (duplicates from overlapping subscriptions)
 	claimT map[string]int64     // client ID -> when this node's session for it went live (unix ns)
+
+	records  map[string]record   // client ID -> persistent session record (every node's)
+	dead     map[string]bool     // node IDs found failed
+	standIns map[string]*standIn // client ID -> failed node's session queued here
 }
 
 type interest struct {
@@ -99,6 +124,7 @@ type claim struct {
 
 const (
 	msgPrefix   = "mqtls.m."
+	sessPrefix  = "mqtls.s." // + node ID: sessions handed over to that node
 	hdrOrigin   = "Mqtls-Origin"
 	hdrSeq      = "Mqtls-Seq"
 	hdrQoS      = "Mqtls-Qos"
@@ -111,14 +137,27 @@ const (
 // New validates cfg. Nothing runs until the broker calls Start.
 func New(cfg Config) (*Node, error) {
 	switch {
-	case cfg.Name == "" || strings.ContainsAny(cfg.Name, " \t\n/."):
-		return nil, fmt.Errorf("cluster: node name %q: want a non-empty name without spaces, '/' or '.'", cfg.Name)
-	case cfg.StoreDir == "":
+	case cfg.Name == "" || strings.ContainsAny(cfg.Name, " \t\n/.*>"):
+		return nil, fmt.Errorf("cluster: node name %q: want a non-empty name without spaces, '/', '.', '*' or '>'", cfg.Name)
+	case cfg.StoreDir == "" && len(cfg.NATS) == 0:
 		return nil, errors.New("cluster: StoreDir is required")
+	case len(cfg.NATS) > 0 && (cfg.RouteAddr != "" || len(cfg.Peers) > 0):
+		return nil, errors.New("cluster: an external NATS (NATS) or an embedded one (RouteAddr, Peers), not both")
+	case len(cfg.NATS) == 0 && (cfg.NATSCreds != "" || cfg.NATSTLS != nil):
+		return nil, errors.New("cluster: NATS credentials and TLS are for an external NATS: NATS URLs are missing")
+	case len(cfg.NATS) > 0:
+		for _, u := range cfg.NATS {
+			if pu, err := url.Parse(u); err != nil || (pu.Scheme != "nats" && pu.Scheme != "tls") || pu.Host == "" {
+				return nil, fmt.Errorf("cluster: NATS URL %q: want nats://HOST:PORT or tls://HOST:PORT", u)
+			}
+		}
+		if cfg.Replicas == 0 {
+			cfg.Replicas = 1
+		}
 	case cfg.Root == nil || len(cfg.Certificate.Certificate) == 0:
 		return nil, errors.New("cluster: the node's certificate and the root are required (nodes authenticate each other with mutual TLS)")
 	}
-	if _, _, err := net.SplitHostPort(cfg.RouteAddr); err != nil {
+	if _, _, err := net.SplitHostPort(cfg.RouteAddr); len(cfg.NATS) == 0 && err != nil {
 		return nil, fmt.Errorf("cluster: route address %q: %w", cfg.RouteAddr, err)
 	}
 	for _, p := range cfg.Peers {
@@ -138,11 +177,13 @@ func New(cfg Config) (*Node, error) {
 	}
 	var nonce [4]byte
 	rand.Read(nonce[:])
-	return &Node{
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Node{ctx: ctx, cancel: cancel,
 		cfg: cfg, log: log.With("node", cfg.Name), id: cfg.Name + "-" + hex.EncodeToString(nonce[:]),
 		msgs: make(chan *nats.Msg, 65536), retains: make(chan broker.Message, 4096), claims: make(chan claim, 4096),
 		stop: make(chan struct{}), subs: map[string]*interest{}, byID: map[string][]string{},
 		last: map[string]uint64{}, claimT: map[string]int64{},
+		persists: make(chan persistOp, 4096), records: map[string]record{}, dead: map[string]bool{}, standIns: map[string]*standIn{},
 	}, nil
 }
 
@@ -182,10 +223,100 @@ func (n *Node) routeTLS() *tls.Config {
 	}
 }
 
-// Start runs the embedded NATS server, joins the peers, waits for
-// JetStream and starts routing. The broker calls it once.
+// Start runs the embedded NATS server and joins the peers (or connects to
+// the external NATS), waits for JetStream and starts routing. The broker
+// calls it once.
 func (n *Node) Start(b broker.Node) error {
 	n.node = b
+	if len(n.cfg.NATS) > 0 {
+		if err := n.connectExternal(); err != nil {
+			return err
+		}
+	} else if err := n.startEmbedded(); err != nil {
+		return err
+	}
+	n.nc.SetErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+		n.log.Error("NATS error", "err", err)
+	})
+	if err := n.buckets(); err != nil {
+		n.shutdown()
+		return err
+	}
+	if _, err := n.nc.Subscribe(sessPrefix+n.id, n.imported); err != nil {
+		n.shutdown()
+		return fmt.Errorf("cluster: %w", err)
+	}
+	n.wg.Add(4)
+	go n.deliverLoop()
+	go n.writeLoop()
+	go n.watchLoop()
+	go n.standInLoop()
+	if len(n.cfg.NATS) > 0 {
+		n.log.Info("cluster node started", "nats", n.nc.ConnectedUrlRedacted())
+	} else {
+		n.log.Info("cluster node started", "route", n.cfg.RouteAddr, "peers", strings.Join(n.cfg.Peers, ","))
+	}
+	return nil
+}
+
+// shutdown closes the NATS connection and the embedded server.
+func (n *Node) shutdown() {
+	if n.nc != nil {
+		n.nc.Close()
+	}
+	n.mu.Lock()
+	sc := n.sc
+	n.mu.Unlock()
+	if sc != nil {
+		sc.Close()
+	}
+	if n.srv != nil {
+		n.srv.Shutdown()
+		n.srv.WaitForShutdown()
+	}
+}
+
+// connectExternal joins an existing NATS cluster.
+func (n *Node) connectExternal() error {
+	opts := []nats.Option{nats.Name(n.id), nats.MaxReconnects(-1)}
+	if n.cfg.NATSCreds != "" {
+		opts = append(opts, nats.UserCredentials(n.cfg.NATSCreds))
+	}
+	if n.cfg.NATSTLS != nil {
+		opts = append(opts, nats.Secure(n.cfg.NATSTLS.Clone()))
+	}
+	n.connect = func(more ...nats.Option) (*nats.Conn, error) {
+		return nats.Connect(strings.Join(n.cfg.NATS, ","), append(slices.Clone(opts), more...)...)
+	}
+	var err error
+	if n.nc, err = n.connect(nats.NoEcho()); err != nil {
+		hint := ""
+		if errors.Is(err, nats.ErrAuthorization) || errors.Is(err, nats.ErrAuthExpired) || errors.Is(err, nats.ErrAuthRevoked) {
+			hint = " (the NATS server refused our credentials: check the credentials file / the client certificate)"
+		}
+		return fmt.Errorf("cluster: connect to NATS %s: %w%s", redact(n.cfg.NATS), err, hint)
+	}
+	return nil
+}
+
+// redact drops the credentials (user, password or token) from NATS URLs
+// for errors and logs.
+func redact(urls []string) string {
+	out := make([]string, len(urls))
+	for i, s := range urls {
+		u, err := url.Parse(s)
+		if err != nil {
+			out[i] = "(unparsable URL)"
+			continue
+		}
+		u.User = nil
+		out[i] = u.String()
+	}
+	return strings.Join(out, ",")
+}
+
+// startEmbedded runs this node's NATS server, clustered with the peers.
+func (n *Node) startEmbedded() error {
 	host, portStr, _ := net.SplitHostPort(n.cfg.RouteAddr)
 	port, err := strconv.Atoi(portStr)
 	if err != nil {
@@ -216,24 +347,13 @@ func (n *Node) Start(b broker.Node) error {
 		n.srv.Shutdown()
 		return fmt.Errorf("cluster: embedded NATS not ready after %s", n.cfg.ReadyTimeout)
 	}
-	if n.nc, err = nats.Connect("", nats.InProcessServer(n.srv), nats.Token(token), nats.NoEcho(), nats.Name(n.id),
-		nats.MaxReconnects(-1)); err != nil {
+	n.connect = func(more ...nats.Option) (*nats.Conn, error) {
+		return nats.Connect("", append([]nats.Option{nats.InProcessServer(n.srv), nats.Token(token), nats.Name(n.id), nats.MaxReconnects(-1)}, more...)...)
+	}
+	if n.nc, err = n.connect(nats.NoEcho()); err != nil {
 		n.srv.Shutdown()
 		return fmt.Errorf("cluster: connect to the embedded NATS: %w", err)
 	}
-	n.nc.SetErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
-		n.log.Error("NATS error", "err", err)
-	})
-	if err := n.buckets(); err != nil {
-		n.nc.Close()
-		n.srv.Shutdown()
-		return err
-	}
-	n.wg.Add(3)
-	go n.deliverLoop()
-	go n.writeLoop()
-	go n.watchLoop()
-	n.log.Info("cluster node started", "route", n.cfg.RouteAddr, "peers", strings.Join(n.cfg.Peers, ","))
 	return nil
 }
 
@@ -245,16 +365,22 @@ func (n *Node) buckets() error {
 		return fmt.Errorf("cluster: %w", err)
 	}
 	deadline := time.Now().Add(n.cfg.ReadyTimeout)
-	for {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	// Short attempts at first: while JetStream has no leader a request
+	// goes unanswered until it times out, and the leader may come any moment.
+	for wait := time.Second; ; wait = min(2*wait, 5*time.Second) {
+		ctx, cancel := context.WithTimeout(context.Background(), wait)
 		n.kvR, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucketRet, History: 1, Replicas: n.cfg.Replicas})
 		if err == nil {
 			n.kvS, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucketSess, History: 1, Replicas: n.cfg.Replicas, TTL: 0})
+		}
+		if err == nil {
+			n.kvP, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucketPersist, History: 1, Replicas: n.cfg.Replicas, TTL: standInAge})
 		}
 		cancel()
 		if err == nil {
 			return nil
 		}
+		n.log.Debug("JetStream buckets not ready yet", "err", err)
 		if time.Now().After(deadline) {
 			return fmt.Errorf("cluster: JetStream buckets not available after %s (are %d nodes up? replicas need them): %w", n.cfg.ReadyTimeout, n.cfg.Replicas, err)
 		}
@@ -380,7 +506,11 @@ func (n *Node) Claim(clientID, serial string) {
 	at := time.Now().UnixNano()
 	n.mu.Lock()
 	n.claimT[clientID] = at
+	stood := n.standIns[clientID] != nil
 	n.mu.Unlock()
+	if stood { // its node failed and we stood in: the session is back here
+		go n.handStandIn(clientID, n.id)
+	}
 	select {
 	case n.claims <- claim{clientID, serial, at}:
 	default:
@@ -428,25 +558,50 @@ func (n *Node) writeLoop() {
 		case <-n.stop:
 			return
 		case m := <-n.retains:
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			key := EncodeTopic(m.Topic)
-			var err error
-			if len(m.Payload) == 0 {
-				err = n.kvR.Delete(ctx, key)
-			} else {
-				_, err = n.kvR.Put(ctx, key, append([]byte{m.QoS, byte(len(n.id))}, append([]byte(n.id), m.Payload...)...))
-			}
-			cancel()
+			err := n.retry(func(ctx context.Context) error {
+				if len(m.Payload) == 0 {
+					return n.kvR.Delete(ctx, key)
+				}
+				_, err := n.kvR.Put(ctx, key, append([]byte{m.QoS, byte(len(n.id))}, append([]byte(n.id), m.Payload...)...))
+				return err
+			})
 			if err != nil {
 				n.log.Error("retained message not stored cluster-wide", "topic", m.Topic, "err", err)
 			}
 		case c := <-n.claims:
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			_, err := n.kvS.Put(ctx, EncodeTopic(c.clientID), []byte(n.id+"\n"+c.serial+"\n"+strconv.FormatInt(c.at, 10)))
-			cancel()
+			err := n.retry(func(ctx context.Context) error {
+				_, err := n.kvS.Put(ctx, EncodeTopic(c.clientID), []byte(n.id+"\n"+c.serial+"\n"+strconv.FormatInt(c.at, 10)))
+				return err
+			})
 			if err != nil {
 				n.log.Error("session claim not published", "client_id", c.clientID, "err", err)
 			}
+		case op := <-n.persists:
+			if err := n.writePersist(op); err != nil {
+				n.log.Error("persistent session not recorded cluster-wide", "client_id", op.clientID, "err", err)
+			}
+		}
+	}
+}
+
+// retry runs a JetStream write until it succeeds, for up to 30 s: while
+// a bucket elects a new leader (its node failed) writes fail for seconds,
+// and a lost claim would leave a session behind. Later writes wait: the
+// order stays.
+func (n *Node) retry(write func(context.Context) error) error {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(n.ctx, 5*time.Second)
+		err := write(ctx)
+		cancel()
+		if err == nil || time.Now().After(deadline) {
+			return err
+		}
+		select {
+		case <-n.stop:
+			return err
+		case <-time.After(200 * time.Millisecond):
 		}
 	}
 }
@@ -467,6 +622,11 @@ func (n *Node) watchLoop() {
 		n.log.Error("cannot watch session claims", "err", err)
 		return
 	}
+	wp, err := n.kvP.WatchAll(ctx)
+	if err != nil {
+		n.log.Error("cannot watch persistent sessions", "err", err)
+		return
+	}
 	for {
 		select {
 		case <-n.stop:
@@ -479,6 +639,10 @@ func (n *Node) watchLoop() {
 		case e := <-ws.Updates():
 			if e != nil {
 				n.claimed(e)
+			}
+		case e := <-wp.Updates():
+			if e != nil {
+				n.recorded(e)
 			}
 		}
 	}
@@ -522,6 +686,9 @@ func (n *Node) claimed(e jetstream.KeyValueEntry) {
 		return
 	}
 	n.mu.Lock()
+	if n.standIns[clientID] != nil {
+		n.wg.Go(func() { n.handStandIn(clientID, owner) })
+	}
 	mine, ok := n.claimT[clientID]
 	newer := ok && at > mine
 	if newer {
@@ -535,7 +702,91 @@ func (n *Node) claimed(e jetstream.KeyValueEntry) {
 	if i := strings.LastIndexByte(owner, '-'); i > 0 {
 		node = owner[:i]
 	}
-	n.node.TakeOver(clientID, serial, node)
+	n.wg.Go(func() { n.handOver(clientID, serial, owner, node) })
+}
+
+// handoff is a session sent to its new owner.
+type handoff struct {
+	ClientID string
+	Session  broker.Session
+}
+
+// handOver closes the local session of a client ID another node now owns
+// and sends it a persistent session's subscriptions and queued messages.
+// The local copy ends only once the new owner has it (it stays here,
+// offline, if the owner cannot be reached); what was queued meanwhile
+// follows (duplicates possible, as QoS 1 allows).
+func (n *Node) handOver(clientID, serial, owner, node string) {
+	sess, ok := n.node.TakeOver(clientID, serial, node)
+	if !ok {
+		return
+	}
+	clean, err := n.send(owner, clientID, sess)
+	if err != nil {
+		n.log.Warn("session not handed over; kept here until its client returns or it expires", "client_id", clientID, "node", node, "err", err)
+		return
+	}
+	rest := n.node.Release(clientID, sess)
+	n.log.Info("session handed over", "client_id", clientID, "node", node, "subscriptions", len(sess.Subscriptions), "messages", len(sess.Messages)+len(rest.Messages))
+	if len(rest.Messages) == 0 || clean {
+		return
+	}
+	if _, err := n.send(owner, clientID, rest); err != nil {
+		n.log.Error("messages queued during a session handover lost", "client_id", clientID, "node", node, "count", len(rest.Messages), "err", err)
+	}
+}
+
+// send hands a session to the node with ID owner; clean: that node's
+// session is clean (nothing kept).
+func (n *Node) send(owner, clientID string, s broker.Session) (clean bool, err error) {
+	data, err := json.Marshal(handoff{ClientID: clientID, Session: s})
+	if err != nil {
+		return false, err
+	}
+	ctx, cancel := context.WithTimeout(n.ctx, 10*time.Second)
+	defer cancel()
+	reply, err := n.nc.RequestWithContext(ctx, sessPrefix+owner, data)
+	if err != nil {
+		return false, err
+	}
+	switch string(reply.Data) {
+	case "ok":
+		return false, nil
+	case "clean":
+		return true, nil
+	}
+	return false, fmt.Errorf("node %s: %s", owner, reply.Data)
+}
+
+// imported applies a session another node handed over. Only nodes reach
+// this subject (the NATS cluster is the nodes' own: a token and mutual
+// TLS; MQTT topics map under msgPrefix).
+func (n *Node) imported(msg *nats.Msg) {
+	if string(msg.Data) == ping {
+		msg.Respond([]byte("pong"))
+		return
+	}
+	var h handoff
+	if err := json.Unmarshal(msg.Data, &h); err != nil {
+		msg.Respond([]byte("bad handoff: " + err.Error()))
+		return
+	}
+	err := n.node.Import(h.ClientID, h.Session)
+	switch {
+	case errors.Is(err, broker.ErrCleanSession):
+		msg.Respond([]byte("clean"))
+	case err != nil:
+		msg.Respond([]byte(err.Error()))
+	default:
+		// our subscriptions reach the NATS server before the old owner
+		// stops queueing
+		if err := n.nc.Flush(); err != nil {
+			msg.Respond([]byte(err.Error()))
+			return
+		}
+		n.log.Debug("session handed over", "client_id", h.ClientID, "subscriptions", len(h.Session.Subscriptions), "messages", len(h.Session.Messages))
+		msg.Respond([]byte("ok"))
+	}
 }
 
 // Close leaves the cluster: stops routing and the embedded NATS server.
@@ -546,14 +797,9 @@ func (n *Node) Close() error {
 	default:
 	}
 	close(n.stop)
+	n.cancel()
 	n.wg.Wait()
-	if n.nc != nil {
-		n.nc.Close()
-	}
-	if n.srv != nil {
-		n.srv.Shutdown()
-		n.srv.WaitForShutdown()
-	}
+	n.shutdown()
 	return nil
 }
 

@@ -2,6 +2,7 @@ package cluster_test
 
 import (
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"log/slog"
 	"path/filepath"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/nats-io/nats.go"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/mqtls/mqtls/broker"
@@ -22,6 +24,7 @@ import (
 
 // node is one broker of a test cluster.
 type node struct {
+	cluster *cluster.Node
 	name    string
 	b       *broker.Broker
 	addr    string
@@ -32,7 +35,7 @@ type node struct {
 // with an embedded NATS server clustered with the others (mutual TLS with
 // the broker certificate). Nodes start concurrently: JetStream needs a
 // quorum.
-func startCluster(t *testing.T, env *brokertest.Env, n int) []*node {
+func startCluster(t testing.TB, env *brokertest.Env, n int) []*node {
 	t.Helper()
 	pol, err := policy.Parse([]byte(policy.Example))
 	if err != nil {
@@ -70,7 +73,7 @@ func startCluster(t *testing.T, env *brokertest.Env, n int) []*node {
 		if err != nil {
 			t.Fatal(err)
 		}
-		nodes[i] = &node{name: name, b: b, metrics: m}
+		nodes[i] = &node{name: name, b: b, metrics: m, cluster: cn}
 		wg.Go(func() { errs[i] = b.Start() })
 	}
 	wg.Wait()
@@ -90,7 +93,7 @@ type client struct {
 	msgs chan string
 }
 
-func dial(t *testing.T, env *brokertest.Env, n *node, d *brokertest.Device, clean bool) (*client, error) {
+func dial(t testing.TB, env *brokertest.Env, n *node, d *brokertest.Device, clean bool) (*client, error) {
 	t.Helper()
 	c := &client{lost: make(chan error, 1), msgs: make(chan string, 20000)}
 	o := paho.NewClientOptions().AddBroker("ssl://" + n.addr).SetClientID(d.ID).SetTLSConfig(env.TLS(t, d)).
@@ -105,7 +108,7 @@ func dial(t *testing.T, env *brokertest.Env, n *node, d *brokertest.Device, clea
 	return c, nil
 }
 
-func mustDial(t *testing.T, env *brokertest.Env, n *node, d *brokertest.Device) *client {
+func mustDial(t testing.TB, env *brokertest.Env, n *node, d *brokertest.Device) *client {
 	t.Helper()
 	c, err := dial(t, env, n, d, true)
 	if err != nil {
@@ -114,7 +117,7 @@ func mustDial(t *testing.T, env *brokertest.Env, n *node, d *brokertest.Device) 
 	return c
 }
 
-func wait(t *testing.T, tok paho.Token) error {
+func wait(t testing.TB, tok paho.Token) error {
 	t.Helper()
 	select {
 	case <-tok.Done():
@@ -125,7 +128,7 @@ func wait(t *testing.T, tok paho.Token) error {
 	}
 }
 
-func subscribe(t *testing.T, c *client, filter string) {
+func subscribe(t testing.TB, c *client, filter string) {
 	t.Helper()
 	tok := c.Subscribe(filter, 1, nil)
 	if err := wait(t, tok); err != nil || tok.(*paho.SubscribeToken).Result()[filter] != 1 {
@@ -133,7 +136,7 @@ func subscribe(t *testing.T, c *client, filter string) {
 	}
 }
 
-func expect(t *testing.T, c *client, want string) {
+func expect(t testing.TB, c *client, want string) {
 	t.Helper()
 	select {
 	case m := <-c.msgs:
@@ -147,7 +150,7 @@ func expect(t *testing.T, c *client, want string) {
 
 // A subscription made on one node reaches the others; expect tolerates
 // the moment it takes to propagate by publishing until one arrives.
-func publishUntilRouted(t *testing.T, pub, sub *client, topic string) {
+func publishUntilRouted(t testing.TB, pub, sub *client, topic string) {
 	t.Helper()
 	testtool.Eventually(t, 10*time.Second, "first message routed across nodes", func() bool {
 		wait(t, pub.Publish(topic, 1, false, "probe"))
@@ -163,7 +166,7 @@ func publishUntilRouted(t *testing.T, pub, sub *client, topic string) {
 	}
 }
 
-func metric(t *testing.T, n *node, name string) float64 { return brokertest.Metric(t, n.metrics, name) }
+func metric(t testing.TB, n *node, name string) float64 { return brokertest.Metric(t, n.metrics, name) }
 
 func TestCluster(t *testing.T) {
 	env := brokertest.Start(t, nil) // the PKI and the shared registry
@@ -171,6 +174,20 @@ func TestCluster(t *testing.T) {
 	n1, n2, n3 := nodes[0], nodes[1], nodes[2]
 	devA := env.Device(t, "dev-a", 0)
 	be := env.Device(t, "backend-1", 0, "backend")
+
+	t.Run("the embedded NATS refuses a client without the token", func(t *testing.T) {
+		cn := n1.cluster
+		for _, opts := range [][]nats.Option{nil, {nats.Token("guess")}} {
+			nc, err := nats.Connect(cluster.ClientURL(cn), append(opts, nats.MaxReconnects(0))...)
+			if err == nil {
+				nc.Close()
+				t.Fatal("connected to a node's NATS without its token")
+			}
+			if !errors.Is(err, nats.ErrAuthorization) {
+				t.Fatalf("connect without the token: %v, want an authorization error", err)
+			}
+		}
+	})
 
 	t.Run("cross-node QoS 1, no loss, no duplicates", func(t *testing.T) {
 		sub := mustDial(t, env, n3, be)
@@ -274,6 +291,66 @@ func TestCluster(t *testing.T) {
 		if got := metric(t, n1, "mqtls_certificate_clones_total"); got != clones+1 {
 			t.Errorf("clone across nodes counted %v, want %v", got, clones+1)
 		}
+	})
+
+	t.Run("a persistent session's queued QoS 1 messages follow its client to another node", func(t *testing.T) {
+		devP := env.Device(t, "dev-p", 0)
+		p, err := dial(t, env, n1, devP, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		subscribe(t, p, "devices/dev-p/commands/#")
+		backend := mustDial(t, env, n2, be)
+		publishUntilRouted(t, backend, p, "devices/dev-p/commands/probe")
+		p.Disconnect(100) // offline on n1, its session kept
+		const count = 100
+		for i := range count {
+			if err := wait(t, backend.Publish("devices/dev-p/commands/c", 1, false, fmt.Sprint(i))); err != nil {
+				t.Fatal(err)
+			}
+		}
+
+		// a device with another certificate cannot take the client ID (and
+		// so cannot make n1 hand the session over)
+		thief := env.Device(t, "dev-thief", 0)
+		tc := &client{lost: make(chan error, 1), msgs: make(chan string, 10)}
+		tc.Client = paho.NewClient(paho.NewClientOptions().AddBroker("ssl://" + n2.addr).SetClientID("dev-p").SetTLSConfig(env.TLS(t, thief)).
+			SetProtocolVersion(4).SetAutoReconnect(false).SetCleanSession(false))
+		if err := wait(t, tc.Connect()); err == nil {
+			tc.Disconnect(0)
+			t.Fatal("a device connected with another device's client ID")
+		}
+
+		p3, err := dial(t, env, n3, devP, false) // no SUBSCRIBE: the session brings it
+		if err != nil {
+			t.Fatal(err)
+		}
+		seen := map[string]bool{}
+		deadline := time.After(20 * time.Second)
+		for len(seen) < count {
+			select {
+			case m := <-p3.msgs:
+				if strings.HasPrefix(m, "devices/dev-p/commands/c ") {
+					seen[m] = true
+				}
+			case <-deadline:
+				t.Fatalf("%d of %d queued messages reached the client on n3", len(seen), count)
+			}
+		}
+		// the subscription came along: a new command reaches n3
+		wait(t, backend.Publish("devices/dev-p/commands/after", 1, false, "x"))
+		testtool.Eventually(t, 10*time.Second, "command after the move", func() bool {
+			for {
+				select {
+				case m := <-p3.msgs:
+					if m == "devices/dev-p/commands/after x" {
+						return true
+					}
+				default:
+					return false
+				}
+			}
+		})
 	})
 
 	t.Run("revocation closes a session on any node within 2s and is refused everywhere", func(t *testing.T) {

@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -81,14 +82,19 @@ func (s State) String() string {
 
 // Config configures a Client. Zero values take the defaults noted.
 type Config struct {
-	// Broker is mqtts://HOST:PORT (required).
+	// Broker is mqtts://HOST:PORT (required, unless Brokers).
 	Broker string
+	// Brokers, instead of Broker, lists the nodes of one cluster
+	// (mqtts://HOST:PORT each). The client starts with a random one, which
+	// spreads a fleet over them, and moves to the next one after a lost
+	// connection or a failed attempt.
+	Brokers []string
 	// Identity is the device's loaded identity (required).
 	Identity *Identity
 	// Store holds the identity's key; it is needed for renewal.
 	Store keystore.Store
-	// ServerName to verify in the broker's certificate (default: Broker's
-	// host).
+	// ServerName to verify in the broker's certificate (default: the host
+	// of the broker URL in use).
 	ServerName string
 	// MinTLS is the lowest TLS version offered (default TLS 1.3).
 	MinTLS uint16
@@ -101,7 +107,9 @@ type Config struct {
 	// KeepAlive (default 60s), ConnectTimeout (default 15s).
 	KeepAlive, ConnectTimeout time.Duration
 	// Reconnect backoff: full jitter over [0, min(MaxBackoff, MinBackoff·2^n)]
-	// (defaults 1s and 2min).
+	// (defaults 1s and 2min); the first attempt after a lost connection
+	// waits up to MinBackoff, so a fleet that loses its broker does not
+	// come back all at once.
 	MinBackoff, MaxBackoff time.Duration
 	// QueueSize bounds QoS 1 publishes held while offline (default 1000).
 	QueueSize int
@@ -135,7 +143,8 @@ type Config struct {
 type Client struct {
 	cfg    Config
 	log    *slog.Logger
-	host   string
+	addrs  []brokerAddr
+	cur    atomic.Int32 // index in addrs of the broker in use
 	paho   paho.Client
 	id     atomic.Pointer[Identity]
 	cert   atomic.Pointer[tls.Certificate]
@@ -164,6 +173,9 @@ type Client struct {
 	attempts atomic.Int64 // reconnect attempts, for tests and metrics
 }
 
+// brokerAddr is one broker the client may connect to.
+type brokerAddr struct{ host, serverName string }
+
 type subscription struct {
 	qos     byte
 	handler func(topic string, payload []byte)
@@ -174,13 +186,28 @@ func New(cfg Config) (*Client, error) {
 	if cfg.Identity == nil {
 		return nil, errors.New("device: Config.Identity is required")
 	}
-	u, err := url.Parse(cfg.Broker)
-	if err != nil || u.Scheme != "mqtts" || u.Hostname() == "" || u.Port() == "" {
-		return nil, fmt.Errorf("device: broker URL %q: want mqtts://HOST:PORT", cfg.Broker)
+	urls := cfg.Brokers
+	switch {
+	case cfg.Broker != "" && len(urls) > 0:
+		return nil, errors.New("device: Config.Broker and Config.Brokers are exclusive")
+	case cfg.Broker != "":
+		urls = []string{cfg.Broker}
+	case len(urls) == 0:
+		return nil, errors.New("device: Config.Broker (or Brokers) is required")
 	}
-	if cfg.ServerName == "" {
-		cfg.ServerName = u.Hostname()
+	var addrs []brokerAddr
+	for _, b := range urls {
+		u, err := url.Parse(b)
+		if err != nil || u.Scheme != "mqtts" || u.Hostname() == "" || u.Port() == "" {
+			return nil, fmt.Errorf("device: broker URL %q: want mqtts://HOST:PORT", b)
+		}
+		name := cfg.ServerName
+		if name == "" {
+			name = u.Hostname()
+		}
+		addrs = append(addrs, brokerAddr{host: u.Host, serverName: name})
 	}
+	cfg.Brokers = slices.Clone(cfg.Brokers)
 	if cfg.MinTLS == 0 {
 		cfg.MinTLS = tls.VersionTLS13
 	}
@@ -213,20 +240,22 @@ func New(cfg Config) (*Client, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	c := &Client{
-		cfg: cfg, log: log, host: u.Host, cache: newSessionCache(),
+		cfg: cfg, log: log, addrs: addrs, cache: newSessionCache(),
 		subs: map[string]subscription{}, wake: make(chan struct{}, 1),
 		lost: make(chan error, 1), closed: make(chan struct{}), stopped: make(chan struct{}),
 		session: newSessionStore(), lostCh: make(chan struct{}),
 	}
+	var err error
 	if c.queue, err = newOutbox(cfg.QueueSize, cfg.PersistentQueue, cfg.Identity.Dir); err != nil {
 		return nil, err
 	}
+	c.cur.Store(int32(rand.N(len(addrs))))
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	if err := c.setIdentity(cfg.Identity); err != nil {
 		return nil, err
 	}
 	opts := paho.NewClientOptions().
-		AddBroker("tls://" + u.Host).
+		AddBroker("tls://" + addrs[0].host). // unused: dial picks the broker
 		SetClientID(cfg.Identity.Leaf().Subject.CommonName).
 		SetProtocolVersion(4). // 3.1.1, never a silent fallback to 3.1
 		SetCleanSession(cfg.CleanSession).
@@ -304,10 +333,10 @@ func (c *Client) stop() { c.stopOnce.Do(func() { close(c.stopped) }) }
 
 // tlsConfig trusts the pinned root only and presents the current
 // certificate through GetClientCertificate.
-func (c *Client) tlsConfig() *tls.Config {
+func (c *Client) tlsConfig(serverName string) *tls.Config {
 	return &tls.Config{
 		RootCAs:            c.id.Load().RootPool(),
-		ServerName:         c.cfg.ServerName,
+		ServerName:         serverName,
 		MinVersion:         c.cfg.MinTLS,
 		CurvePreferences:   c.cfg.CurvePreferences,
 		ClientSessionCache: c.cache,
@@ -330,7 +359,8 @@ func (c *Client) dial(_ *url.URL, _ paho.ClientOptions) (net.Conn, error) {
 	if ctx == nil {
 		ctx = c.ctx
 	}
-	conn, err := (&tls.Dialer{NetDialer: d, Config: c.tlsConfig()}).DialContext(ctx, "tcp", c.host)
+	a := c.broker()
+	conn, err := (&tls.Dialer{NetDialer: d, Config: c.tlsConfig(a.serverName)}).DialContext(ctx, "tcp", a.host)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.lastDial = err
@@ -345,9 +375,23 @@ func (c *Client) dial(_ *url.URL, _ paho.ClientOptions) (net.Conn, error) {
 	return conn, nil
 }
 
+// broker is the broker in use; next moves to the following one.
+func (c *Client) broker() brokerAddr { return c.addrs[c.cur.Load()] }
+
+func (c *Client) next() {
+	if len(c.addrs) > 1 {
+		c.cur.Store((c.cur.Load() + 1) % int32(len(c.addrs)))
+	}
+}
+
+// Broker returns the address (HOST:PORT) of the broker the client uses or
+// will try next.
+func (c *Client) Broker() string { return c.broker().host }
+
 // Connect makes the first connection and starts the background work
 // (reconnects, renewal). It returns ErrNotAuthorized, ErrTLS or ErrTimeout
-// (wrapping the cause) without retrying: those need a human.
+// (wrapping the cause) without retrying: those need a human. With several
+// brokers it tries each once while they are unreachable or time out.
 //
 // Cancelling ctx ends the attempt at once (dial, TLS handshake, or the
 // wait for the CONNACK).
@@ -355,8 +399,25 @@ func (c *Client) Connect(ctx context.Context) error {
 	if c.State() == StateClosed {
 		return ErrClosed
 	}
-	if err := c.connectOnce(ctx); err != nil {
-		return err
+	for i := range c.addrs {
+		err := c.connectOnce(ctx)
+		if err == nil {
+			break
+		}
+		if i == len(c.addrs)-1 || errors.Is(err, ErrNotAuthorized) || errors.Is(err, ErrTLS) || errors.Is(err, ErrClosed) || ctx.Err() != nil {
+			return err
+		}
+		c.log.Info("broker unreachable, trying the next one", "broker", c.broker().host, "err", err)
+		c.next()
+		// a short jittered pause: a fleet starting against a dead node does
+		// not land on the next one all at once
+		pause := time.NewTimer(rand.N(c.cfg.MinBackoff + 1))
+		select {
+		case <-ctx.Done():
+			pause.Stop()
+			return err
+		case <-pause.C:
+		}
 	}
 	c.wg.Add(2)
 	go c.supervise()
@@ -370,7 +431,7 @@ func (c *Client) connectOnce(ctx context.Context) error {
 	stopClose := context.AfterFunc(c.ctx, cancel) // Close ends a connect in progress
 	defer stopClose()
 	c.mu.Lock()
-	c.dialCtx, c.conn = ctx, nil
+	c.dialCtx, c.conn, c.lastDial = ctx, nil, nil
 	c.mu.Unlock()
 	tok := c.paho.Connect()
 	err := wait(ctx, tok, c.cfg.ConnectTimeout+5*time.Second)
@@ -412,6 +473,7 @@ func (c *Client) connectOnce(ctx context.Context) error {
 
 // classify maps a connect failure to the package errors.
 func (c *Client) classify(err error, rc byte) error {
+	addr := c.broker().host
 	c.mu.Lock()
 	dialErr := c.lastDial
 	c.mu.Unlock()
@@ -419,7 +481,7 @@ func (c *Client) classify(err error, rc byte) error {
 	case rc == packets.ErrRefusedNotAuthorised || rc == packets.ErrRefusedBadUsernameOrPassword:
 		return fmt.Errorf("%w (CONNACK %d: revoked, expired, or client ID/Will not allowed): %v", ErrNotAuthorized, rc, err)
 	case errors.Is(err, ErrTimeout), errors.Is(err, context.DeadlineExceeded):
-		return fmt.Errorf("%w: connecting to %s: %v", ErrTimeout, c.host, err)
+		return fmt.Errorf("%w: connecting to %s: %v", ErrTimeout, addr, err)
 	}
 	if dialErr != nil {
 		var unknown x509.UnknownAuthorityError
@@ -436,16 +498,16 @@ func (c *Client) classify(err error, rc byte) error {
 		case errors.As(dialErr, &invalid), errors.As(dialErr, &verify):
 			return fmt.Errorf("%w: broker certificate: %w", ErrTLS, dialErr)
 		case isTimeout(dialErr):
-			return fmt.Errorf("%w: connecting to %s: %w", ErrTimeout, c.host, dialErr)
+			return fmt.Errorf("%w: connecting to %s: %w", ErrTimeout, addr, dialErr)
 		case isTLSAlert(dialErr):
 			return fmt.Errorf("%w: the broker refused our certificate: %w", ErrTLS, dialErr)
 		}
-		return fmt.Errorf("device: connect to %s: %w", c.host, dialErr)
+		return fmt.Errorf("device: connect to %s: %w", addr, dialErr)
 	}
 	if isTLSAlert(err) { // TLS 1.3: the alert comes after the handshake, with the CONNACK read
 		return fmt.Errorf("%w: the broker refused our certificate: %w", ErrTLS, err)
 	}
-	return fmt.Errorf("device: connect to %s: %w", c.host, err)
+	return fmt.Errorf("device: connect to %s: %w", addr, err)
 }
 
 // isTLSAlert reports an alert received from the peer (crypto/tls returns
@@ -481,6 +543,7 @@ func (c *Client) supervise() {
 	defer c.wg.Done()
 	flaps := 0 // connections in a row that ended soon after they were made
 	for {
+		lost := false
 		up := time.Now()
 		c.flush()
 		select {
@@ -502,6 +565,8 @@ func (c *Client) supervise() {
 			} else {
 				flaps = 0
 			}
+			lost = true
+			c.next() // the broker may be gone: another node of the cluster
 		case <-c.wake:
 			// renewal: reconnect at once with the new certificate (the
 			// session is offline meanwhile); publishes made meanwhile go to
@@ -510,7 +575,7 @@ func (c *Client) supervise() {
 			c.paho.Disconnect(250)
 			flaps = 0
 		}
-		if !c.reconnect(flaps) {
+		if !c.reconnect(flaps, lost) {
 			return
 		}
 	}
@@ -518,11 +583,11 @@ func (c *Client) supervise() {
 
 // reconnect loops until connected (true) or until there is no point
 // (false: closed, refused, expired). The first attempt waits the backoff
-// of attempt n0.
-func (c *Client) reconnect(n0 int) bool {
+// of attempt n0, or up to MinBackoff after a lost connection (jitter).
+func (c *Client) reconnect(n0 int, lost bool) bool {
 	for n := n0; ; n++ {
-		if n > 0 {
-			ceiling := min(c.cfg.MaxBackoff, c.cfg.MinBackoff<<min(n-1, 30))
+		if n > 0 || lost {
+			ceiling := min(c.cfg.MaxBackoff, c.cfg.MinBackoff<<max(min(n-1, 30), 0))
 			delay := time.NewTimer(rand.N(ceiling + 1)) // full jitter
 			select {
 			case <-c.closed:
@@ -554,7 +619,8 @@ func (c *Client) reconnect(n0 int) bool {
 			c.fail(StateRefused, err)
 			return false
 		}
-		c.log.Info("reconnect failed", "attempt", n-n0+1, "err", err)
+		c.log.Info("reconnect failed", "attempt", n-n0+1, "broker", c.broker().host, "err", err)
+		c.next()
 		select {
 		case <-c.closed:
 			return false

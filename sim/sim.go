@@ -38,10 +38,13 @@ type Token struct{ ID, Token string }
 
 // Config describes a run. Zero values take the defaults noted.
 type Config struct {
-	Broker string            // mqtts://HOST:PORT (required)
-	EST    string            // https://HOST:PORT (required)
-	Root   *x509.Certificate // pinned root (required)
-	Tokens []Token           // one per device (required, at least Devices, unless Identities)
+	Broker string // mqtts://HOST:PORT (required, unless Brokers)
+	// Brokers, instead of Broker: the nodes of a cluster; each device
+	// starts on a random one and moves to another when its node fails.
+	Brokers []string
+	EST     string            // https://HOST:PORT (required)
+	Root    *x509.Certificate // pinned root (required)
+	Tokens  []Token           // one per device (required, at least Devices, unless Identities)
 	// Identities, if set, are used instead of enrolling (see Enroll): the
 	// same certificates against several brokers.
 	Identities []*device.Identity
@@ -168,14 +171,24 @@ type runner struct {
 	timeline  []Point
 }
 
+// urls are the brokers' URLs.
+func (cfg *Config) urls() []string {
+	if cfg.Broker != "" {
+		return []string{cfg.Broker}
+	}
+	return cfg.Brokers
+}
+
 // Validate checks cfg before anything is done with it (Run calls it
 // first): a scenario that cannot work must not spend enrollment tokens.
 func (cfg *Config) Validate() error {
-	if cfg.Broker == "" || cfg.EST == "" || cfg.Root == nil {
-		return errors.New("sim: Broker, EST and Root are required")
+	if (cfg.Broker == "") == (len(cfg.Brokers) == 0) || cfg.EST == "" || cfg.Root == nil {
+		return errors.New("sim: Broker (or Brokers, not both), EST and Root are required")
 	}
-	if err := checkURL(cfg.Broker, "mqtts"); err != nil {
-		return fmt.Errorf("sim: broker: %w", err)
+	for _, b := range cfg.urls() {
+		if err := checkURL(b, "mqtts"); err != nil {
+			return fmt.Errorf("sim: broker: %w", err)
+		}
 	}
 	if err := checkURL(cfg.EST, "https"); err != nil {
 		return fmt.Errorf("sim: EST server: %w", err)
@@ -459,10 +472,15 @@ func (r *runner) enroll(ctx context.Context, client *provisioning.Client, tok To
 // connectAll starts connects at the configured rate and waits for them.
 func (r *runner) connectAll(ctx context.Context, ids []*device.Identity) []*device.Client {
 	clients := make([]*device.Client, len(ids))
-	loopback := false
-	if u, err := url.Parse(r.cfg.Broker); err == nil {
-		if ip := net.ParseIP(u.Hostname()); ip != nil && ip.IsLoopback() && ip.To4() != nil {
-			loopback = true
+	loopback := true
+	for _, b := range r.cfg.urls() {
+		u, err := url.Parse(b)
+		if err != nil {
+			loopback = false
+			break
+		}
+		if ip := net.ParseIP(u.Hostname()); ip == nil || !ip.IsLoopback() || ip.To4() == nil {
+			loopback = false
 		}
 	}
 	tick := time.NewTicker(time.Duration(float64(time.Second) / r.cfg.ConnectRate))
@@ -478,7 +496,7 @@ func (r *runner) connectAll(ctx context.Context, ids []*device.Identity) []*devi
 			return clients
 		case <-tick.C:
 		}
-		cfg := device.Config{Broker: r.cfg.Broker, Identity: id, DisableRenewal: true, MinBackoff: time.Second, MaxBackoff: 30 * time.Second}
+		cfg := device.Config{Broker: r.cfg.Broker, Brokers: r.cfg.Brokers, Identity: id, DisableRenewal: true, MinBackoff: time.Second, MaxBackoff: 30 * time.Second}
 		if loopback && r.cfg.SourceAddrs > 1 {
 			cfg.LocalAddr = &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(1+i%r.cfg.SourceAddrs))}
 		}

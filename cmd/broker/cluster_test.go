@@ -99,3 +99,33 @@ func TestServeCluster(t *testing.T) {
 		t.Fatal("revoked device still connected to n3 after 2s")
 	}
 }
+
+// --nats joins an external NATS instead of running one: an unreachable
+// NATS or both modes at once stop the start with a clear error.
+func TestServeExternalNATSFlags(t *testing.T) {
+	data := filepath.Join(t.TempDir(), "data")
+	if _, errs, code := brokerCLI(t, "init", "--data", data); code != 0 {
+		t.Fatal(errs)
+	}
+	base := []string{"serve", "--data", data, "--mqtt-addr", testtool.FreeAddr(t), "--est-addr", "", "--metrics-addr", "", "--node-name", "n1"}
+	for _, tc := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"--nats", "nats://" + testtool.FreeAddr(t)}, 1, "cluster: connect to NATS"},
+		{[]string{"--nats", "nats://s3cret-token@" + testtool.FreeAddr(t)}, 1, "cluster: connect to NATS nats://127.0.0.1:"},
+		{[]string{"--nats", "nats://127.0.0.1:4222", "--cluster-listen", testtool.FreeAddr(t)}, 2, "not both"},
+		{[]string{"--nats-creds", "x.creds", "--cluster-listen", testtool.FreeAddr(t)}, 2, "for an external NATS"},
+		{[]string{"--nats", "http://127.0.0.1:4222"}, 2, "want nats://"},
+		{[]string{"--nats", "tls://127.0.0.1:4222", "--nats-ca", filepath.Join(data, "nope.pem")}, 1, "--nats-ca"},
+	} {
+		_, errs, code := brokerCLI(t, append(base, tc.args...)...)
+		if code != tc.code || !strings.Contains(errs, tc.want) {
+			t.Errorf("serve %v: exit %d %q, want %d with %q", tc.args, code, errs, tc.code, tc.want)
+		}
+		if strings.Contains(errs, "s3cret") {
+			t.Errorf("serve %v: the NATS credentials in the error: %q", tc.args, errs)
+		}
+	}
+}

@@ -75,6 +75,13 @@ type serveConfig struct {
 	ClusterListen string   `yaml:"cluster_listen"`
 	ClusterPeers  []string `yaml:"cluster_peers"`
 	ClusterStore  string   `yaml:"cluster_store"`
+	// or over an external NATS cluster
+	NATS         []string `yaml:"nats"`
+	NATSCreds    string   `yaml:"nats_creds"`
+	NATSTLSCert  string   `yaml:"nats_tls_cert"`
+	NATSTLSKey   string   `yaml:"nats_tls_key"`
+	NATSCA       string   `yaml:"nats_ca"`
+	NATSReplicas int      `yaml:"nats_replicas"`
 }
 
 func defaultServeConfig() serveConfig {
@@ -254,7 +261,7 @@ func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io
 
 	if cfg.MQTTAddr != "" {
 		var node broker.Cluster
-		if cfg.ClusterListen != "" {
+		if cfg.ClusterListen != "" || len(cfg.NATS) > 0 {
 			if node, err = newClusterNode(cfg, srvCert, c.Root, log); err != nil {
 				return err
 			}
@@ -449,12 +456,45 @@ func newClusterNode(cfg serveConfig, cert tls.Certificate, root *x509.Certificat
 			peers = append(peers, p)
 		}
 	}
+	natsTLS, err := natsClientTLS(cfg)
+	if err != nil {
+		return nil, err
+	}
 	n, err := cluster.New(cluster.Config{Name: name, RouteAddr: cfg.ClusterListen, Peers: peers, StoreDir: store,
+		NATS: cfg.NATS, NATSCreds: cfg.NATSCreds, NATSTLS: natsTLS, Replicas: cfg.NATSReplicas,
 		Certificate: cert, Root: root, Logger: log.With("component", "cluster")})
 	if err != nil {
 		return nil, cli.Usagef("%v", err)
 	}
 	return n, nil
+}
+
+// natsClientTLS is the TLS config for an external NATS: a client
+// certificate (mutual TLS) and the CA of the NATS servers (default: the
+// system's roots), or nil when none is given.
+func natsClientTLS(cfg serveConfig) (*tls.Config, error) {
+	if cfg.NATSTLSCert == "" && cfg.NATSTLSKey == "" && cfg.NATSCA == "" {
+		return nil, nil
+	}
+	c := &tls.Config{MinVersion: tls.VersionTLS12}
+	if cfg.NATSTLSCert != "" || cfg.NATSTLSKey != "" {
+		cert, err := tls.LoadX509KeyPair(cfg.NATSTLSCert, cfg.NATSTLSKey)
+		if err != nil {
+			return nil, fmt.Errorf("--nats-tls-cert/--nats-tls-key: %w", err)
+		}
+		c.Certificates = []tls.Certificate{cert}
+	}
+	if cfg.NATSCA != "" {
+		pem, err := os.ReadFile(cfg.NATSCA)
+		if err != nil {
+			return nil, fmt.Errorf("--nats-ca: %w", err)
+		}
+		c.RootCAs = x509.NewCertPool()
+		if !c.RootCAs.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("--nats-ca %s: no PEM certificate", cfg.NATSCA)
+		}
+	}
+	return c, nil
 }
 
 // serveFlags defines serve's flags over cfg, with cfg's values as their
@@ -524,6 +564,20 @@ func serveFlags(fs *flag.FlagSet, cfg *serveConfig) (*registryFlags, *string) {
 	peers := fs.String("cluster-peers", strings.Join(cfg.ClusterPeers, ","), "the other nodes' --cluster-listen addresses, comma-separated")
 	fs.StringVar(&cfg.NodeName, "node-name", cfg.NodeName, "this node's name in the cluster (default: the host name)")
 	fs.StringVar(&cfg.ClusterStore, "cluster-store", cfg.ClusterStore, "JetStream data of this node (default DATA/cluster)")
+	fs.Func("nats", "instead of --cluster-listen: join the nodes over an external NATS cluster with JetStream, URLs comma-separated (nats:// or tls://)", func(v string) error {
+		cfg.NATS = nil
+		for _, u := range strings.Split(v, ",") {
+			if u = strings.TrimSpace(u); u != "" {
+				cfg.NATS = append(cfg.NATS, u)
+			}
+		}
+		return nil
+	})
+	fs.StringVar(&cfg.NATSCreds, "nats-creds", cfg.NATSCreds, "NATS credentials file (user JWT and seed) for --nats")
+	fs.StringVar(&cfg.NATSTLSCert, "nats-tls-cert", cfg.NATSTLSCert, "client certificate (PEM) for mutual TLS to --nats")
+	fs.StringVar(&cfg.NATSTLSKey, "nats-tls-key", cfg.NATSTLSKey, "its private key (PEM)")
+	fs.StringVar(&cfg.NATSCA, "nats-ca", cfg.NATSCA, "CA certificate (PEM) of the --nats servers (default: the system's roots)")
+	fs.IntVar(&cfg.NATSReplicas, "nats-replicas", cfg.NATSReplicas, "replicas of the JetStream buckets (default 3 embedded, or fewer nodes; 1 with --nats)")
 	return regFlags, peers
 }
 

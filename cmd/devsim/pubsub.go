@@ -19,16 +19,17 @@ import (
 
 // clientFlags are the flags pub and sub share, long and mosquitto-short.
 type clientFlags struct {
-	broker, dir string
-	qos         int
-	timeout     time.Duration
-	wait        time.Duration
-	logFormat   string
-	logLevel    string
+	brokers   stringList
+	dir       string
+	qos       int
+	timeout   time.Duration
+	wait      time.Duration
+	logFormat string
+	logLevel  string
 }
 
 func (f *clientFlags) register(fs *flag.FlagSet, timeoutUsage string) {
-	fs.StringVar(&f.broker, "broker", "", "broker, mqtts://HOST:PORT")
+	fs.Var(&f.brokers, "broker", "broker, mqtts://HOST:PORT (repeatable: the nodes of a cluster)")
 	fs.StringVar(&f.dir, "identity", "", "identity directory (from devsim enroll); its certificate's CN is the client ID")
 	fs.StringVar(&f.dir, "i", "", "short for --identity")
 	fs.IntVar(&f.qos, "qos", 1, "QoS 0 or 1 (pub and sub alike)")
@@ -93,7 +94,7 @@ func openClient(ctx context.Context, stderr io.Writer, f clientFlags, connectTim
 		return nil, nil, fmt.Errorf("%w at %s: enroll again", device.ErrExpired, id.Leaf().NotAfter.UTC().Format(time.RFC3339))
 	}
 	c, err := device.New(device.Config{
-		Broker: f.broker, Identity: id, Store: store, DisableRenewal: true, ConnectTimeout: connectTimeout, Logger: log,
+		Brokers: f.brokers, Identity: id, Store: store, DisableRenewal: true, ConnectTimeout: connectTimeout, Logger: log,
 		OnStateChange: func(s device.State) {
 			if s == device.StateRefused || s == device.StateExpired {
 				ev.once.Do(func() { close(ev.stopped) })
@@ -110,7 +111,7 @@ func openClient(ctx context.Context, stderr io.Writer, f clientFlags, connectTim
 		store.Close()
 		return nil, nil, err
 	}
-	err = waitFor(ctx, stderr, "the broker at "+f.broker, f.wait, func() error {
+	err = waitFor(ctx, stderr, "the broker at "+f.brokers.String(), f.wait, func() error {
 		cctx, cancel := context.WithTimeout(ctx, connectTimeout)
 		defer cancel()
 		return c.Connect(cctx)
@@ -123,7 +124,7 @@ func openClient(ctx context.Context, stderr io.Writer, f clientFlags, connectTim
 	return c, func() { c.Close(); store.Close() }, nil
 }
 
-const pubUsage = `usage: devsim pub --broker mqtts://HOST:PORT -i DIR -t TOPIC (-m MSG | -f FILE | -s | -l) [-q 0|1] [-r]
+const pubUsage = `usage: devsim pub --broker mqtts://HOST:PORT [--broker ...] -i DIR -t TOPIC (-m MSG | -f FILE | -s | -l) [-q 0|1] [-r]
 
 Publishes with the device identity in DIR (like mosquitto_pub). At QoS 1 it
 exits 0 once the broker has acknowledged every message.
@@ -150,7 +151,7 @@ func cmdPub(stdin io.Reader) cli.Command {
 		if err := cli.Parse(fs, args); err != nil {
 			return err
 		}
-		if f.broker == "" || f.dir == "" || topic == "" {
+		if len(f.brokers) == 0 || f.dir == "" || topic == "" {
 			return cli.Usagef("--broker, --identity (-i) and --topic (-t) are required")
 		}
 		sources := 0
@@ -236,7 +237,7 @@ func cmdPub(stdin io.Reader) cli.Command {
 
 func isSet(fs *flag.FlagSet, name string) bool { return cli.IsSet(fs, name) }
 
-const subUsage = `usage: devsim sub --broker mqtts://HOST:PORT -i DIR -t FILTER [-t FILTER]... [-q 0|1] [-C N] [-W D] [-v]
+const subUsage = `usage: devsim sub --broker mqtts://HOST:PORT [--broker ...] -i DIR -t FILTER [-t FILTER]... [-q 0|1] [-C N] [-W D] [-v]
 
 Subscribes with the device identity in DIR (like mosquitto_sub) and prints
 each message's payload (with -v: "topic payload") on a line. It reconnects
@@ -261,7 +262,7 @@ func cmdSub(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
-	if f.broker == "" || f.dir == "" || len(filters) == 0 {
+	if len(f.brokers) == 0 || f.dir == "" || len(filters) == 0 {
 		return cli.Usagef("--broker, --identity (-i) and --topic (-t) are required")
 	}
 	if f.qos != 0 && f.qos != 1 {

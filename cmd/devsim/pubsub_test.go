@@ -52,6 +52,11 @@ func TestPubSubCLI(t *testing.T) {
 	if code != 0 || out != "devices/dev-1/status online\n" {
 		t.Fatalf("sub: %d %q %s", code, out, errs)
 	}
+	// --broker repeats (the nodes of a cluster): an unreachable one is skipped
+	out, errs, code = devsim(t, "sub", "--broker", url, "--broker", "mqtts://127.0.0.1:1", "--identity", dir, "--topic", "devices/dev-1/#", "--count", "1", "--timeout", "10s", "-v")
+	if code != 0 || out != "devices/dev-1/status online\n" {
+		t.Fatalf("sub with two brokers, one down: %d %q %s", code, out, errs)
+	}
 
 	cases := []struct {
 		args []string

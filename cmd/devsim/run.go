@@ -22,7 +22,8 @@ import (
 
 func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := cli.NewFlags("devsim run", stderr)
-	broker := fs.String("broker", "", "broker, mqtts://HOST:PORT")
+	var brokers stringList
+	fs.Var(&brokers, "broker", "broker, mqtts://HOST:PORT (repeatable: devices spread over the nodes of a cluster and move to another when theirs fails)")
 	est := fs.String("est", "", "EST server, https://HOST:PORT")
 	caFile := fs.String("ca", "", "root CA certificate to pin (PEM)")
 	tokensFile := fs.String("tokens", "", `file of "ID TOKEN" lines (broker token --count N)`)
@@ -42,7 +43,7 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
-	if *broker == "" || *est == "" || *caFile == "" || *tokensFile == "" {
+	if len(brokers) == 0 || *est == "" || *caFile == "" || *tokensFile == "" {
 		return cli.Usagef("--broker, --est, --ca and --tokens are required")
 	}
 	if *qos != 0 && *qos != 1 {
@@ -90,7 +91,7 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		}
 	}
 	cfg := sim.Config{
-		Broker: *broker, EST: *est, Root: roots[0], Tokens: tokens, Devices: *devices,
+		Brokers: brokers, EST: *est, Root: roots[0], Tokens: tokens, Devices: *devices,
 		ConnectRate: *rate, Interval: *interval, NoTraffic: *noTraffic, QoS: byte(*qos), PayloadSize: *payload,
 		Sample: *sample, Duration: *duration, SourceAddrs: *sources, ServerPID: *serverPID,
 	}
