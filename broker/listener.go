@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/mochi-mqtt/server/v2/listeners"
+	"github.com/mochi-mqtt/server/v2/packets"
 )
 
 // listener is the broker's Mochi listener: it completes the TLS handshake
@@ -113,13 +114,23 @@ func peerCN(tc *tls.Conn) string {
 	return ""
 }
 
-// Close stops accepting; Mochi closes the clients.
-func (l *listener) Close(closeClients listeners.CloseFn) {
+// Close stops accepting and disconnects the listener's clients. It does
+// not call Mochi's closer (Server.closeListenerClients): that reads
+// Clients.GetByListener, which takes the clients' read lock twice (Len
+// inside the locked loop), so a client added or removed in between waits
+// for the write lock, the second read lock waits behind it, and Close
+// never returns (a hang seen in CI; TestCloseRacesConnects). GetAll takes
+// the lock once.
+func (l *listener) Close(listeners.CloseFn) {
 	l.mu.Lock()
 	l.done = true
 	l.mu.Unlock()
 	l.ln.Close()
-	closeClients(l.id)
+	for _, cl := range l.b.mochi.Clients.GetAll() {
+		if cl.Net.Listener == l.id && !cl.Closed() {
+			_ = l.b.mochi.DisconnectClient(cl, packets.ErrServerShuttingDown)
+		}
+	}
 }
 
 // handshakeFailed writes the audit line of a failed handshake, naming the
