@@ -1,11 +1,12 @@
 // Package swtpmtest starts swtpm processes for tests: a TPM 2.0 emulator on
-// a free loopback port pair (command port P, control port P+1), stopped when
-// the test ends.
+// a free loopback port pair (command port P, control port P+1) on an address
+// of its own in 127.0.0.0/8, stopped when the test ends.
 package swtpmtest
 
 import (
 	"bytes"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -19,8 +20,9 @@ import (
 
 // SWTPM is a running swtpm.
 type SWTPM struct {
-	Addr     string // command port, 127.0.0.1:P; control port is P+1
+	Addr     string // command port, HOST:P; control port is P+1
 	StateDir string // TPM state; survives Restart
+	host     string // a loopback address away from 127.0.0.1, where tests' clients take ephemeral ports
 	port     int
 	cmd      *exec.Cmd
 	exited   chan struct{}
@@ -32,20 +34,25 @@ func Start(t testing.TB) *SWTPM {
 	t.Helper()
 	s := &SWTPM{StateDir: t.TempDir()}
 	testtool.Require(t, "swtpm")
+	s.launch(t)
+	return s
+}
+
+// launch starts swtpm on a free port pair, trying other pairs if one is
+// taken between the probe and swtpm's bind.
+func (s *SWTPM) launch(t testing.TB) {
+	t.Helper()
 	var err error
 	for range 5 {
-		if s.port, err = freePortPair(); err != nil {
+		if s.host, s.port, err = freePortPair(); err != nil {
 			continue
 		}
 		if err = s.start(); err == nil {
-			break
+			t.Cleanup(s.Stop)
+			return
 		}
 	}
-	if err != nil {
-		t.Fatalf("start swtpm: %v", err)
-	}
-	t.Cleanup(s.Stop)
-	return s
+	t.Fatalf("start swtpm: %v", err)
 }
 
 // Manufactured is a swtpm whose TPM state swtpm_setup --create-ek-cert
@@ -87,25 +94,14 @@ func StartManufactured(t testing.TB) *Manufactured {
 		t.Fatalf("swtpm_setup --create-ek-cert: %v\n%s", err, out)
 	}
 	m.SWTPM = &SWTPM{StateDir: state}
-	for range 5 {
-		if m.port, err = freePortPair(); err != nil {
-			continue
-		}
-		if err = m.start(); err == nil {
-			break
-		}
-	}
-	if err != nil {
-		t.Fatalf("start swtpm: %v", err)
-	}
-	t.Cleanup(m.Stop)
+	m.launch(t)
 	return m
 }
 
 // TCTI returns the tpm2-tss TCTI string for tpm2-tools and openssl's tpm2
 // provider.
 func (s *SWTPM) TCTI() string {
-	return fmt.Sprintf("swtpm:host=127.0.0.1,port=%d", s.port)
+	return fmt.Sprintf("swtpm:host=%s,port=%d", s.host, s.port)
 }
 
 // Restart stops swtpm and starts it again on the same ports and state.
@@ -128,12 +124,12 @@ func (s *SWTPM) Stop() {
 }
 
 func (s *SWTPM) start() error {
-	s.Addr = net.JoinHostPort("127.0.0.1", strconv.Itoa(s.port))
+	s.Addr = net.JoinHostPort(s.host, strconv.Itoa(s.port))
 	s.log = new(bytes.Buffer)
 	s.cmd = exec.Command("swtpm", "socket", "--tpm2",
 		"--tpmstate", "dir="+s.StateDir,
-		"--server", fmt.Sprintf("type=tcp,port=%d,bindaddr=127.0.0.1", s.port),
-		"--ctrl", fmt.Sprintf("type=tcp,port=%d,bindaddr=127.0.0.1", s.port+1),
+		"--server", fmt.Sprintf("type=tcp,port=%d,bindaddr=%s", s.port, s.host),
+		"--ctrl", fmt.Sprintf("type=tcp,port=%d,bindaddr=%s", s.port+1, s.host),
 		"--flags", "not-need-init,startup-clear")
 	s.cmd.Stdout, s.cmd.Stderr = s.log, s.log
 	if err := s.cmd.Start(); err != nil {
@@ -163,19 +159,24 @@ func (s *SWTPM) start() error {
 	return fmt.Errorf("swtpm did not listen on %s within 10s: %s", s.Addr, s.log)
 }
 
-func freePortPair() (int, error) {
-	for range 20 {
-		l1, err := net.Listen("tcp", "127.0.0.1:0")
+// freePortPair picks a random address in 127.213.0.0/16 and two free
+// consecutive ports on it. On 127.0.0.1 a pair was sometimes not found in
+// 20 tries while other tests' clients held thousands of ephemeral ports
+// there.
+func freePortPair() (string, int, error) {
+	for range 50 {
+		host := fmt.Sprintf("127.213.%d.%d", rand.IntN(256), 1+rand.IntN(254))
+		l1, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
 		if err != nil {
-			return 0, err
+			return "", 0, err
 		}
 		p := l1.Addr().(*net.TCPAddr).Port
-		l2, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(p+1)))
+		l2, err := net.Listen("tcp", net.JoinHostPort(host, strconv.Itoa(p+1)))
 		l1.Close()
 		if err == nil {
 			l2.Close()
-			return p, nil
+			return host, p, nil
 		}
 	}
-	return 0, fmt.Errorf("no free loopback port pair")
+	return "", 0, fmt.Errorf("no free loopback port pair")
 }
