@@ -251,6 +251,18 @@ func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io
 	go certs.watch(ctx, certPoll)
 	errc := make(chan error, 3)
 	var closers []func(context.Context) error
+	closeAll := func(ctx context.Context) (err error) {
+		for i := len(closers) - 1; i >= 0; i-- {
+			if cerr := closers[i](ctx); cerr != nil && !errors.Is(cerr, http.ErrServerClosed) {
+				err = errors.Join(err, cerr)
+			}
+		}
+		closers = nil
+		return err
+	}
+	// A setup error after a listener started: stop it before the registry
+	// closes (its revocation poll would go on logging).
+	defer closeAll(context.Background())
 
 	if cfg.MQTTAddr != "" {
 		var node broker.Cluster
@@ -335,12 +347,7 @@ func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io
 	log.Info("shutting down")
 	sctx, scancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer scancel()
-	for i := len(closers) - 1; i >= 0; i-- {
-		if cerr := closers[i](sctx); cerr != nil && !errors.Is(cerr, http.ErrServerClosed) {
-			err = errors.Join(err, cerr)
-		}
-	}
-	return err
+	return errors.Join(err, closeAll(sctx))
 }
 
 // readyz answers 200 when the registry answers and the issuing CA is
