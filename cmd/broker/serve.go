@@ -411,6 +411,7 @@ func listenPprof(addr string, log *slog.Logger, errc chan<- error) (*http.Server
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	hs, err := listenHTTP(addr, mux, nil, log, errc)
 	if err != nil {
 		return nil, fmt.Errorf("pprof listener: %w", err)
