@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -48,6 +49,7 @@ type serveConfig struct {
 	MQTTAddr         string        `yaml:"mqtt_addr"`
 	ESTAddr          string        `yaml:"est_addr"`
 	MetricsAddr      string        `yaml:"metrics_addr"`
+	PprofAddr        string        `yaml:"pprof"` // debug profiles; loopback only, off by default
 	Policy           string        `yaml:"policy"`
 	CRL              string        `yaml:"crl"`
 	Validity         time.Duration `yaml:"validity"`
@@ -211,6 +213,9 @@ func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io
 	if minTLS == 0 {
 		return cli.Usagef("min TLS %q: want 1.2 or 1.3", cfg.MinTLS)
 	}
+	if cfg.PprofAddr != "" && !loopback(cfg.PprofAddr) {
+		return cli.Usagef("--pprof %q: want a loopback HOST:PORT (127.0.0.1:6060)", cfg.PprofAddr)
+	}
 	if err := haveCA(cfg.Data); err != nil {
 		return err
 	}
@@ -258,6 +263,18 @@ func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io
 	go certs.watch(ctx, certPoll)
 	errc := make(chan error, 3)
 	var closers []func(context.Context) error
+	closeAll := func(ctx context.Context) (err error) {
+		for i := len(closers) - 1; i >= 0; i-- {
+			if cerr := closers[i](ctx); cerr != nil && !errors.Is(cerr, http.ErrServerClosed) {
+				err = errors.Join(err, cerr)
+			}
+		}
+		closers = nil
+		return err
+	}
+	// A setup error after a listener started: stop it before the registry
+	// closes (its revocation poll would go on logging).
+	defer closeAll(context.Background())
 
 	if cfg.MQTTAddr != "" {
 		var node broker.Cluster
@@ -316,6 +333,13 @@ func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io
 		closers = append(closers, hs.Shutdown)
 		log.Info("metrics listening", "addr", hs.Addr)
 	}
+	if cfg.PprofAddr != "" {
+		hs, err := listenPprof(cfg.PprofAddr, log, errc)
+		if err != nil {
+			return err
+		}
+		closers = append(closers, hs.Shutdown)
+	}
 
 	select {
 	case err = <-errc:
@@ -324,12 +348,7 @@ func serve(ctx context.Context, cfg serveConfig, loc registryLocation, stderr io
 	log.Info("shutting down")
 	sctx, scancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer scancel()
-	for i := len(closers) - 1; i >= 0; i-- {
-		if cerr := closers[i](sctx); cerr != nil && !errors.Is(cerr, http.ErrServerClosed) {
-			err = errors.Join(err, cerr)
-		}
-	}
-	return err
+	return errors.Join(err, closeAll(sctx))
 }
 
 // readyz answers 200 when the registry answers and the issuing CA is
@@ -375,6 +394,30 @@ func listenHTTP(addr string, h http.Handler, tlsCfg *tls.Config, log *slog.Logge
 			errc <- err
 		}
 	}()
+	return hs, nil
+}
+
+// loopback checks that addr is a loopback HOST:PORT.
+func loopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	ip := net.ParseIP(host)
+	return err == nil && (host == "localhost" || ip != nil && ip.IsLoopback())
+}
+
+// listenPprof serves net/http/pprof on addr (a loopback address: profiles
+// expose the program's internals). A profile or trace lasts under 30 s
+// (the write timeout).
+func listenPprof(addr string, log *slog.Logger, errc chan<- error) (*http.Server, error) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	hs, err := listenHTTP(addr, mux, nil, log, errc)
+	if err != nil {
+		return nil, fmt.Errorf("pprof listener: %w", err)
+	}
+	log.Warn("pprof listening (debugging)", "addr", hs.Addr)
 	return hs, nil
 }
 
@@ -533,6 +576,7 @@ func serveFlags(fs *flag.FlagSet, cfg *serveConfig) (*registryFlags, *string) {
 	fs.StringVar(&cfg.MQTTAddr, "mqtt-addr", cfg.MQTTAddr, "MQTT over mutual TLS listen address")
 	fs.StringVar(&cfg.ESTAddr, "est-addr", cfg.ESTAddr, "EST (HTTPS) listen address; empty disables EST")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", cfg.MetricsAddr, "Prometheus /metrics listen address; empty disables it")
+	fs.StringVar(&cfg.PprofAddr, "pprof", cfg.PprofAddr, "serve Go profiles (/debug/pprof/) on this loopback address (debugging; default off)")
 	fs.StringVar(&cfg.Policy, "policy", cfg.Policy, "topic policy file (YAML); default: each device owns devices/{cn}/#")
 	fs.StringVar(&cfg.CRL, "crl", cfg.CRL, "CRL file (PEM or DER) for certificates issued elsewhere; reloaded on change")
 	fs.DurationVar(&cfg.Validity, "validity", cfg.Validity, "lifetime of issued device certificates")

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"flag"
 	"io"
+	"log/slog"
 	"net/http"
 	"os"
 	"os/exec"
@@ -176,6 +177,28 @@ func TestServeEdgeSettings(t *testing.T) {
 	}
 	if _, _, code := brokerCLI(t, "serve", "--max-queued-messages", "x"); code != 2 {
 		t.Errorf("a bad --max-queued-messages: exit %d, want 2", code)
+	}
+}
+
+// --pprof serves profiles on a loopback address only.
+func TestServePprofLoopbackOnly(t *testing.T) {
+	for _, addr := range []string{"0.0.0.0:6060", ":6060", "192.0.2.1:6060", "127.0.0.1"} {
+		if _, stderr, code := brokerCLI(t, "serve", "--data", t.TempDir(), "--pprof", addr); code != 2 || !strings.Contains(stderr, "loopback") {
+			t.Errorf("--pprof %s: exit %d (%s), want 2 naming loopback", addr, code, stderr)
+		}
+	}
+	hs, err := listenPprof("127.0.0.1:0", slog.New(slog.DiscardHandler), make(chan error, 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hs.Close()
+	resp, err := http.Get("http://" + hs.Addr + "/debug/pprof/goroutine?debug=1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("goroutine profile: %s", resp.Status)
 	}
 }
 
