@@ -14,6 +14,7 @@ import (
 
 	"github.com/mqtls/mqtls/cmd/internal/cli"
 	"github.com/mqtls/mqtls/provisioning/registry"
+	"github.com/mqtls/mqtls/provisioning/registry/postgres"
 )
 
 // registryFlags are --registry and --registry-password-file, on every
@@ -91,11 +92,11 @@ func (l registryLocation) missing() bool {
 	return errors.Is(err, os.ErrNotExist)
 }
 
-func (l registryLocation) pgOptions() []registry.PostgresOption {
+func (l registryLocation) pgOptions() []postgres.Option {
 	if l.password == nil {
 		return nil
 	}
-	return []registry.PostgresOption{registry.WithPassword(*l.password)}
+	return []postgres.Option{postgres.WithPassword(*l.password)}
 }
 
 // create makes a new registry bound to the root CA (broker init only).
@@ -110,7 +111,7 @@ func (l registryLocation) create(ctx context.Context, rootSHA256 string) (regist
 		}
 		return r, nil
 	}
-	r, err := registry.CreatePostgres(ctx, l.postgres, rootSHA256, l.pgOptions()...)
+	r, err := postgres.Create(ctx, l.postgres, rootSHA256, l.pgOptions()...)
 	if err != nil {
 		return nil, l.explain(err)
 	}
@@ -126,7 +127,7 @@ func (l registryLocation) open(ctx context.Context) (registry.Registry, error) {
 		}
 		return r, nil
 	}
-	r, err := registry.OpenPostgres(ctx, l.postgres, l.pgOptions()...)
+	r, err := postgres.Open(ctx, l.postgres, l.pgOptions()...)
 	if err != nil {
 		return nil, l.explain(err)
 	}

@@ -3,20 +3,18 @@ package registry
 import (
 	"context"
 	"database/sql"
-	"errors"
 	"fmt"
 	"time"
-
-	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/stdlib"
 )
 
-// Postgres is the registry in a PostgreSQL database (through pgx), the one
-// several broker nodes share. Revocations are announced with NOTIFY on
-// the channel [NotifyChannel]; [Postgres.Changes] listens to it.
+// Postgres is the registry in a PostgreSQL database, the one several
+// broker nodes share; package registry/postgres opens it through pgx (kept
+// apart so that programs using only SQLite do not build pgx). Revocations
+// are announced with NOTIFY on the channel [NotifyChannel];
+// [Postgres.Changes] listens to it.
 type Postgres struct {
 	sqlDB
-	conn *pgx.ConnConfig
+	listen func(ctx context.Context, signal func())
 }
 
 var _ Registry = (*Postgres)(nil)
@@ -122,63 +120,33 @@ var postgresDialect = &dialect{
 	},
 }
 
-// PostgresOption configures OpenPostgres and CreatePostgres.
-type PostgresOption func(*pgx.ConnConfig)
-
-// WithPassword sets the password (from a file the operator named), which
-// then never appears in a URL or a log.
-func WithPassword(password string) PostgresOption {
-	return func(c *pgx.ConnConfig) { c.Password = password }
-}
-
-// CreatePostgres migrates the database at url (a libpq URL or DSN; the
-// password may also come from PGPASSFILE) to the newest schema and binds
-// it to the root CA with fingerprint rootSHA256; a database bound to
-// another CA is refused with ErrForeign.
-func CreatePostgres(ctx context.Context, url, rootSHA256 string, opts ...PostgresOption) (*Postgres, error) {
-	if rootSHA256 == "" {
-		return nil, errors.New("registry: create: the root CA fingerprint is required")
-	}
-	r, err := openPostgres(ctx, url, true, opts)
-	if err != nil {
-		return nil, err
-	}
-	if err := r.bind(ctx, rootSHA256); err != nil {
-		r.Close()
-		return nil, err
-	}
-	return r, nil
-}
-
-// OpenPostgres opens the registry in the database at url, migrating an
-// older schema; a database without the registry's schema is refused
-// with ErrNotInitialised (it is never created here).
-func OpenPostgres(ctx context.Context, url string, opts ...PostgresOption) (*Postgres, error) {
-	return openPostgres(ctx, url, false, opts)
-}
-
-func openPostgres(ctx context.Context, url string, create bool, opts []PostgresOption) (*Postgres, error) {
-	cfg, err := pgx.ParseConfig(url)
-	if err != nil {
-		// pgx's parse errors redact the password.
-		return nil, fmt.Errorf("registry: PostgreSQL URL: %w", err)
-	}
-	for _, o := range opts {
-		o(cfg)
-	}
-	name := fmt.Sprintf("postgres://%s@%s:%d/%s", cfg.User, cfg.Host, cfg.Port, cfg.Database)
-	db := stdlib.OpenDB(*cfg)
+// NewPostgres opens the registry in the PostgreSQL database behind db (a
+// database/sql handle on a PostgreSQL driver; name stands for it in errors,
+// without a password), migrating an older schema. With rootSHA256 empty a
+// database without the registry's schema is refused with ErrNotInitialised;
+// otherwise the schema is created and bound to the root CA with that
+// fingerprint, and a database bound to another CA is refused with
+// ErrForeign. listen delivers the notifications on NotifyChannel until its
+// connection fails or ctx ends. The registry owns db from here, also when
+// NewPostgres fails.
+func NewPostgres(ctx context.Context, db *sql.DB, name, rootSHA256 string, listen func(ctx context.Context, signal func())) (*Postgres, error) {
 	db.SetMaxOpenConns(32)
 	db.SetMaxIdleConns(32)
 	db.SetConnMaxIdleTime(5 * time.Minute)
-	r := &Postgres{sqlDB: sqlDB{db: db, d: postgresDialect, name: name, now: time.Now}, conn: cfg}
+	r := &Postgres{sqlDB: sqlDB{db: db, d: postgresDialect, name: name, now: time.Now}, listen: listen}
 	if err := db.PingContext(ctx); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("registry: %s: %w", name, err)
 	}
-	if err := r.migrate(ctx, create); err != nil {
+	if err := r.migrate(ctx, rootSHA256 != ""); err != nil {
 		db.Close()
 		return nil, err
+	}
+	if rootSHA256 != "" {
+		if err := r.bind(ctx, rootSHA256); err != nil {
+			r.Close()
+			return nil, err
+		}
 	}
 	return r, nil
 }
@@ -205,24 +173,4 @@ func (r *Postgres) Changes(ctx context.Context) <-chan struct{} {
 			backoff = min(2*backoff, 5*time.Second)
 		}
 	})
-}
-
-// listen signals every notification on NotifyChannel until its connection
-// fails or ctx ends.
-func (r *Postgres) listen(ctx context.Context, signal func()) {
-	conn, err := pgx.ConnectConfig(ctx, r.conn.Copy())
-	if err != nil {
-		return
-	}
-	defer conn.Close(context.WithoutCancel(ctx))
-	if _, err := conn.Exec(ctx, "LISTEN "+pgx.Identifier{NotifyChannel}.Sanitize()); err != nil {
-		return
-	}
-	signal() // anything missed while not listening
-	for {
-		if _, err := conn.WaitForNotification(ctx); err != nil {
-			return
-		}
-		signal()
-	}
 }

@@ -5,7 +5,7 @@
 // One interface, [Registry], has two backends sharing the same SQL: an
 // embedded SQLite file ([CreateSQLite], [OpenSQLite]; pure Go driver, WAL
 // mode, synchronous=FULL so a committed enrollment survives power loss)
-// and PostgreSQL through pgx ([CreatePostgres], [OpenPostgres]), the
+// and PostgreSQL ([NewPostgres]; package registry/postgres opens it with pgx), the
 // database several broker nodes share. Both have versioned migrations and
 // refuse a schema newer than the program's. The conformance suite in
 // registrytest runs against both.

@@ -15,6 +15,7 @@ import (
 
 	"github.com/mqtls/mqtls/internal/testing/pgtest"
 	"github.com/mqtls/mqtls/provisioning/registry"
+	"github.com/mqtls/mqtls/provisioning/registry/postgres"
 	"github.com/mqtls/mqtls/provisioning/registry/registrytest"
 )
 
@@ -54,13 +55,13 @@ func TestConformancePostgres(t *testing.T) {
 	srv := pgtest.Start(t)
 	registrytest.Run(t, registrytest.Backend{Create: func(t *testing.T, root string) (registry.Registry, func(*testing.T) registry.Registry) {
 		url := srv.URL(srv.NewDatabase(t))
-		r, err := registry.CreatePostgres(t.Context(), url, root)
+		r, err := postgres.Create(t.Context(), url, root)
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { r.Close() })
 		return r, func(t *testing.T) registry.Registry {
-			o, err := registry.OpenPostgres(t.Context(), url)
+			o, err := postgres.Open(t.Context(), url)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -75,15 +76,15 @@ func TestPostgresOpenCreateAndSchema(t *testing.T) {
 	ctx := t.Context()
 	db := srv.NewDatabase(t)
 	// Open never creates the schema
-	if _, err := registry.OpenPostgres(ctx, srv.URL(db)); !errors.Is(err, registry.ErrNotInitialised) {
-		t.Fatalf("OpenPostgres(empty database) = %v, want ErrNotInitialised", err)
+	if _, err := postgres.Open(ctx, srv.URL(db)); !errors.Is(err, registry.ErrNotInitialised) {
+		t.Fatalf("postgres.Open(empty database) = %v, want ErrNotInitialised", err)
 	}
 	// the password from an option, not the URL; a wrong one is refused
 	// without showing it
-	if _, err := registry.CreatePostgres(ctx, srv.URLNoPassword(db), registrytest.Root, registry.WithPassword("wrong-secret")); err == nil || strings.Contains(err.Error(), "wrong-secret") {
-		t.Fatalf("CreatePostgres(wrong password) = %v", err)
+	if _, err := postgres.Create(ctx, srv.URLNoPassword(db), registrytest.Root, postgres.WithPassword("wrong-secret")); err == nil || strings.Contains(err.Error(), "wrong-secret") {
+		t.Fatalf("postgres.Create(wrong password) = %v", err)
 	}
-	r, err := registry.CreatePostgres(ctx, srv.URLNoPassword(db), registrytest.Root, registry.WithPassword(srv.Password))
+	r, err := postgres.Create(ctx, srv.URLNoPassword(db), registrytest.Root, postgres.WithPassword(srv.Password))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,17 +94,17 @@ func TestPostgresOpenCreateAndSchema(t *testing.T) {
 	host, port, _ := strings.Cut(srv.Addr, ":")
 	os.WriteFile(pass, []byte(host+":"+port+":*:"+srv.User+":"+srv.Password+"\n"), 0o600)
 	t.Setenv("PGPASSFILE", pass)
-	if r, err = registry.OpenPostgres(ctx, srv.URLNoPassword(db)); err != nil {
+	if r, err = postgres.Open(ctx, srv.URLNoPassword(db)); err != nil {
 		t.Fatalf("OpenPostgres with the password in PGPASSFILE: %v", err)
 	}
 	r.Close()
 	// init again with the same CA is fine, with another refused
-	if r, err = registry.CreatePostgres(ctx, srv.URL(db), registrytest.Root); err != nil {
+	if r, err = postgres.Create(ctx, srv.URL(db), registrytest.Root); err != nil {
 		t.Fatal(err)
 	}
 	r.Close()
-	if _, err := registry.CreatePostgres(ctx, srv.URL(db), "ff"+registrytest.Root[2:]); !errors.Is(err, registry.ErrForeign) {
-		t.Fatalf("CreatePostgres(another CA) = %v, want ErrForeign", err)
+	if _, err := postgres.Create(ctx, srv.URL(db), "ff"+registrytest.Root[2:]); !errors.Is(err, registry.ErrForeign) {
+		t.Fatalf("postgres.Create(another CA) = %v, want ErrForeign", err)
 	}
 	// a newer schema is refused with both versions
 	conn, _ := sql.Open("pgx", srv.URL(db))
@@ -111,9 +112,9 @@ func TestPostgresOpenCreateAndSchema(t *testing.T) {
 	if _, err := conn.Exec("UPDATE schema_version SET version = 999"); err != nil {
 		t.Fatal(err)
 	}
-	_, err = registry.OpenPostgres(ctx, srv.URL(db))
+	_, err = postgres.Open(ctx, srv.URL(db))
 	if !errors.Is(err, registry.ErrNewerSchema) || !strings.Contains(err.Error(), "999") || !strings.Contains(err.Error(), "up to 4") {
-		t.Fatalf("OpenPostgres(newer schema) = %v", err)
+		t.Fatalf("postgres.Open(newer schema) = %v", err)
 	}
 }
 

@@ -34,6 +34,7 @@ import (
 	"github.com/mqtls/mqtls/provisioning/attest"
 	"github.com/mqtls/mqtls/provisioning/ca"
 	"github.com/mqtls/mqtls/provisioning/registry"
+	"github.com/mqtls/mqtls/provisioning/registry/postgres"
 	"github.com/mqtls/mqtls/provisioning/server"
 )
 
@@ -585,10 +586,10 @@ func TestAttestationOnAnyNode(t *testing.T) {
 			var reg registry.Registry
 			var err error
 			if create {
-				reg, err = registry.CreatePostgres(t.Context(), pg.URL(db), ca.Fingerprint(sc.CA.Root))
+				reg, err = postgres.Create(t.Context(), pg.URL(db), ca.Fingerprint(sc.CA.Root))
 			} else {
 				sc.CA = c
-				reg, err = registry.OpenPostgres(t.Context(), pg.URL(db))
+				reg, err = postgres.Open(t.Context(), pg.URL(db))
 			}
 			if err != nil {
 				t.Fatal(err)

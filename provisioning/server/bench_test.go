@@ -21,7 +21,7 @@ import (
 	"github.com/mqtls/mqtls/internal/testing/pgtest"
 	"github.com/mqtls/mqtls/provisioning"
 	"github.com/mqtls/mqtls/provisioning/ca"
-	"github.com/mqtls/mqtls/provisioning/registry"
+	"github.com/mqtls/mqtls/provisioning/registry/postgres"
 	"github.com/mqtls/mqtls/provisioning/server"
 )
 
@@ -38,7 +38,7 @@ func BenchmarkEnroll(b *testing.B) {
 	b.Run("postgres", func(b *testing.B) {
 		srv := pgtest.Start(b)
 		benchEnroll(b, func(b *testing.B, c *server.Config) {
-			r, err := registry.CreatePostgres(b.Context(), srv.URL(srv.NewDatabase(b)), ca.Fingerprint(c.CA.Root))
+			r, err := postgres.Create(b.Context(), srv.URL(srv.NewDatabase(b)), ca.Fingerprint(c.CA.Root))
 			if err != nil {
 				b.Fatal(err)
 			}
