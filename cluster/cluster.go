@@ -107,7 +107,11 @@ type Node struct {
 	last   map[string]uint64    // origin -> last sequence delivered (duplicates from overlapping subscriptions)
 	claimT map[string]int64     // client ID -> when this node's session for it went live (unix ns)
 
-	records  map[string]record   // client ID -> persistent session record (every node's)
+	records map[string]record // client ID -> persistent session record (every node's)
+	// holders: client ID -> the claim in bucketSess (own lock: the broker
+	// asks under its own)
+	hmu      sync.Mutex
+	holders  map[string]holder
 	dead     map[string]bool     // node IDs found failed
 	standIns map[string]*standIn // client ID -> failed node's session queued here
 }
@@ -118,9 +122,13 @@ type interest struct {
 }
 
 type claim struct {
-	clientID, serial string
-	at               int64 // unix ns the session went live
+	clientID, serial, cn string
+	at                   int64 // unix ns the session went live
+	forget               bool  // the session ended here: our claim goes
 }
+
+// holder is a claim as seen in bucketSess.
+type holder struct{ owner, cn string }
 
 const (
 	msgPrefix   = "mqtls.m."
@@ -182,7 +190,7 @@ func New(cfg Config) (*Node, error) {
 		cfg: cfg, log: log.With("node", cfg.Name), id: cfg.Name + "-" + hex.EncodeToString(nonce[:]),
 		msgs: make(chan *nats.Msg, 65536), retains: make(chan broker.Message, 4096), claims: make(chan claim, 4096),
 		stop: make(chan struct{}), subs: map[string]*interest{}, byID: map[string][]string{},
-		last: map[string]uint64{}, claimT: map[string]int64{},
+		last: map[string]uint64{}, claimT: map[string]int64{}, holders: map[string]holder{},
 		persists: make(chan persistOp, 4096), records: map[string]record{}, dead: map[string]bool{}, standIns: map[string]*standIn{},
 	}, nil
 }
@@ -482,6 +490,22 @@ func (n *Node) Forget(clientID string) {
 	}
 	delete(n.byID, clientID)
 	delete(n.claimT, clientID)
+	select {
+	case n.claims <- claim{clientID: clientID, forget: true}:
+	default:
+		n.log.Error("ended session's claim not removed: queue full", "client_id", clientID)
+	}
+}
+
+// Holder is the CN of the identity whose session holds clientID on
+// another node, as far as this node has seen the claims.
+func (n *Node) Holder(clientID string) string {
+	n.hmu.Lock()
+	defer n.hmu.Unlock()
+	if h, ok := n.holders[clientID]; ok && h.owner != n.id {
+		return h.cn
+	}
+	return ""
 }
 
 func (n *Node) dropLocked(clientID, filter string) {
@@ -502,7 +526,7 @@ func (n *Node) dropLocked(clientID, filter string) {
 // before closes its session. Claims are ordered by the time the session
 // went live (the nodes' clocks must agree, as with NTP), not by when the
 // claim reached JetStream.
-func (n *Node) Claim(clientID, serial string) {
+func (n *Node) Claim(clientID, serial, cn string) {
 	at := time.Now().UnixNano()
 	n.mu.Lock()
 	n.claimT[clientID] = at
@@ -512,7 +536,7 @@ func (n *Node) Claim(clientID, serial string) {
 		go n.handStandIn(clientID, n.id)
 	}
 	select {
-	case n.claims <- claim{clientID, serial, at}:
+	case n.claims <- claim{clientID: clientID, serial: serial, cn: cn, at: at}:
 	default:
 		n.log.Error("session claim not published: queue full", "client_id", clientID)
 	}
@@ -571,7 +595,10 @@ func (n *Node) writeLoop() {
 			}
 		case c := <-n.claims:
 			err := n.retry(func(ctx context.Context) error {
-				_, err := n.kvS.Put(ctx, EncodeTopic(c.clientID), []byte(n.id+"\n"+c.serial+"\n"+strconv.FormatInt(c.at, 10)))
+				if c.forget {
+					return n.unclaim(ctx, c.clientID)
+				}
+				_, err := n.kvS.Put(ctx, EncodeTopic(c.clientID), []byte(n.id+"\n"+c.serial+"\n"+strconv.FormatInt(c.at, 10)+"\n"+c.cn))
 				return err
 			})
 			if err != nil {
@@ -606,6 +633,26 @@ func (n *Node) retry(write func(context.Context) error) error {
 	}
 }
 
+// unclaim deletes our claim of clientID (not a newer one of another node).
+func (n *Node) unclaim(ctx context.Context, clientID string) error {
+	key := EncodeTopic(clientID)
+	e, err := n.kvS.Get(ctx, key)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if owner, _, _ := strings.Cut(string(e.Value()), "\n"); owner != n.id {
+		return nil
+	}
+	err = n.kvS.Delete(ctx, key, jetstream.LastRevision(e.Revision()))
+	if errors.Is(err, jetstream.ErrKeyExists) { // claimed again meanwhile
+		return nil
+	}
+	return err
+}
+
 // watchLoop mirrors the cluster's retained messages and reacts to other
 // nodes' session claims.
 func (n *Node) watchLoop() {
@@ -617,11 +664,12 @@ func (n *Node) watchLoop() {
 		n.log.Error("cannot watch retained messages", "err", err)
 		return
 	}
-	ws, err := n.kvS.WatchAll(ctx, jetstream.UpdatesOnly())
+	ws, err := n.kvS.WatchAll(ctx)
 	if err != nil {
 		n.log.Error("cannot watch session claims", "err", err)
 		return
 	}
+	claimsLoaded := false
 	wp, err := n.kvP.WatchAll(ctx)
 	if err != nil {
 		n.log.Error("cannot watch persistent sessions", "err", err)
@@ -637,7 +685,12 @@ func (n *Node) watchLoop() {
 			}
 			n.retained(e)
 		case e := <-ws.Updates():
-			if e != nil {
+			switch {
+			case e == nil:
+				claimsLoaded = true
+			case !claimsLoaded: // a session from before we started: note who holds it
+				n.held(e)
+			default:
 				n.claimed(e)
 			}
 		case e := <-wp.Updates():
@@ -667,21 +720,32 @@ func (n *Node) retained(e jetstream.KeyValueEntry) {
 	n.node.Retain(broker.Message{Topic: topic, QoS: v[0], Retain: true, Payload: v[2+int(v[1]):]})
 }
 
+// held notes which identity's session holds a client ID; ok: a claim
+// (not a deletion).
+func (n *Node) held(e jetstream.KeyValueEntry) (clientID string, parts []string, ok bool) {
+	clientID, err := DecodeTopic(e.Key())
+	if err != nil {
+		return "", nil, false
+	}
+	parts = strings.SplitN(string(e.Value()), "\n", 4)
+	n.hmu.Lock()
+	defer n.hmu.Unlock()
+	if e.Operation() != jetstream.KeyValuePut || len(parts) != 4 {
+		delete(n.holders, clientID)
+		return "", nil, false
+	}
+	n.holders[clientID] = holder{owner: parts[0], cn: parts[3]}
+	return clientID, parts, true
+}
+
 // claimed handles a session claim: another node's newer claim closes ours.
 func (n *Node) claimed(e jetstream.KeyValueEntry) {
-	if e.Operation() != jetstream.KeyValuePut {
+	clientID, parts, ok := n.held(e)
+	if !ok || parts[0] == n.id {
 		return
 	}
-	parts := strings.SplitN(string(e.Value()), "\n", 3)
-	if len(parts) != 3 || parts[0] == n.id {
-		return
-	}
-	owner, serial := parts[0], parts[1]
+	owner, serial, cn := parts[0], parts[1], parts[3]
 	at, err := strconv.ParseInt(parts[2], 10, 64)
-	if err != nil {
-		return
-	}
-	clientID, err := DecodeTopic(e.Key())
 	if err != nil {
 		return
 	}
@@ -702,7 +766,7 @@ func (n *Node) claimed(e jetstream.KeyValueEntry) {
 	if i := strings.LastIndexByte(owner, '-'); i > 0 {
 		node = owner[:i]
 	}
-	n.wg.Go(func() { n.handOver(clientID, serial, owner, node) })
+	n.wg.Go(func() { n.handOver(clientID, serial, cn, owner, node) })
 }
 
 // handoff is a session sent to its new owner.
@@ -716,8 +780,8 @@ type handoff struct {
 // The local copy ends only once the new owner has it (it stays here,
 // offline, if the owner cannot be reached); what was queued meanwhile
 // follows (duplicates possible, as QoS 1 allows).
-func (n *Node) handOver(clientID, serial, owner, node string) {
-	sess, ok := n.node.TakeOver(clientID, serial, node)
+func (n *Node) handOver(clientID, serial, cn, owner, node string) {
+	sess, ok := n.node.TakeOver(clientID, serial, cn, node)
 	if !ok {
 		return
 	}

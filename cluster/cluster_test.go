@@ -34,12 +34,14 @@ type node struct {
 // startCluster runs n broker nodes sharing env's PKI and registry, each
 // with an embedded NATS server clustered with the others (mutual TLS with
 // the broker certificate). Nodes start concurrently: JetStream needs a
-// quorum.
-func startCluster(t testing.TB, env *brokertest.Env, n int) []*node {
+// quorum. pol nil: policy.Example.
+func startCluster(t testing.TB, env *brokertest.Env, n int, pol *policy.Policy) []*node {
 	t.Helper()
-	pol, err := policy.Parse([]byte(policy.Example))
-	if err != nil {
-		t.Fatal(err)
+	if pol == nil {
+		var err error
+		if pol, err = policy.Parse([]byte(policy.Example)); err != nil {
+			t.Fatal(err)
+		}
 	}
 	srvCert, err := env.CA.ServerCertificate()
 	if err != nil {
@@ -95,8 +97,14 @@ type client struct {
 
 func dial(t testing.TB, env *brokertest.Env, n *node, d *brokertest.Device, clean bool) (*client, error) {
 	t.Helper()
+	return dialAs(t, env, n, d, d.ID, clean)
+}
+
+// dialAs connects d with client ID id.
+func dialAs(t testing.TB, env *brokertest.Env, n *node, d *brokertest.Device, id string, clean bool) (*client, error) {
+	t.Helper()
 	c := &client{lost: make(chan error, 1), msgs: make(chan string, 20000)}
-	o := paho.NewClientOptions().AddBroker("ssl://" + n.addr).SetClientID(d.ID).SetTLSConfig(env.TLS(t, d)).
+	o := paho.NewClientOptions().AddBroker("ssl://" + n.addr).SetClientID(id).SetTLSConfig(env.TLS(t, d)).
 		SetProtocolVersion(4).SetAutoReconnect(false).SetConnectRetry(false).SetCleanSession(clean).
 		SetConnectionLostHandler(func(_ paho.Client, err error) { c.lost <- err }).
 		SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) { c.msgs <- m.Topic() + " " + string(m.Payload()) })
@@ -170,7 +178,7 @@ func metric(t testing.TB, n *node, name string) float64 { return brokertest.Metr
 
 func TestCluster(t *testing.T) {
 	env := brokertest.Start(t, nil) // the PKI and the shared registry
-	nodes := startCluster(t, env, 3)
+	nodes := startCluster(t, env, 3, nil)
 	n1, n2, n3 := nodes[0], nodes[1], nodes[2]
 	devA := env.Device(t, "dev-a", 0)
 	be := env.Device(t, "backend-1", 0, "backend")
@@ -425,4 +433,75 @@ func TestClusterRefusesForeignNode(t *testing.T) {
 	subscribe(t, sub, "devices/+/telemetry")
 	pub := mustDial(t, env, &node{name: "n1", addr: brokers[0].Addr().String()}, env.Device(t, "dev-a", 0))
 	publishUntilRouted(t, pub, sub, "devices/dev-a/telemetry")
+}
+
+// Client-ID patterns let two identities share a client ID namespace
+// (device "plant" may use "plant-1", device plant-1's own ID). On one node
+// the broker refuses such a CONNECT while plant-1 holds a session; across
+// nodes the claim must be refused too: no kicking plant-1 off n1, no
+// handover of its session to the other identity.
+func TestClusterCrossIdentityTakeover(t *testing.T) {
+	pol, err := policy.Parse([]byte(`rules:
+  - name: own-namespace
+    match: {cn: "*"}
+    client_ids: ["{cn}", "{cn}-*"]
+    publish: ["devices/{cn}/#"]
+    subscribe: ["devices/{cn}/#", "devices/plant-1/status"]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := brokertest.Start(t, nil)
+	nodes := startCluster(t, env, 2, pol)
+	n1, n2 := nodes[0], nodes[1]
+	victim := env.Device(t, "plant-1", 0)
+	v, err := dial(t, env, n1, victim, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	subscribe(t, v, "devices/plant-1/status")
+	testtool.Eventually(t, 20*time.Second, "plant-1's claim seen on n2", func() bool {
+		return n2.cluster.Holder("plant-1") == "plant-1"
+	})
+
+	attacker := env.Device(t, "plant", 0)
+	if c, err := dialAs(t, env, n2, attacker, "plant-1", false); err == nil {
+		c.Disconnect(0)
+		t.Error("device plant connected on n2 with the client ID of device plant-1's session on n1")
+	}
+	select {
+	case err := <-v.lost:
+		t.Fatalf("plant-1 kicked off n1 by another identity's claim: %v", err)
+	case <-time.After(2 * time.Second):
+	}
+}
+
+// A session that ends removes its claim from mqtls_sessions (the bucket
+// does not grow with every client ID ever seen), and frees the client ID
+// for the other identities its patterns allow.
+func TestClusterClaimEndsWithSession(t *testing.T) {
+	pol, err := policy.Parse([]byte(`rules:
+  - name: own-namespace
+    match: {cn: "*"}
+    client_ids: ["{cn}", "{cn}-*"]
+    publish: ["devices/{cn}/#"]
+    subscribe: ["devices/{cn}/#"]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := brokertest.Start(t, nil)
+	nodes := startCluster(t, env, 2, pol)
+	n1, n2 := nodes[0], nodes[1]
+	c := mustDial(t, env, n1, env.Device(t, "plant-2", 0))
+	testtool.Eventually(t, 20*time.Second, "plant-2's claim seen on n2", func() bool {
+		return n2.cluster.Holder("plant-2") == "plant-2"
+	})
+	c.Disconnect(100)
+	testtool.Eventually(t, 20*time.Second, "plant-2's claim gone once its session ended", func() bool {
+		return n2.cluster.Holder("plant-2") == "" && cluster.Claims(t, n1.cluster) == 0
+	})
+	if _, err := dialAs(t, env, n2, env.Device(t, "plant", 0), "plant-2", true); err != nil {
+		t.Fatalf("client ID of an ended session still refused to another identity: %v", err)
+	}
 }
