@@ -801,11 +801,22 @@ func (n *Node) handOver(clientID, serial, cn, owner, node string) {
 }
 
 // send hands a session to the node with ID owner; clean: that node's
-// session is clean (nothing kept).
+// session is clean (nothing kept). A session larger than a NATS message
+// goes in parts, the subscriptions first, the messages in order.
 func (n *Node) send(owner, clientID string, s broker.Session) (clean bool, err error) {
 	data, err := json.Marshal(handoff{ClientID: clientID, Session: s})
 	if err != nil {
 		return false, err
+	}
+	if max := n.nc.MaxPayload(); int64(len(data)) > max {
+		if len(s.Messages) == 0 || len(s.Messages) == 1 && len(s.Subscriptions) == 0 {
+			return false, fmt.Errorf("session handoff of %d bytes: larger than a NATS message (%d)", len(data), max)
+		}
+		half := len(s.Messages) / 2
+		if clean, err := n.send(owner, clientID, broker.Session{Subscriptions: s.Subscriptions, Messages: s.Messages[:half]}); clean || err != nil {
+			return clean, err
+		}
+		return n.send(owner, clientID, broker.Session{Messages: s.Messages[half:]})
 	}
 	ctx, cancel := context.WithTimeout(n.ctx, 10*time.Second)
 	defer cancel()

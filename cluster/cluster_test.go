@@ -505,3 +505,42 @@ func TestClusterClaimEndsWithSession(t *testing.T) {
 		t.Fatalf("client ID of an ended session still refused to another identity: %v", err)
 	}
 }
+
+// A persistent session whose queued messages together exceed NATS's
+// maximum payload (1 MiB) still follows its client: eight messages of
+// 200 KB (each within the broker's packet size) queued on n1 reach it on
+// n2.
+func TestClusterLargeSessionFollowsClient(t *testing.T) {
+	env := brokertest.Start(t, nil)
+	nodes := startCluster(t, env, 2, nil)
+	n1, n2 := nodes[0], nodes[1]
+	devP := env.Device(t, "dev-big", 0)
+	p, err := dial(t, env, n1, devP, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	subscribe(t, p, "devices/dev-big/commands/#")
+	backend := mustDial(t, env, n1, env.Device(t, "backend-1", 0, "backend"))
+	p.Disconnect(100)
+	const count = 8
+	payload := strings.Repeat("x", 200_000)
+	for i := range count {
+		if err := wait(t, backend.Publish("devices/dev-big/commands/c", 1, false, fmt.Sprint(i, payload))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p2, err := dial(t, env, n2, devP, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]bool{}
+	deadline := time.After(30 * time.Second)
+	for len(seen) < count {
+		select {
+		case m := <-p2.msgs:
+			seen[m[:len("devices/dev-big/commands/c 0")]] = true
+		case <-deadline:
+			t.Fatalf("%d of %d queued messages reached the client on n2", len(seen), count)
+		}
+	}
+}
