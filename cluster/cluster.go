@@ -140,6 +140,12 @@ const (
 	bucketRet   = "mqtls_retained"
 	bucketSess  = "mqtls_sessions"
 	clusterName = "mqtls"
+	// maxSubject bounds the subjects a topic or filter maps to: a NATS
+	// server closes a connection that sends a protocol line over 4 KiB
+	// (its max_control_line; the line holds the subject, a reply subject
+	// and sizes), and a client replays its subscriptions at each reconnect.
+	// Longer topics stay on their node.
+	maxSubject = 3 << 10
 )
 
 // New validates cfg. Nothing runs until the broker calls Start.
@@ -406,6 +412,11 @@ func (n *Node) Publish(m broker.Message) {
 	if strings.HasPrefix(m.Topic, "$SYS/") {
 		return // each node's own
 	}
+	subject := msgPrefix + EncodeTopic(m.Topic)
+	if len(subject) > maxSubject {
+		n.log.Warn("message not routed to the cluster: topic too long", "topic", m.Topic[:64], "bytes", len(m.Topic))
+		return
+	}
 	if m.Retain {
 		select {
 		case n.retains <- m:
@@ -417,7 +428,7 @@ func (n *Node) Publish(m broker.Message) {
 	n.seq++
 	seq := n.seq
 	n.mu.Unlock()
-	msg := &nats.Msg{Subject: msgPrefix + EncodeTopic(m.Topic), Data: m.Payload, Header: nats.Header{}}
+	msg := &nats.Msg{Subject: subject, Data: m.Payload, Header: nats.Header{}}
 	msg.Header.Set(hdrOrigin, n.id)
 	msg.Header.Set(hdrSeq, strconv.FormatUint(seq, 10))
 	msg.Header.Set(hdrQoS, strconv.Itoa(int(m.QoS)))
@@ -438,6 +449,10 @@ func (n *Node) Subscribe(clientID, filter string) {
 	if in == nil {
 		in = &interest{clients: map[string]bool{}}
 		for _, subj := range FilterSubjects(sharedFilter(filter)) {
+			if len(msgPrefix+subj) > maxSubject {
+				n.log.Warn("no messages from the cluster for a filter: too long", "filter", filter[:64], "bytes", len(filter))
+				continue
+			}
 			s, err := n.nc.ChanSubscribe(msgPrefix+subj, n.msgs)
 			if err != nil {
 				n.log.Error("cluster subscription failed", "filter", filter, "err", err)

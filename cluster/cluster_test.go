@@ -544,3 +544,40 @@ func TestClusterLargeSessionFollowsClient(t *testing.T) {
 		}
 	}
 }
+
+// MQTT topics may be 65,535 bytes long and every level byte but
+// [A-Za-z0-9-] takes three in a subject: a device's long topic or filter
+// (within its own namespace) must not cost the node its NATS connection
+// (a NATS server closes a connection whose protocol line exceeds 4 KiB,
+// and a client replays its subscriptions at each reconnect).
+func TestClusterLongTopics(t *testing.T) {
+	env := brokertest.Start(t, nil)
+	nodes := startCluster(t, env, 2, nil)
+	n1, n2 := nodes[0], nodes[1]
+	devA := env.Device(t, "dev-a", 0)
+	be := env.Device(t, "backend-1", 0, "backend")
+	sub := mustDial(t, env, n1, be)
+	subscribe(t, sub, "devices/+/telemetry")
+	pub := mustDial(t, env, n2, devA)
+	publishUntilRouted(t, pub, sub, "devices/dev-a/telemetry")
+
+	long := "devices/dev-b/" + strings.Repeat(".", 5000)
+	a := mustDial(t, env, n1, env.Device(t, "dev-b", 0))
+	tok := a.Subscribe(long+"/#", 1, nil)
+	if err := wait(t, tok); err != nil {
+		t.Fatal(err)
+	}
+	if err := wait(t, a.Publish(long, 1, false, "x")); err != nil {
+		t.Fatal(err)
+	}
+	// routing goes on, both ways
+	const count = 50
+	for i := range count {
+		if err := wait(t, pub.Publish("devices/dev-a/telemetry", 1, false, fmt.Sprint(i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range count {
+		expect(t, sub, fmt.Sprint("devices/dev-a/telemetry ", i))
+	}
+}

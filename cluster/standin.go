@@ -193,6 +193,9 @@ func (n *Node) standInFor(d string) {
 		a := &standIn{subs: r.Subs, seen: map[string]bool{}, since: time.Now()}
 		for _, sub := range r.Subs {
 			for _, subj := range FilterSubjects(sharedFilter(sub.Filter)) {
+				if len(msgPrefix+subj) > maxSubject {
+					continue // never routed (Subscribe)
+				}
 				s, err := sc.Subscribe(msgPrefix+subj, func(m *nats.Msg) { n.captured(clientID, a, m) })
 				if err != nil {
 					n.log.Error("cannot stand in for a subscription", "client_id", clientID, "filter", sub.Filter, "err", err)
