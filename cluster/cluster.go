@@ -355,11 +355,22 @@ func (n *Node) startEmbedded() error {
 	if n.srv, err = server.NewServer(opts); err != nil {
 		return fmt.Errorf("cluster: %w", err)
 	}
-	n.srv.SetLoggerV2(natsLog{n.log}, false, false, false)
+	// nats-server reports a listener it cannot open with Fatalf and runs
+	// on without it (a node without its route listener waits alone)
+	fatal := make(chan string, 1)
+	n.srv.SetLoggerV2(natsLog{n.log, fatal}, false, false, false)
 	go n.srv.Start()
-	if !n.srv.ReadyForConnections(n.cfg.ReadyTimeout) {
-		n.srv.Shutdown()
-		return fmt.Errorf("cluster: embedded NATS not ready after %s", n.cfg.ReadyTimeout)
+	for deadline := time.Now().Add(n.cfg.ReadyTimeout); !n.srv.ReadyForConnections(250 * time.Millisecond); {
+		select {
+		case msg := <-fatal:
+			n.srv.Shutdown()
+			return fmt.Errorf("cluster: embedded NATS: %s", msg)
+		default:
+		}
+		if time.Now().After(deadline) {
+			n.srv.Shutdown()
+			return fmt.Errorf("cluster: embedded NATS not ready after %s", n.cfg.ReadyTimeout)
+		}
 	}
 	n.connect = func(more ...nats.Option) (*nats.Conn, error) {
 		return nats.Connect("", append([]nats.Option{nats.InProcessServer(n.srv), nats.Token(token), nats.Name(n.id), nats.MaxReconnects(-1)}, more...)...)
@@ -895,11 +906,21 @@ func (n *Node) Close() error {
 
 // natsLog passes the embedded NATS server's log to slog (notices at
 // debug: routine cluster chatter; warnings and errors as such).
-type natsLog struct{ l *slog.Logger }
+type natsLog struct {
+	l     *slog.Logger
+	fatal chan<- string // the first fatal error
+}
 
 func (n natsLog) Noticef(f string, a ...any) { n.l.Debug("nats: " + fmt.Sprintf(f, a...)) }
 func (n natsLog) Warnf(f string, a ...any)   { n.l.Warn("nats: " + fmt.Sprintf(f, a...)) }
-func (n natsLog) Fatalf(f string, a ...any)  { n.l.Error("nats: " + fmt.Sprintf(f, a...)) }
-func (n natsLog) Errorf(f string, a ...any)  { n.l.Error("nats: " + fmt.Sprintf(f, a...)) }
-func (n natsLog) Debugf(f string, a ...any)  { n.l.Debug("nats: " + fmt.Sprintf(f, a...)) }
-func (n natsLog) Tracef(f string, a ...any)  {}
+func (n natsLog) Fatalf(f string, a ...any) {
+	msg := fmt.Sprintf(f, a...)
+	n.l.Error("nats: " + msg)
+	select {
+	case n.fatal <- msg:
+	default:
+	}
+}
+func (n natsLog) Errorf(f string, a ...any) { n.l.Error("nats: " + fmt.Sprintf(f, a...)) }
+func (n natsLog) Debugf(f string, a ...any) { n.l.Debug("nats: " + fmt.Sprintf(f, a...)) }
+func (n natsLog) Tracef(f string, a ...any) {}

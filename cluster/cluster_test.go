@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -49,7 +51,7 @@ func startCluster(t testing.TB, env *brokertest.Env, n int, pol *policy.Policy) 
 	}
 	routes := make([]string, n)
 	for i := range routes {
-		routes[i] = testtool.FreeAddr(t)
+		routes[i] = testtool.FreeAddrAside(t)
 	}
 	nodes := make([]*node, n)
 	errs := make([]error, n)
@@ -394,7 +396,7 @@ func TestClusterRefusesForeignNode(t *testing.T) {
 	other := brokertest.Start(t, nil) // another CA
 	srv, _ := env.CA.ServerCertificate()
 	foreign, _ := other.CA.ServerCertificate()
-	routes := []string{testtool.FreeAddr(t), testtool.FreeAddr(t), testtool.FreeAddr(t)}
+	routes := []string{testtool.FreeAddrAside(t), testtool.FreeAddrAside(t), testtool.FreeAddrAside(t)}
 	certs := []tls.Certificate{srv, srv, foreign}
 	readyTimeout := []time.Duration{90 * time.Second, 90 * time.Second, 10 * time.Second} // the foreign one is expected to fail
 	brokers := make([]*broker.Broker, 3)
@@ -580,4 +582,77 @@ func TestClusterLongTopics(t *testing.T) {
 	for i := range count {
 		expect(t, sub, fmt.Sprint("devices/dev-a/telemetry ", i))
 	}
+}
+
+// Closing the nodes ends every goroutine the cluster started (routing,
+// watchers, stand-in pings, handovers) and the embedded NATS servers'.
+func TestClusterCloseLeaksNothing(t *testing.T) {
+	env := brokertest.Start(t, nil) // no NATS: its goroutines may stay
+	t.Run("cluster", func(t *testing.T) {
+		nodes := startCluster(t, env, 2, nil)
+		n1, n2 := nodes[0], nodes[1]
+		devP := env.Device(t, "dev-p", 0)
+		p, err := dial(t, env, n1, devP, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		subscribe(t, p, "devices/dev-p/commands/#")
+		backend := mustDial(t, env, n2, env.Device(t, "backend-1", 0, "backend"))
+		publishUntilRouted(t, backend, p, "devices/dev-p/commands/probe")
+		p.Disconnect(100)
+		if err := wait(t, backend.Publish("devices/dev-p/commands/c", 1, false, "queued")); err != nil {
+			t.Fatal(err)
+		}
+		p2, err := dial(t, env, n2, devP, false) // the session moves n1 -> n2
+		if err != nil {
+			t.Fatal(err)
+		}
+		expect(t, p2, "devices/dev-p/commands/c queued")
+	})
+	var left []string
+	if !testtool.Poll(20*time.Second, func() bool { left = clusterGoroutines(); return len(left) == 0 }) {
+		t.Fatalf("%d cluster or NATS goroutines left after Close:\n%s", len(left), strings.Join(left, "\n\n"))
+	}
+}
+
+// A node whose route address is taken fails at once (nats-server only
+// logs it and would run isolated until ReadyTimeout).
+func TestClusterRouteAddrInUse(t *testing.T) {
+	env := brokertest.Start(t, nil)
+	busy, err := net.Listen("tcp", testtool.FreeAddrAside(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	srv, _ := env.CA.ServerCertificate()
+	cn, err := cluster.New(cluster.Config{Name: "n1", RouteAddr: busy.Addr().String(), Peers: []string{testtool.FreeAddrAside(t)},
+		StoreDir: t.TempDir(), Certificate: srv, Root: env.CA.Root, ReadyTimeout: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := broker.New(broker.Config{Addr: "127.0.0.1:0", Certificate: srv, Root: env.CA.Root, Registry: env.Registry, Cluster: cn})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	err = b.Start()
+	if err == nil {
+		b.Close()
+		t.Fatal("node started without its route listener")
+	}
+	if !strings.Contains(err.Error(), busy.Addr().String()) || time.Since(start) > 30*time.Second {
+		t.Fatalf("start: %v after %v, want a quick error naming %s", err, time.Since(start), busy.Addr())
+	}
+}
+
+// clusterGoroutines lists the goroutines running cluster or NATS code.
+func clusterGoroutines() []string {
+	buf := make([]byte, 4<<20)
+	var out []string
+	for g := range strings.SplitSeq(string(buf[:runtime.Stack(buf, true)]), "\n\n") {
+		if strings.Contains(g, "nats-io/") || strings.Contains(g, "mqtls/cluster.") {
+			out = append(out, g)
+		}
+	}
+	return out
 }

@@ -32,7 +32,7 @@ func TestServeCluster(t *testing.T) {
 			t.Fatalf("cp: %v %s", err, out)
 		}
 	}
-	routes := []string{testtool.FreeAddr(t), testtool.FreeAddr(t), testtool.FreeAddr(t)}
+	routes := []string{testtool.FreeAddrAside(t), testtool.FreeAddrAside(t), testtool.FreeAddrAside(t)}
 	mqtt := []string{testtool.FreeAddr(t), testtool.FreeAddr(t), testtool.FreeAddr(t)}
 	est := testtool.FreeAddr(t)
 	ctx, cancel := context.WithCancel(t.Context())
