@@ -6,9 +6,9 @@ package testtool
 
 import (
 	"crypto/rand"
+	"encoding/hex"
 	"fmt"
 	mathrand "math/rand/v2"
-	"encoding/hex"
 	"net"
 	"os"
 	"os/exec"
