@@ -656,3 +656,40 @@ func clusterGoroutines() []string {
 	}
 	return out
 }
+
+// A survivor standing in for a failed node's persistent session keeps at
+// most standInMax messages, and no more bookkeeping than that, however
+// many are published to the session's filters while it waits (up to
+// 24 h).
+func TestClusterStandInBounded(t *testing.T) {
+	env := brokertest.Start(t, nil)
+	nodes := startCluster(t, env, 3, nil)
+	n1, n3 := nodes[0], nodes[2]
+	devS := env.Device(t, "dev-s", 0)
+	s, err := dial(t, env, n3, devS, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	subscribe(t, s, "devices/dev-s/commands/#")
+	s.Disconnect(100)
+	testtool.Eventually(t, 30*time.Second, "dev-s's session recorded on n1", func() bool { return cluster.Recorded(n1.cluster, "dev-s") })
+	n3.b.Close() // n3 "fails": its records stay
+	testtool.Eventually(t, 30*time.Second, "n1 standing in for dev-s", func() bool {
+		_, _, _, ok := cluster.StandIn(n1.cluster, "dev-s")
+		return ok
+	})
+	backend := mustDial(t, env, n1, env.Device(t, "backend-1", 0, "backend"))
+	const count = 1200
+	for i := range count {
+		if err := wait(t, backend.Publish("devices/dev-s/commands/c", 1, false, fmt.Sprint(i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	testtool.Eventually(t, 30*time.Second, "every message queued or dropped by the stand-in", func() bool {
+		q, d, _, _ := cluster.StandIn(n1.cluster, "dev-s")
+		return q+d == count
+	})
+	if q, _, seen, _ := cluster.StandIn(n1.cluster, "dev-s"); q != 1000 || seen > q {
+		t.Fatalf("stand-in holds %d messages and remembers %d, want 1000 and at most 1000", q, seen)
+	}
+}

@@ -49,7 +49,8 @@ type standIn struct {
 	subs    []broker.Subscription
 	msgs    []broker.Message
 	nsubs   []*nats.Subscription
-	seen    map[string]bool // origin:seq, against overlapping filters
+	seen    map[string]bool // origin:seq of msgs, against overlapping filters
+	dropped int             // messages past standInMax
 	since   time.Time
 	handing bool // a handover is under way
 	closed  bool
@@ -230,11 +231,13 @@ func (n *Node) captured(clientID string, a *standIn, m *nats.Msg) {
 	if a.closed || a.seen[key] {
 		return
 	}
-	a.seen[key] = true
 	if len(a.msgs) >= standInMax {
-		n.log.Warn("message for a stood-in session dropped: queue full", "client_id", clientID, "topic", topic)
+		if a.dropped++; a.dropped == 1 {
+			n.log.Warn("messages for a stood-in session dropped from now on: queue full", "client_id", clientID, "topic", topic)
+		}
 		return
 	}
+	a.seen[key] = true
 	a.msgs = append(a.msgs, broker.Message{Topic: topic, Payload: m.Data, QoS: byte(min(qos, 2)), Retain: m.Header.Get(hdrRetain) == "1"})
 }
 
@@ -283,7 +286,7 @@ func (n *Node) handStandIn(clientID, owner string) {
 		n.closeStandInLocked(clientID, a)
 	}
 	n.mu.Unlock()
-	n.log.Info("stood-in session handed over", "client_id", clientID, "to", owner, "messages", sent+len(rest))
+	n.log.Info("stood-in session handed over", "client_id", clientID, "to", owner, "messages", sent+len(rest), "dropped", a.dropped)
 	if len(rest) > 0 {
 		if err := give(broker.Session{Messages: rest}); err != nil {
 			n.log.Error("messages queued during a handover lost", "client_id", clientID, "count", len(rest), "err", err)
