@@ -521,6 +521,7 @@ func (n *Node) Forget(clientID string) {
 	default:
 		n.log.Error("ended session's claim not removed: queue full", "client_id", clientID)
 	}
+	n.Persist(clientID, nil) // its record too (if ours): no stand-in for a session that is gone
 }
 
 // Holder is the CN of the identity whose session holds clientID on
@@ -661,22 +662,38 @@ func (n *Node) retry(write func(context.Context) error) error {
 
 // unclaim deletes our claim of clientID (not a newer one of another node).
 func (n *Node) unclaim(ctx context.Context, clientID string) error {
-	key := EncodeTopic(clientID)
-	e, err := n.kvS.Get(ctx, key)
-	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		return nil
+	return n.deleteOwn(ctx, n.kvS, EncodeTopic(clientID), func(v []byte) bool {
+		owner, _, _ := strings.Cut(string(v), "\n")
+		return owner == n.id
+	})
+}
+
+// deleteOwn deletes key if its value is ours, unless it changes
+// meanwhile. A read may come from a replica a write has not reached yet
+// (an older value of ours, so the revision-checked delete fails): read
+// again until the delete goes or the value is another node's.
+func (n *Node) deleteOwn(ctx context.Context, kv jetstream.KeyValue, key string, ours func([]byte) bool) error {
+	for {
+		e, err := kv.Get(ctx, key)
+		if errors.Is(err, jetstream.ErrKeyNotFound) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if !ours(e.Value()) {
+			return nil
+		}
+		err = kv.Delete(ctx, key, jetstream.LastRevision(e.Revision()))
+		if !errors.Is(err, jetstream.ErrKeyExists) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
 	}
-	if err != nil {
-		return err
-	}
-	if owner, _, _ := strings.Cut(string(e.Value()), "\n"); owner != n.id {
-		return nil
-	}
-	err = n.kvS.Delete(ctx, key, jetstream.LastRevision(e.Revision()))
-	if errors.Is(err, jetstream.ErrKeyExists) { // claimed again meanwhile
-		return nil
-	}
-	return err
 }
 
 // watchLoop mirrors the cluster's retained messages and reacts to other

@@ -479,8 +479,9 @@ func TestClusterCrossIdentityTakeover(t *testing.T) {
 }
 
 // A session that ends removes its claim from mqtls_sessions (the bucket
-// does not grow with every client ID ever seen), and frees the client ID
-// for the other identities its patterns allow.
+// does not grow with every client ID ever seen) and its record from
+// mqtls_persistent, and frees the client ID for the other identities its
+// patterns allow.
 func TestClusterClaimEndsWithSession(t *testing.T) {
 	pol, err := policy.Parse([]byte(`rules:
   - name: own-namespace
@@ -500,6 +501,22 @@ func TestClusterClaimEndsWithSession(t *testing.T) {
 		return n2.cluster.Holder("plant-2") == "plant-2"
 	})
 	c.Disconnect(100)
+	// a persistent session's record goes with it: here it ends as its
+	// client comes back with a clean session and leaves
+	devP := env.Device(t, "plant-3", 0)
+	p, err := dial(t, env, n1, devP, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	subscribe(t, p, "devices/plant-3/#")
+	testtool.Eventually(t, 20*time.Second, "plant-3's session recorded on n2", func() bool { return cluster.Recorded(n2.cluster, "plant-3") })
+	p.Disconnect(100)
+	p, err = dial(t, env, n1, devP, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Disconnect(100)
+	testtool.Eventually(t, 20*time.Second, "plant-3's record gone once its session ended", func() bool { return !cluster.Recorded(n2.cluster, "plant-3") })
 	testtool.Eventually(t, 20*time.Second, "plant-2's claim gone once its session ended", func() bool {
 		return n2.cluster.Holder("plant-2") == "" && cluster.Claims(t, n1.cluster) == 0
 	})

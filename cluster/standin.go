@@ -79,22 +79,10 @@ func (n *Node) writePersist(op persistOp) error {
 			_, err = n.kvP.Put(ctx, key, v)
 			return err
 		}
-		e, err := n.kvP.Get(ctx, key)
-		if errors.Is(err, jetstream.ErrKeyNotFound) {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		var r record
-		if json.Unmarshal(e.Value(), &r) != nil || r.Owner != n.id {
-			return nil // another node's by now
-		}
-		err = n.kvP.Delete(ctx, key, jetstream.LastRevision(e.Revision()))
-		if errors.Is(err, jetstream.ErrKeyExists) { // written meanwhile
-			return nil
-		}
-		return err
+		return n.deleteOwn(ctx, n.kvP, key, func(v []byte) bool {
+			var r record
+			return json.Unmarshal(v, &r) == nil && r.Owner == n.id // not another node's by now
+		})
 	})
 }
 
