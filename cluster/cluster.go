@@ -100,8 +100,10 @@ type Node struct {
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
 
+	pubMu sync.Mutex
+	seq   uint64 // our messages' sequence number (pubMu)
+
 	mu     sync.Mutex
-	seq    uint64
 	subs   map[string]*interest // filter -> local interest
 	byID   map[string][]string  // client ID -> filters
 	last   map[string]uint64    // origin -> last sequence delivered (duplicates from overlapping subscriptions)
@@ -435,18 +437,20 @@ func (n *Node) Publish(m broker.Message) {
 			n.log.Error("retained message not stored cluster-wide: queue full", "topic", m.Topic)
 		}
 	}
-	n.mu.Lock()
-	n.seq++
-	seq := n.seq
-	n.mu.Unlock()
 	msg := &nats.Msg{Subject: subject, Data: m.Payload, Header: nats.Header{}}
 	msg.Header.Set(hdrOrigin, n.id)
-	msg.Header.Set(hdrSeq, strconv.FormatUint(seq, 10))
 	msg.Header.Set(hdrQoS, strconv.Itoa(int(m.QoS)))
 	if m.Retain {
 		msg.Header.Set(hdrRetain, "1")
 	}
-	if err := n.nc.PublishMsg(msg); err != nil {
+	// sequence numbers go out in order: a receiver drops one not above
+	// the last it saw from us (a duplicate through overlapping filters)
+	n.pubMu.Lock()
+	n.seq++
+	msg.Header.Set(hdrSeq, strconv.FormatUint(n.seq, 10))
+	err := n.nc.PublishMsg(msg)
+	n.pubMu.Unlock()
+	if err != nil {
 		n.log.Error("message not routed to the cluster", "topic", m.Topic, "err", err)
 	}
 }

@@ -710,3 +710,50 @@ func TestClusterStandInBounded(t *testing.T) {
 		t.Fatalf("stand-in holds %d messages and remembers %d, want 1000 and at most 1000", q, seen)
 	}
 }
+
+// Publishers on one node publish concurrently: every message reaches a
+// subscriber on another node (the receiving node tells duplicates from
+// overlapping subscriptions by the origin's sequence numbers, which must
+// then go out in order).
+func TestClusterConcurrentPublishers(t *testing.T) {
+	env := brokertest.Start(t, nil)
+	nodes := startCluster(t, env, 2, nil)
+	n1, n2 := nodes[0], nodes[1]
+	sub := mustDial(t, env, n2, env.Device(t, "backend-1", 0, "backend"))
+	subscribe(t, sub, "devices/+/telemetry")
+	const pubs, count = 8, 300
+	clients := make([]*client, pubs)
+	for i := range clients {
+		clients[i] = mustDial(t, env, n1, env.Device(t, fmt.Sprintf("dev-%d", i), 0))
+	}
+	publishUntilRouted(t, clients[0], sub, "devices/dev-0/telemetry")
+	var wg sync.WaitGroup
+	for i, c := range clients {
+		wg.Go(func() {
+			for j := range count {
+				tok := c.Publish(fmt.Sprintf("devices/dev-%d/telemetry", i), 1, false, fmt.Sprint(j))
+				select { // not wait: no t.Fatal off the test's goroutine
+				case <-tok.Done():
+					if err := tok.Error(); err != nil {
+						t.Error(err)
+						return
+					}
+				case <-time.After(15 * time.Second):
+					t.Error("publish timed out")
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	seen := map[string]bool{}
+	deadline := time.After(30 * time.Second)
+	for len(seen) < pubs*count {
+		select {
+		case m := <-sub.msgs:
+			seen[m] = true
+		case <-deadline:
+			t.Fatalf("%d of %d messages from %d concurrent publishers crossed n1 -> n2", len(seen), pubs*count, pubs)
+		}
+	}
+}
