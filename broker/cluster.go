@@ -28,8 +28,14 @@ type Cluster interface {
 	Subscribe(clientID, filter string)
 	Unsubscribe(clientID, filter string)
 	Forget(clientID string)
-	// Claim announces that clientID went live here with certificate serial.
-	Claim(clientID, serial string)
+	// Claim announces that clientID went live here with certificate
+	// serial, held by the identity with common name cn.
+	Claim(clientID, serial, cn string)
+	// Holder is the common name of the identity whose session holds
+	// clientID on another node ("" if none is known): the broker refuses
+	// a client ID held by another identity, as it does for its own
+	// sessions.
+	Holder(clientID string) (cn string)
 	Close() error
 }
 
@@ -52,11 +58,13 @@ type Node interface {
 	// Retain mirrors a retained message set on another node (an empty
 	// payload clears it), without delivering it.
 	Retain(m Message)
-	// TakeOver: node now holds clientID's session; a live local one is
-	// closed (the same certificate live on both is a clone). A persistent
+	// TakeOver: node now holds clientID's session, for the identity with
+	// common name cn; a live local one is closed (the same certificate
+	// live on both is a clone). A session of another identity stays: no
+	// handover (!ok). A persistent
 	// session is returned (ok) and stays here, offline and queueing,
 	// until Release; anything else ends here.
-	TakeOver(clientID, serial, node string) (s Session, ok bool)
+	TakeOver(clientID, serial, cn, node string) (s Session, ok bool)
 	// Release ends the local session TakeOver returned once the new owner
 	// has it, and returns the messages queued here since.
 	Release(clientID string, sent Session) (rest Session)
@@ -119,12 +127,16 @@ func (n clusterNode) Retain(m Message) {
 	n.b.mochi.Topics.RetainMessage(pk.Copy(false))
 }
 
-func (n clusterNode) TakeOver(clientID, serial, node string) (Session, bool) {
+func (n clusterNode) TakeOver(clientID, serial, cn, node string) (Session, bool) {
 	b := n.b
 	b.mu.RLock()
 	s := b.byID[clientID]
 	b.mu.RUnlock()
 	if s == nil {
+		return Session{}, false
+	}
+	if s.id.CN != cn { // both nodes admitted it at once: neither gets the other's session
+		b.log.Warn("audit", "event", "client ID claimed on another node by another identity: session kept here", "cn", s.id.CN, "client_id", clientID, "node", node, "other_cn", cn)
 		return Session{}, false
 	}
 	b.mu.RLock()

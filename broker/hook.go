@@ -282,6 +282,12 @@ func (b *Broker) admit(s *session) *refusal {
 		b.mu.Unlock()
 		return &refusal{label: "client_id_in_use", reason: fmt.Sprintf("client ID %q belongs to a session of another identity (%q)", s.cl.ID, other.id.CN)}
 	}
+	if b.cfg.Cluster != nil {
+		if cn := b.cfg.Cluster.Holder(s.cl.ID); cn != "" && cn != s.id.CN {
+			b.mu.Unlock()
+			return &refusal{label: "client_id_in_use", reason: fmt.Sprintf("client ID %q belongs to a session of another identity (%q) on another node", s.cl.ID, cn)}
+		}
+	}
 	if limit := s.perms().MaxSessions(); limit > 0 {
 		n := 0
 		for other := range b.bySerial[s.serial] {
@@ -400,7 +406,7 @@ func (h *authHook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	b.metrics.connections.Inc()
 	b.metrics.accepted.Inc()
 	if b.cfg.Cluster != nil {
-		b.cfg.Cluster.Claim(cl.ID, s.serial)
+		b.cfg.Cluster.Claim(cl.ID, s.serial, s.id.CN)
 	}
 	if b.cfg.LogConnections && b.log.Enabled(context.Background(), slog.LevelInfo) {
 		b.log.Info("connected", "cn", s.id.CN, "serial", s.serial, "remote", s.remote, "rules", strings.Join(s.perms().Rules(), ","))

@@ -100,14 +100,20 @@ type Node struct {
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
 
+	pubMu sync.Mutex
+	seq   uint64 // our messages' sequence number (pubMu)
+
 	mu     sync.Mutex
-	seq    uint64
 	subs   map[string]*interest // filter -> local interest
 	byID   map[string][]string  // client ID -> filters
 	last   map[string]uint64    // origin -> last sequence delivered (duplicates from overlapping subscriptions)
 	claimT map[string]int64     // client ID -> when this node's session for it went live (unix ns)
 
-	records  map[string]record   // client ID -> persistent session record (every node's)
+	records map[string]record // client ID -> persistent session record (every node's)
+	// holders: client ID -> the claim in bucketSess (own lock: the broker
+	// asks under its own)
+	hmu      sync.Mutex
+	holders  map[string]holder
 	dead     map[string]bool     // node IDs found failed
 	standIns map[string]*standIn // client ID -> failed node's session queued here
 }
@@ -118,9 +124,13 @@ type interest struct {
 }
 
 type claim struct {
-	clientID, serial string
-	at               int64 // unix ns the session went live
+	clientID, serial, cn string
+	at                   int64 // unix ns the session went live
+	forget               bool  // the session ended here: our claim goes
 }
+
+// holder is a claim as seen in bucketSess.
+type holder struct{ owner, cn string }
 
 const (
 	msgPrefix   = "mqtls.m."
@@ -132,6 +142,12 @@ const (
 	bucketRet   = "mqtls_retained"
 	bucketSess  = "mqtls_sessions"
 	clusterName = "mqtls"
+	// maxSubject bounds the subjects a topic or filter maps to: a NATS
+	// server closes a connection that sends a protocol line over 4 KiB
+	// (its max_control_line; the line holds the subject, a reply subject
+	// and sizes), and a client replays its subscriptions at each reconnect.
+	// Longer topics stay on their node.
+	maxSubject = 3 << 10
 )
 
 // New validates cfg. Nothing runs until the broker calls Start.
@@ -182,7 +198,7 @@ func New(cfg Config) (*Node, error) {
 		cfg: cfg, log: log.With("node", cfg.Name), id: cfg.Name + "-" + hex.EncodeToString(nonce[:]),
 		msgs: make(chan *nats.Msg, 65536), retains: make(chan broker.Message, 4096), claims: make(chan claim, 4096),
 		stop: make(chan struct{}), subs: map[string]*interest{}, byID: map[string][]string{},
-		last: map[string]uint64{}, claimT: map[string]int64{},
+		last: map[string]uint64{}, claimT: map[string]int64{}, holders: map[string]holder{},
 		persists: make(chan persistOp, 4096), records: map[string]record{}, dead: map[string]bool{}, standIns: map[string]*standIn{},
 	}, nil
 }
@@ -341,11 +357,22 @@ func (n *Node) startEmbedded() error {
 	if n.srv, err = server.NewServer(opts); err != nil {
 		return fmt.Errorf("cluster: %w", err)
 	}
-	n.srv.SetLoggerV2(natsLog{n.log}, false, false, false)
+	// nats-server reports a listener it cannot open with Fatalf and runs
+	// on without it (a node without its route listener waits alone)
+	fatal := make(chan string, 1)
+	n.srv.SetLoggerV2(natsLog{n.log, fatal}, false, false, false)
 	go n.srv.Start()
-	if !n.srv.ReadyForConnections(n.cfg.ReadyTimeout) {
-		n.srv.Shutdown()
-		return fmt.Errorf("cluster: embedded NATS not ready after %s", n.cfg.ReadyTimeout)
+	for deadline := time.Now().Add(n.cfg.ReadyTimeout); !n.srv.ReadyForConnections(250 * time.Millisecond); {
+		select {
+		case msg := <-fatal:
+			n.srv.Shutdown()
+			return fmt.Errorf("cluster: embedded NATS: %s", msg)
+		default:
+		}
+		if time.Now().After(deadline) {
+			n.srv.Shutdown()
+			return fmt.Errorf("cluster: embedded NATS not ready after %s", n.cfg.ReadyTimeout)
+		}
 	}
 	n.connect = func(more ...nats.Option) (*nats.Conn, error) {
 		return nats.Connect("", append([]nats.Option{nats.InProcessServer(n.srv), nats.Token(token), nats.Name(n.id), nats.MaxReconnects(-1)}, more...)...)
@@ -398,6 +425,11 @@ func (n *Node) Publish(m broker.Message) {
 	if strings.HasPrefix(m.Topic, "$SYS/") {
 		return // each node's own
 	}
+	subject := msgPrefix + EncodeTopic(m.Topic)
+	if len(subject) > maxSubject {
+		n.log.Warn("message not routed to the cluster: topic too long", "topic", m.Topic[:64], "bytes", len(m.Topic))
+		return
+	}
 	if m.Retain {
 		select {
 		case n.retains <- m:
@@ -405,18 +437,20 @@ func (n *Node) Publish(m broker.Message) {
 			n.log.Error("retained message not stored cluster-wide: queue full", "topic", m.Topic)
 		}
 	}
-	n.mu.Lock()
-	n.seq++
-	seq := n.seq
-	n.mu.Unlock()
-	msg := &nats.Msg{Subject: msgPrefix + EncodeTopic(m.Topic), Data: m.Payload, Header: nats.Header{}}
+	msg := &nats.Msg{Subject: subject, Data: m.Payload, Header: nats.Header{}}
 	msg.Header.Set(hdrOrigin, n.id)
-	msg.Header.Set(hdrSeq, strconv.FormatUint(seq, 10))
 	msg.Header.Set(hdrQoS, strconv.Itoa(int(m.QoS)))
 	if m.Retain {
 		msg.Header.Set(hdrRetain, "1")
 	}
-	if err := n.nc.PublishMsg(msg); err != nil {
+	// sequence numbers go out in order: a receiver drops one not above
+	// the last it saw from us (a duplicate through overlapping filters)
+	n.pubMu.Lock()
+	n.seq++
+	msg.Header.Set(hdrSeq, strconv.FormatUint(n.seq, 10))
+	err := n.nc.PublishMsg(msg)
+	n.pubMu.Unlock()
+	if err != nil {
 		n.log.Error("message not routed to the cluster", "topic", m.Topic, "err", err)
 	}
 }
@@ -430,6 +464,10 @@ func (n *Node) Subscribe(clientID, filter string) {
 	if in == nil {
 		in = &interest{clients: map[string]bool{}}
 		for _, subj := range FilterSubjects(sharedFilter(filter)) {
+			if len(msgPrefix+subj) > maxSubject {
+				n.log.Warn("no messages from the cluster for a filter: too long", "filter", filter[:64], "bytes", len(filter))
+				continue
+			}
 			s, err := n.nc.ChanSubscribe(msgPrefix+subj, n.msgs)
 			if err != nil {
 				n.log.Error("cluster subscription failed", "filter", filter, "err", err)
@@ -482,6 +520,23 @@ func (n *Node) Forget(clientID string) {
 	}
 	delete(n.byID, clientID)
 	delete(n.claimT, clientID)
+	select {
+	case n.claims <- claim{clientID: clientID, forget: true}:
+	default:
+		n.log.Error("ended session's claim not removed: queue full", "client_id", clientID)
+	}
+	n.Persist(clientID, nil) // its record too (if ours): no stand-in for a session that is gone
+}
+
+// Holder is the CN of the identity whose session holds clientID on
+// another node, as far as this node has seen the claims.
+func (n *Node) Holder(clientID string) string {
+	n.hmu.Lock()
+	defer n.hmu.Unlock()
+	if h, ok := n.holders[clientID]; ok && h.owner != n.id {
+		return h.cn
+	}
+	return ""
 }
 
 func (n *Node) dropLocked(clientID, filter string) {
@@ -502,7 +557,7 @@ func (n *Node) dropLocked(clientID, filter string) {
 // before closes its session. Claims are ordered by the time the session
 // went live (the nodes' clocks must agree, as with NTP), not by when the
 // claim reached JetStream.
-func (n *Node) Claim(clientID, serial string) {
+func (n *Node) Claim(clientID, serial, cn string) {
 	at := time.Now().UnixNano()
 	n.mu.Lock()
 	n.claimT[clientID] = at
@@ -512,7 +567,7 @@ func (n *Node) Claim(clientID, serial string) {
 		go n.handStandIn(clientID, n.id)
 	}
 	select {
-	case n.claims <- claim{clientID, serial, at}:
+	case n.claims <- claim{clientID: clientID, serial: serial, cn: cn, at: at}:
 	default:
 		n.log.Error("session claim not published: queue full", "client_id", clientID)
 	}
@@ -571,7 +626,10 @@ func (n *Node) writeLoop() {
 			}
 		case c := <-n.claims:
 			err := n.retry(func(ctx context.Context) error {
-				_, err := n.kvS.Put(ctx, EncodeTopic(c.clientID), []byte(n.id+"\n"+c.serial+"\n"+strconv.FormatInt(c.at, 10)))
+				if c.forget {
+					return n.unclaim(ctx, c.clientID)
+				}
+				_, err := n.kvS.Put(ctx, EncodeTopic(c.clientID), []byte(n.id+"\n"+c.serial+"\n"+strconv.FormatInt(c.at, 10)+"\n"+c.cn))
 				return err
 			})
 			if err != nil {
@@ -606,6 +664,42 @@ func (n *Node) retry(write func(context.Context) error) error {
 	}
 }
 
+// unclaim deletes our claim of clientID (not a newer one of another node).
+func (n *Node) unclaim(ctx context.Context, clientID string) error {
+	return n.deleteOwn(ctx, n.kvS, EncodeTopic(clientID), func(v []byte) bool {
+		owner, _, _ := strings.Cut(string(v), "\n")
+		return owner == n.id
+	})
+}
+
+// deleteOwn deletes key if its value is ours, unless it changes
+// meanwhile. A read may come from a replica a write has not reached yet
+// (an older value of ours, so the revision-checked delete fails): read
+// again until the delete goes or the value is another node's.
+func (n *Node) deleteOwn(ctx context.Context, kv jetstream.KeyValue, key string, ours func([]byte) bool) error {
+	for {
+		e, err := kv.Get(ctx, key)
+		if errors.Is(err, jetstream.ErrKeyNotFound) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if !ours(e.Value()) {
+			return nil
+		}
+		err = kv.Delete(ctx, key, jetstream.LastRevision(e.Revision()))
+		if !errors.Is(err, jetstream.ErrKeyExists) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
 // watchLoop mirrors the cluster's retained messages and reacts to other
 // nodes' session claims.
 func (n *Node) watchLoop() {
@@ -617,11 +711,12 @@ func (n *Node) watchLoop() {
 		n.log.Error("cannot watch retained messages", "err", err)
 		return
 	}
-	ws, err := n.kvS.WatchAll(ctx, jetstream.UpdatesOnly())
+	ws, err := n.kvS.WatchAll(ctx)
 	if err != nil {
 		n.log.Error("cannot watch session claims", "err", err)
 		return
 	}
+	claimsLoaded := false
 	wp, err := n.kvP.WatchAll(ctx)
 	if err != nil {
 		n.log.Error("cannot watch persistent sessions", "err", err)
@@ -637,7 +732,12 @@ func (n *Node) watchLoop() {
 			}
 			n.retained(e)
 		case e := <-ws.Updates():
-			if e != nil {
+			switch {
+			case e == nil:
+				claimsLoaded = true
+			case !claimsLoaded: // a session from before we started: note who holds it
+				n.held(e)
+			default:
 				n.claimed(e)
 			}
 		case e := <-wp.Updates():
@@ -667,21 +767,32 @@ func (n *Node) retained(e jetstream.KeyValueEntry) {
 	n.node.Retain(broker.Message{Topic: topic, QoS: v[0], Retain: true, Payload: v[2+int(v[1]):]})
 }
 
+// held notes which identity's session holds a client ID; ok: a claim
+// (not a deletion).
+func (n *Node) held(e jetstream.KeyValueEntry) (clientID string, parts []string, ok bool) {
+	clientID, err := DecodeTopic(e.Key())
+	if err != nil {
+		return "", nil, false
+	}
+	parts = strings.SplitN(string(e.Value()), "\n", 4)
+	n.hmu.Lock()
+	defer n.hmu.Unlock()
+	if e.Operation() != jetstream.KeyValuePut || len(parts) != 4 {
+		delete(n.holders, clientID)
+		return "", nil, false
+	}
+	n.holders[clientID] = holder{owner: parts[0], cn: parts[3]}
+	return clientID, parts, true
+}
+
 // claimed handles a session claim: another node's newer claim closes ours.
 func (n *Node) claimed(e jetstream.KeyValueEntry) {
-	if e.Operation() != jetstream.KeyValuePut {
+	clientID, parts, ok := n.held(e)
+	if !ok || parts[0] == n.id {
 		return
 	}
-	parts := strings.SplitN(string(e.Value()), "\n", 3)
-	if len(parts) != 3 || parts[0] == n.id {
-		return
-	}
-	owner, serial := parts[0], parts[1]
+	owner, serial, cn := parts[0], parts[1], parts[3]
 	at, err := strconv.ParseInt(parts[2], 10, 64)
-	if err != nil {
-		return
-	}
-	clientID, err := DecodeTopic(e.Key())
 	if err != nil {
 		return
 	}
@@ -702,7 +813,7 @@ func (n *Node) claimed(e jetstream.KeyValueEntry) {
 	if i := strings.LastIndexByte(owner, '-'); i > 0 {
 		node = owner[:i]
 	}
-	n.wg.Go(func() { n.handOver(clientID, serial, owner, node) })
+	n.wg.Go(func() { n.handOver(clientID, serial, cn, owner, node) })
 }
 
 // handoff is a session sent to its new owner.
@@ -716,8 +827,8 @@ type handoff struct {
 // The local copy ends only once the new owner has it (it stays here,
 // offline, if the owner cannot be reached); what was queued meanwhile
 // follows (duplicates possible, as QoS 1 allows).
-func (n *Node) handOver(clientID, serial, owner, node string) {
-	sess, ok := n.node.TakeOver(clientID, serial, node)
+func (n *Node) handOver(clientID, serial, cn, owner, node string) {
+	sess, ok := n.node.TakeOver(clientID, serial, cn, node)
 	if !ok {
 		return
 	}
@@ -737,11 +848,22 @@ func (n *Node) handOver(clientID, serial, owner, node string) {
 }
 
 // send hands a session to the node with ID owner; clean: that node's
-// session is clean (nothing kept).
+// session is clean (nothing kept). A session larger than a NATS message
+// goes in parts, the subscriptions first, the messages in order.
 func (n *Node) send(owner, clientID string, s broker.Session) (clean bool, err error) {
 	data, err := json.Marshal(handoff{ClientID: clientID, Session: s})
 	if err != nil {
 		return false, err
+	}
+	if max := n.nc.MaxPayload(); int64(len(data)) > max {
+		if len(s.Messages) == 0 || len(s.Messages) == 1 && len(s.Subscriptions) == 0 {
+			return false, fmt.Errorf("session handoff of %d bytes: larger than a NATS message (%d)", len(data), max)
+		}
+		half := len(s.Messages) / 2
+		if clean, err := n.send(owner, clientID, broker.Session{Subscriptions: s.Subscriptions, Messages: s.Messages[:half]}); clean || err != nil {
+			return clean, err
+		}
+		return n.send(owner, clientID, broker.Session{Messages: s.Messages[half:]})
 	}
 	ctx, cancel := context.WithTimeout(n.ctx, 10*time.Second)
 	defer cancel()
@@ -805,11 +927,21 @@ func (n *Node) Close() error {
 
 // natsLog passes the embedded NATS server's log to slog (notices at
 // debug: routine cluster chatter; warnings and errors as such).
-type natsLog struct{ l *slog.Logger }
+type natsLog struct {
+	l     *slog.Logger
+	fatal chan<- string // the first fatal error
+}
 
 func (n natsLog) Noticef(f string, a ...any) { n.l.Debug("nats: " + fmt.Sprintf(f, a...)) }
 func (n natsLog) Warnf(f string, a ...any)   { n.l.Warn("nats: " + fmt.Sprintf(f, a...)) }
-func (n natsLog) Fatalf(f string, a ...any)  { n.l.Error("nats: " + fmt.Sprintf(f, a...)) }
-func (n natsLog) Errorf(f string, a ...any)  { n.l.Error("nats: " + fmt.Sprintf(f, a...)) }
-func (n natsLog) Debugf(f string, a ...any)  { n.l.Debug("nats: " + fmt.Sprintf(f, a...)) }
-func (n natsLog) Tracef(f string, a ...any)  {}
+func (n natsLog) Fatalf(f string, a ...any) {
+	msg := fmt.Sprintf(f, a...)
+	n.l.Error("nats: " + msg)
+	select {
+	case n.fatal <- msg:
+	default:
+	}
+}
+func (n natsLog) Errorf(f string, a ...any) { n.l.Error("nats: " + fmt.Sprintf(f, a...)) }
+func (n natsLog) Debugf(f string, a ...any) { n.l.Debug("nats: " + fmt.Sprintf(f, a...)) }
+func (n natsLog) Tracef(f string, a ...any) {}

@@ -69,7 +69,7 @@ func cpuTime() time.Duration {
 func BenchmarkCrossNode(b *testing.B) {
 	const devices, rate, phase = 2000, 1.0, 10 * time.Second
 	env := brokertest.Start(b, nil)
-	nodes := startCluster(b, env, 3)
+	nodes := startCluster(b, env, 3, nil)
 	n1, n3 := nodes[0], nodes[2]
 	same, cross := &latencies{}, &latencies{}
 	subOn := func(n *node, id string, l *latencies) *client {

@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -34,12 +36,14 @@ type node struct {
 // startCluster runs n broker nodes sharing env's PKI and registry, each
 // with an embedded NATS server clustered with the others (mutual TLS with
 // the broker certificate). Nodes start concurrently: JetStream needs a
-// quorum.
-func startCluster(t testing.TB, env *brokertest.Env, n int) []*node {
+// quorum. pol nil: policy.Example.
+func startCluster(t testing.TB, env *brokertest.Env, n int, pol *policy.Policy) []*node {
 	t.Helper()
-	pol, err := policy.Parse([]byte(policy.Example))
-	if err != nil {
-		t.Fatal(err)
+	if pol == nil {
+		var err error
+		if pol, err = policy.Parse([]byte(policy.Example)); err != nil {
+			t.Fatal(err)
+		}
 	}
 	srvCert, err := env.CA.ServerCertificate()
 	if err != nil {
@@ -47,7 +51,7 @@ func startCluster(t testing.TB, env *brokertest.Env, n int) []*node {
 	}
 	routes := make([]string, n)
 	for i := range routes {
-		routes[i] = testtool.FreeAddr(t)
+		routes[i] = testtool.FreeAddrAside(t)
 	}
 	nodes := make([]*node, n)
 	errs := make([]error, n)
@@ -95,8 +99,14 @@ type client struct {
 
 func dial(t testing.TB, env *brokertest.Env, n *node, d *brokertest.Device, clean bool) (*client, error) {
 	t.Helper()
+	return dialAs(t, env, n, d, d.ID, clean)
+}
+
+// dialAs connects d with client ID id.
+func dialAs(t testing.TB, env *brokertest.Env, n *node, d *brokertest.Device, id string, clean bool) (*client, error) {
+	t.Helper()
 	c := &client{lost: make(chan error, 1), msgs: make(chan string, 20000)}
-	o := paho.NewClientOptions().AddBroker("ssl://" + n.addr).SetClientID(d.ID).SetTLSConfig(env.TLS(t, d)).
+	o := paho.NewClientOptions().AddBroker("ssl://" + n.addr).SetClientID(id).SetTLSConfig(env.TLS(t, d)).
 		SetProtocolVersion(4).SetAutoReconnect(false).SetConnectRetry(false).SetCleanSession(clean).
 		SetConnectionLostHandler(func(_ paho.Client, err error) { c.lost <- err }).
 		SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) { c.msgs <- m.Topic() + " " + string(m.Payload()) })
@@ -152,7 +162,7 @@ func expect(t testing.TB, c *client, want string) {
 // the moment it takes to propagate by publishing until one arrives.
 func publishUntilRouted(t testing.TB, pub, sub *client, topic string) {
 	t.Helper()
-	testtool.Eventually(t, 10*time.Second, "first message routed across nodes", func() bool {
+	testtool.Eventually(t, 30*time.Second, "first message routed across nodes", func() bool {
 		wait(t, pub.Publish(topic, 1, false, "probe"))
 		select {
 		case <-sub.msgs:
@@ -170,7 +180,7 @@ func metric(t testing.TB, n *node, name string) float64 { return brokertest.Metr
 
 func TestCluster(t *testing.T) {
 	env := brokertest.Start(t, nil) // the PKI and the shared registry
-	nodes := startCluster(t, env, 3)
+	nodes := startCluster(t, env, 3, nil)
 	n1, n2, n3 := nodes[0], nodes[1], nodes[2]
 	devA := env.Device(t, "dev-a", 0)
 	be := env.Device(t, "backend-1", 0, "backend")
@@ -244,7 +254,7 @@ func TestCluster(t *testing.T) {
 			t.Fatal(err)
 		}
 		for _, n := range []*node{n2, n3} {
-			testtool.Eventually(t, 10*time.Second, "retained state on "+n.name, func() bool {
+			testtool.Eventually(t, 30*time.Second, "retained state on "+n.name, func() bool {
 				c := mustDial(t, env, n, devA)
 				defer c.Disconnect(0)
 				c.Subscribe("devices/dev-a/state", 1, nil)
@@ -260,7 +270,7 @@ func TestCluster(t *testing.T) {
 		wait(t, c3.Publish("devices/dev-a/state", 1, true, ""))
 		c3.Disconnect(0)
 		for _, n := range []*node{n1, n2} {
-			testtool.Eventually(t, 10*time.Second, "retained state cleared on "+n.name, func() bool {
+			testtool.Eventually(t, 30*time.Second, "retained state cleared on "+n.name, func() bool {
 				c := mustDial(t, env, n, devA)
 				defer c.Disconnect(0)
 				c.Subscribe("devices/dev-a/state", 1, nil)
@@ -339,7 +349,7 @@ func TestCluster(t *testing.T) {
 		}
 		// the subscription came along: a new command reaches n3
 		wait(t, backend.Publish("devices/dev-p/commands/after", 1, false, "x"))
-		testtool.Eventually(t, 10*time.Second, "command after the move", func() bool {
+		testtool.Eventually(t, 30*time.Second, "command after the move", func() bool {
 			for {
 				select {
 				case m := <-p3.msgs:
@@ -366,8 +376,8 @@ func TestCluster(t *testing.T) {
 		case <-time.After(2 * time.Second):
 			t.Fatal("revoked device still connected on n3 after 2s")
 		}
-		for _, n := range nodes { // each node within its registry poll
-			testtool.Eventually(t, 2*time.Second, n.name+" refuses the revoked device", func() bool {
+		for _, n := range nodes { // each node within its registry poll (100 ms); a TLS dial under -race load takes seconds
+			testtool.Eventually(t, 10*time.Second, n.name+" refuses the revoked device", func() bool {
 				c, err := dial(t, env, n, devD, true)
 				if err == nil {
 					c.Disconnect(0)
@@ -386,7 +396,7 @@ func TestClusterRefusesForeignNode(t *testing.T) {
 	other := brokertest.Start(t, nil) // another CA
 	srv, _ := env.CA.ServerCertificate()
 	foreign, _ := other.CA.ServerCertificate()
-	routes := []string{testtool.FreeAddr(t), testtool.FreeAddr(t), testtool.FreeAddr(t)}
+	routes := []string{testtool.FreeAddrAside(t), testtool.FreeAddrAside(t), testtool.FreeAddrAside(t)}
 	certs := []tls.Certificate{srv, srv, foreign}
 	readyTimeout := []time.Duration{90 * time.Second, 90 * time.Second, 10 * time.Second} // the foreign one is expected to fail
 	brokers := make([]*broker.Broker, 3)
@@ -425,4 +435,325 @@ func TestClusterRefusesForeignNode(t *testing.T) {
 	subscribe(t, sub, "devices/+/telemetry")
 	pub := mustDial(t, env, &node{name: "n1", addr: brokers[0].Addr().String()}, env.Device(t, "dev-a", 0))
 	publishUntilRouted(t, pub, sub, "devices/dev-a/telemetry")
+}
+
+// Client-ID patterns let two identities share a client ID namespace
+// (device "plant" may use "plant-1", device plant-1's own ID). On one node
+// the broker refuses such a CONNECT while plant-1 holds a session; across
+// nodes the claim must be refused too: no kicking plant-1 off n1, no
+// handover of its session to the other identity.
+func TestClusterCrossIdentityTakeover(t *testing.T) {
+	pol, err := policy.Parse([]byte(`rules:
+  - name: own-namespace
+    match: {cn: "*"}
+    client_ids: ["{cn}", "{cn}-*"]
+    publish: ["devices/{cn}/#"]
+    subscribe: ["devices/{cn}/#", "devices/plant-1/status"]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := brokertest.Start(t, nil)
+	nodes := startCluster(t, env, 2, pol)
+	n1, n2 := nodes[0], nodes[1]
+	victim := env.Device(t, "plant-1", 0)
+	v, err := dial(t, env, n1, victim, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	subscribe(t, v, "devices/plant-1/status")
+	testtool.Eventually(t, 20*time.Second, "plant-1's claim seen on n2", func() bool {
+		return n2.cluster.Holder("plant-1") == "plant-1"
+	})
+
+	attacker := env.Device(t, "plant", 0)
+	if c, err := dialAs(t, env, n2, attacker, "plant-1", false); err == nil {
+		c.Disconnect(0)
+		t.Error("device plant connected on n2 with the client ID of device plant-1's session on n1")
+	}
+	select {
+	case err := <-v.lost:
+		t.Fatalf("plant-1 kicked off n1 by another identity's claim: %v", err)
+	case <-time.After(2 * time.Second):
+	}
+}
+
+// A session that ends removes its claim from mqtls_sessions (the bucket
+// does not grow with every client ID ever seen) and its record from
+// mqtls_persistent, and frees the client ID for the other identities its
+// patterns allow.
+func TestClusterClaimEndsWithSession(t *testing.T) {
+	pol, err := policy.Parse([]byte(`rules:
+  - name: own-namespace
+    match: {cn: "*"}
+    client_ids: ["{cn}", "{cn}-*"]
+    publish: ["devices/{cn}/#"]
+    subscribe: ["devices/{cn}/#"]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := brokertest.Start(t, nil)
+	nodes := startCluster(t, env, 2, pol)
+	n1, n2 := nodes[0], nodes[1]
+	c := mustDial(t, env, n1, env.Device(t, "plant-2", 0))
+	testtool.Eventually(t, 20*time.Second, "plant-2's claim seen on n2", func() bool {
+		return n2.cluster.Holder("plant-2") == "plant-2"
+	})
+	c.Disconnect(100)
+	// a persistent session's record goes with it: here it ends as its
+	// client comes back with a clean session and leaves
+	devP := env.Device(t, "plant-3", 0)
+	p, err := dial(t, env, n1, devP, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	subscribe(t, p, "devices/plant-3/#")
+	testtool.Eventually(t, 20*time.Second, "plant-3's session recorded on n2", func() bool { return cluster.Recorded(n2.cluster, "plant-3") })
+	p.Disconnect(100)
+	p, err = dial(t, env, n1, devP, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Disconnect(100)
+	testtool.Eventually(t, 20*time.Second, "plant-3's record gone once its session ended", func() bool { return !cluster.Recorded(n2.cluster, "plant-3") })
+	testtool.Eventually(t, 20*time.Second, "plant-2's claim gone once its session ended", func() bool {
+		return n2.cluster.Holder("plant-2") == "" && cluster.Claims(t, n1.cluster) == 0
+	})
+	if _, err := dialAs(t, env, n2, env.Device(t, "plant", 0), "plant-2", true); err != nil {
+		t.Fatalf("client ID of an ended session still refused to another identity: %v", err)
+	}
+}
+
+// A persistent session whose queued messages together exceed NATS's
+// maximum payload (1 MiB) still follows its client: eight messages of
+// 200 KB (each within the broker's packet size) queued on n1 reach it on
+// n2.
+func TestClusterLargeSessionFollowsClient(t *testing.T) {
+	env := brokertest.Start(t, nil)
+	nodes := startCluster(t, env, 2, nil)
+	n1, n2 := nodes[0], nodes[1]
+	devP := env.Device(t, "dev-big", 0)
+	p, err := dial(t, env, n1, devP, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	subscribe(t, p, "devices/dev-big/commands/#")
+	backend := mustDial(t, env, n1, env.Device(t, "backend-1", 0, "backend"))
+	p.Disconnect(100)
+	const count = 8
+	payload := strings.Repeat("x", 200_000)
+	for i := range count {
+		if err := wait(t, backend.Publish("devices/dev-big/commands/c", 1, false, fmt.Sprint(i, payload))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p2, err := dial(t, env, n2, devP, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]bool{}
+	deadline := time.After(30 * time.Second)
+	for len(seen) < count {
+		select {
+		case m := <-p2.msgs:
+			seen[m[:len("devices/dev-big/commands/c 0")]] = true
+		case <-deadline:
+			t.Fatalf("%d of %d queued messages reached the client on n2", len(seen), count)
+		}
+	}
+}
+
+// MQTT topics may be 65,535 bytes long and every level byte but
+// [A-Za-z0-9-] takes three in a subject: a device's long topic or filter
+// (within its own namespace) must not cost the node its NATS connection
+// (a NATS server closes a connection whose protocol line exceeds 4 KiB,
+// and a client replays its subscriptions at each reconnect).
+func TestClusterLongTopics(t *testing.T) {
+	env := brokertest.Start(t, nil)
+	nodes := startCluster(t, env, 2, nil)
+	n1, n2 := nodes[0], nodes[1]
+	devA := env.Device(t, "dev-a", 0)
+	be := env.Device(t, "backend-1", 0, "backend")
+	sub := mustDial(t, env, n1, be)
+	subscribe(t, sub, "devices/+/telemetry")
+	pub := mustDial(t, env, n2, devA)
+	publishUntilRouted(t, pub, sub, "devices/dev-a/telemetry")
+
+	long := "devices/dev-b/" + strings.Repeat(".", 5000)
+	a := mustDial(t, env, n1, env.Device(t, "dev-b", 0))
+	tok := a.Subscribe(long+"/#", 1, nil)
+	if err := wait(t, tok); err != nil {
+		t.Fatal(err)
+	}
+	if err := wait(t, a.Publish(long, 1, false, "x")); err != nil {
+		t.Fatal(err)
+	}
+	// routing goes on, both ways
+	const count = 50
+	for i := range count {
+		if err := wait(t, pub.Publish("devices/dev-a/telemetry", 1, false, fmt.Sprint(i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range count {
+		expect(t, sub, fmt.Sprint("devices/dev-a/telemetry ", i))
+	}
+}
+
+// Closing the nodes ends every goroutine the cluster started (routing,
+// watchers, stand-in pings, handovers) and the embedded NATS servers'.
+func TestClusterCloseLeaksNothing(t *testing.T) {
+	env := brokertest.Start(t, nil) // no NATS: its goroutines may stay
+	t.Run("cluster", func(t *testing.T) {
+		nodes := startCluster(t, env, 2, nil)
+		n1, n2 := nodes[0], nodes[1]
+		devP := env.Device(t, "dev-p", 0)
+		p, err := dial(t, env, n1, devP, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		subscribe(t, p, "devices/dev-p/commands/#")
+		backend := mustDial(t, env, n2, env.Device(t, "backend-1", 0, "backend"))
+		publishUntilRouted(t, backend, p, "devices/dev-p/commands/probe")
+		p.Disconnect(100)
+		if err := wait(t, backend.Publish("devices/dev-p/commands/c", 1, false, "queued")); err != nil {
+			t.Fatal(err)
+		}
+		p2, err := dial(t, env, n2, devP, false) // the session moves n1 -> n2
+		if err != nil {
+			t.Fatal(err)
+		}
+		expect(t, p2, "devices/dev-p/commands/c queued")
+	})
+	var left []string
+	if !testtool.Poll(20*time.Second, func() bool { left = clusterGoroutines(); return len(left) == 0 }) {
+		t.Fatalf("%d cluster or NATS goroutines left after Close:\n%s", len(left), strings.Join(left, "\n\n"))
+	}
+}
+
+// A node whose route address is taken fails at once (nats-server only
+// logs it and would run isolated until ReadyTimeout).
+func TestClusterRouteAddrInUse(t *testing.T) {
+	env := brokertest.Start(t, nil)
+	busy, err := net.Listen("tcp", testtool.FreeAddrAside(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	srv, _ := env.CA.ServerCertificate()
+	cn, err := cluster.New(cluster.Config{Name: "n1", RouteAddr: busy.Addr().String(), Peers: []string{testtool.FreeAddrAside(t)},
+		StoreDir: t.TempDir(), Certificate: srv, Root: env.CA.Root, ReadyTimeout: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := broker.New(broker.Config{Addr: "127.0.0.1:0", Certificate: srv, Root: env.CA.Root, Registry: env.Registry, Cluster: cn})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	err = b.Start()
+	if err == nil {
+		b.Close()
+		t.Fatal("node started without its route listener")
+	}
+	if !strings.Contains(err.Error(), busy.Addr().String()) || time.Since(start) > 30*time.Second {
+		t.Fatalf("start: %v after %v, want a quick error naming %s", err, time.Since(start), busy.Addr())
+	}
+}
+
+// clusterGoroutines lists the goroutines running cluster or NATS code.
+func clusterGoroutines() []string {
+	buf := make([]byte, 4<<20)
+	var out []string
+	for g := range strings.SplitSeq(string(buf[:runtime.Stack(buf, true)]), "\n\n") {
+		if strings.Contains(g, "nats-io/") || strings.Contains(g, "mqtls/cluster.") {
+			out = append(out, g)
+		}
+	}
+	return out
+}
+
+// A survivor standing in for a failed node's persistent session keeps at
+// most standInMax messages, and no more bookkeeping than that, however
+// many are published to the session's filters while it waits (up to
+// 24 h).
+func TestClusterStandInBounded(t *testing.T) {
+	env := brokertest.Start(t, nil)
+	nodes := startCluster(t, env, 3, nil)
+	n1, n3 := nodes[0], nodes[2]
+	devS := env.Device(t, "dev-s", 0)
+	s, err := dial(t, env, n3, devS, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	subscribe(t, s, "devices/dev-s/commands/#")
+	s.Disconnect(100)
+	testtool.Eventually(t, 30*time.Second, "dev-s's session recorded on n1", func() bool { return cluster.Recorded(n1.cluster, "dev-s") })
+	n3.b.Close() // n3 "fails": its records stay
+	testtool.Eventually(t, 30*time.Second, "n1 standing in for dev-s", func() bool {
+		_, _, _, ok := cluster.StandIn(n1.cluster, "dev-s")
+		return ok
+	})
+	backend := mustDial(t, env, n1, env.Device(t, "backend-1", 0, "backend"))
+	const count = 1200
+	for i := range count {
+		if err := wait(t, backend.Publish("devices/dev-s/commands/c", 1, false, fmt.Sprint(i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	testtool.Eventually(t, 30*time.Second, "every message queued or dropped by the stand-in", func() bool {
+		q, d, _, _ := cluster.StandIn(n1.cluster, "dev-s")
+		return q+d == count
+	})
+	if q, _, seen, _ := cluster.StandIn(n1.cluster, "dev-s"); q != 1000 || seen > q {
+		t.Fatalf("stand-in holds %d messages and remembers %d, want 1000 and at most 1000", q, seen)
+	}
+}
+
+// Publishers on one node publish concurrently: every message reaches a
+// subscriber on another node (the receiving node tells duplicates from
+// overlapping subscriptions by the origin's sequence numbers, which must
+// then go out in order).
+func TestClusterConcurrentPublishers(t *testing.T) {
+	env := brokertest.Start(t, nil)
+	nodes := startCluster(t, env, 2, nil)
+	n1, n2 := nodes[0], nodes[1]
+	sub := mustDial(t, env, n2, env.Device(t, "backend-1", 0, "backend"))
+	subscribe(t, sub, "devices/+/telemetry")
+	const pubs, count = 8, 300
+	clients := make([]*client, pubs)
+	for i := range clients {
+		clients[i] = mustDial(t, env, n1, env.Device(t, fmt.Sprintf("dev-%d", i), 0))
+	}
+	publishUntilRouted(t, clients[0], sub, "devices/dev-0/telemetry")
+	var wg sync.WaitGroup
+	for i, c := range clients {
+		wg.Go(func() {
+			for j := range count {
+				tok := c.Publish(fmt.Sprintf("devices/dev-%d/telemetry", i), 1, false, fmt.Sprint(j))
+				select { // not wait: no t.Fatal off the test's goroutine
+				case <-tok.Done():
+					if err := tok.Error(); err != nil {
+						t.Error(err)
+						return
+					}
+				case <-time.After(15 * time.Second):
+					t.Error("publish timed out")
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	seen := map[string]bool{}
+	deadline := time.After(30 * time.Second)
+	for len(seen) < pubs*count {
+		select {
+		case m := <-sub.msgs:
+			seen[m] = true
+		case <-deadline:
+			t.Fatalf("%d of %d messages from %d concurrent publishers crossed n1 -> n2", len(seen), pubs*count, pubs)
+		}
+	}
 }

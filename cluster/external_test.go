@@ -181,7 +181,7 @@ func TestClusterNATSServerFailure(t *testing.T) {
 		t.Fatal(err)
 	}
 	const token = "nats-test-token"
-	routes := []string{testtool.FreeAddr(t), testtool.FreeAddr(t), testtool.FreeAddr(t)}
+	routes := []string{testtool.FreeAddrAside(t), testtool.FreeAddrAside(t), testtool.FreeAddrAside(t)}
 	servers := make([]*server.Server, 3)
 	var urls []string
 	for i := range servers {

@@ -49,7 +49,8 @@ type standIn struct {
 	subs    []broker.Subscription
 	msgs    []broker.Message
 	nsubs   []*nats.Subscription
-	seen    map[string]bool // origin:seq, against overlapping filters
+	seen    map[string]bool // origin:seq of msgs, against overlapping filters
+	dropped int             // messages past standInMax
 	since   time.Time
 	handing bool // a handover is under way
 	closed  bool
@@ -78,22 +79,10 @@ func (n *Node) writePersist(op persistOp) error {
 			_, err = n.kvP.Put(ctx, key, v)
 			return err
 		}
-		e, err := n.kvP.Get(ctx, key)
-		if errors.Is(err, jetstream.ErrKeyNotFound) {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		var r record
-		if json.Unmarshal(e.Value(), &r) != nil || r.Owner != n.id {
-			return nil // another node's by now
-		}
-		err = n.kvP.Delete(ctx, key, jetstream.LastRevision(e.Revision()))
-		if errors.Is(err, jetstream.ErrKeyExists) { // written meanwhile
-			return nil
-		}
-		return err
+		return n.deleteOwn(ctx, n.kvP, key, func(v []byte) bool {
+			var r record
+			return json.Unmarshal(v, &r) == nil && r.Owner == n.id // not another node's by now
+		})
 	})
 }
 
@@ -193,6 +182,9 @@ func (n *Node) standInFor(d string) {
 		a := &standIn{subs: r.Subs, seen: map[string]bool{}, since: time.Now()}
 		for _, sub := range r.Subs {
 			for _, subj := range FilterSubjects(sharedFilter(sub.Filter)) {
+				if len(msgPrefix+subj) > maxSubject {
+					continue // never routed (Subscribe)
+				}
 				s, err := sc.Subscribe(msgPrefix+subj, func(m *nats.Msg) { n.captured(clientID, a, m) })
 				if err != nil {
 					n.log.Error("cannot stand in for a subscription", "client_id", clientID, "filter", sub.Filter, "err", err)
@@ -227,11 +219,13 @@ func (n *Node) captured(clientID string, a *standIn, m *nats.Msg) {
 	if a.closed || a.seen[key] {
 		return
 	}
-	a.seen[key] = true
 	if len(a.msgs) >= standInMax {
-		n.log.Warn("message for a stood-in session dropped: queue full", "client_id", clientID, "topic", topic)
+		if a.dropped++; a.dropped == 1 {
+			n.log.Warn("messages for a stood-in session dropped from now on: queue full", "client_id", clientID, "topic", topic)
+		}
 		return
 	}
+	a.seen[key] = true
 	a.msgs = append(a.msgs, broker.Message{Topic: topic, Payload: m.Data, QoS: byte(min(qos, 2)), Retain: m.Header.Get(hdrRetain) == "1"})
 }
 
@@ -280,7 +274,7 @@ func (n *Node) handStandIn(clientID, owner string) {
 		n.closeStandInLocked(clientID, a)
 	}
 	n.mu.Unlock()
-	n.log.Info("stood-in session handed over", "client_id", clientID, "to", owner, "messages", sent+len(rest))
+	n.log.Info("stood-in session handed over", "client_id", clientID, "to", owner, "messages", sent+len(rest), "dropped", a.dropped)
 	if len(rest) > 0 {
 		if err := give(broker.Session{Messages: rest}); err != nil {
 			n.log.Error("messages queued during a handover lost", "client_id", clientID, "count", len(rest), "err", err)

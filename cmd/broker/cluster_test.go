@@ -32,7 +32,7 @@ func TestServeCluster(t *testing.T) {
 			t.Fatalf("cp: %v %s", err, out)
 		}
 	}
-	routes := []string{testtool.FreeAddr(t), testtool.FreeAddr(t), testtool.FreeAddr(t)}
+	routes := []string{testtool.FreeAddrAside(t), testtool.FreeAddrAside(t), testtool.FreeAddrAside(t)}
 	mqtt := []string{testtool.FreeAddr(t), testtool.FreeAddr(t), testtool.FreeAddr(t)}
 	est := testtool.FreeAddr(t)
 	ctx, cancel := context.WithCancel(t.Context())
@@ -65,7 +65,7 @@ func TestServeCluster(t *testing.T) {
 		}
 	})
 	for i := range 3 {
-		testtool.Eventually(t, 40*time.Second, fmt.Sprintf("node %d serving", i+1), func() bool { return strings.Contains(logs[i].String(), "MQTT listening") })
+		testtool.Eventually(t, 90*time.Second, fmt.Sprintf("node %d serving", i+1), func() bool { return strings.Contains(logs[i].String(), "MQTT listening") })
 	}
 	token := func(id string) string {
 		tok, errs, code := brokerCLI(t, append([]string{"token", "--data", data[0], "--device", id}, regArgs...)...)

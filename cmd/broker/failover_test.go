@@ -59,7 +59,7 @@ func startServeCluster(t *testing.T) *serveCluster {
 	}
 	pol := filepath.Join(base, "policy.yaml")
 	os.WriteFile(pol, []byte(policy.Example), 0o600)
-	routes := []string{testtool.FreeAddr(t), testtool.FreeAddr(t), testtool.FreeAddr(t)}
+	routes := []string{testtool.FreeAddrAside(t), testtool.FreeAddrAside(t), testtool.FreeAddrAside(t)}
 	c.mqtt = []string{testtool.FreeAddr(t), testtool.FreeAddr(t), testtool.FreeAddr(t)}
 	c.est = testtool.FreeAddr(t)
 	for i := range 3 {

@@ -7,6 +7,8 @@ package testtool
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"fmt"
+	mathrand "math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -93,6 +95,21 @@ func Poll(within time.Duration, cond func() bool) bool {
 		time.Sleep(20 * time.Millisecond)
 	}
 	return true
+}
+
+// FreeAddrAside returns a port that was free a moment ago on a random
+// address in 127.214.0.0/16, away from 127.0.0.1 where other tests'
+// clients take ephemeral ports (one of them took a cluster route port
+// between FreeAddr and the listen): for listeners no client checks by
+// host name.
+func FreeAddrAside(t testing.TB) string {
+	t.Helper()
+	l, err := net.Listen("tcp", fmt.Sprintf("127.214.%d.%d:0", mathrand.IntN(256), 1+mathrand.IntN(254)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
 }
 
 // FreeAddr returns a loopback address with a port that was free a moment ago.
