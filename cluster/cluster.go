@@ -71,6 +71,10 @@ type Config struct {
 	// ReadyTimeout bounds the wait for the NATS cluster and JetStream
 	// (default 1m).
 	ReadyTimeout time.Duration
+	// MaxQueued bounds the QoS 1/2 messages a survivor keeps for each
+	// failed node's persistent session it stands in for: the brokers'
+	// MaxQueuedMessages (default 1024, the broker's default).
+	MaxQueued int
 	// Logger (default: discard).
 	Logger *slog.Logger
 }
@@ -152,6 +156,9 @@ const (
 
 // New validates cfg. Nothing runs until the broker calls Start.
 func New(cfg Config) (*Node, error) {
+	if cfg.MaxQueued <= 0 {
+		cfg.MaxQueued = 1024
+	}
 	switch {
 	case cfg.Name == "" || strings.ContainsAny(cfg.Name, " \t\n/.*>"):
 		return nil, fmt.Errorf("cluster: node name %q: want a non-empty name without spaces, '/', '.', '*' or '>'", cfg.Name)

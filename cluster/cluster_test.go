@@ -675,7 +675,7 @@ func clusterGoroutines() []string {
 }
 
 // A survivor standing in for a failed node's persistent session keeps at
-// most standInMax messages, and no more bookkeeping than that, however
+// most MaxQueued messages (1024 by default), and no more bookkeeping than that, however
 // many are published to the session's filters while it waits (up to
 // 24 h).
 func TestClusterStandInBounded(t *testing.T) {
@@ -706,8 +706,8 @@ func TestClusterStandInBounded(t *testing.T) {
 		q, d, _, _ := cluster.StandIn(n1.cluster, "dev-s")
 		return q+d == count
 	})
-	if q, _, seen, _ := cluster.StandIn(n1.cluster, "dev-s"); q != 1000 || seen > q {
-		t.Fatalf("stand-in holds %d messages and remembers %d, want 1000 and at most 1000", q, seen)
+	if q, _, seen, _ := cluster.StandIn(n1.cluster, "dev-s"); q != 1024 || seen > q {
+		t.Fatalf("stand-in holds %d messages and remembers %d, want 1024 and at most 1024", q, seen)
 	}
 }
 

@@ -27,7 +27,6 @@ import (
 
 const (
 	bucketPersist = "mqtls_persistent"
-	standInMax    = 1000           // messages kept per stood-in session
 	standInAge    = 24 * time.Hour // a stood-in session is dropped after this
 	pingEvery     = time.Second
 )
@@ -50,7 +49,7 @@ type standIn struct {
 	msgs    []broker.Message
 	nsubs   []*nats.Subscription
 	seen    map[string]bool // origin:seq of msgs, against overlapping filters
-	dropped int             // messages past standInMax
+	dropped int             // messages past Config.MaxQueued
 	since   time.Time
 	handing bool // a handover is under way
 	closed  bool
@@ -219,7 +218,7 @@ func (n *Node) captured(clientID string, a *standIn, m *nats.Msg) {
 	if a.closed || a.seen[key] {
 		return
 	}
-	if len(a.msgs) >= standInMax {
+	if len(a.msgs) >= n.cfg.MaxQueued {
 		if a.dropped++; a.dropped == 1 {
 			n.log.Warn("messages for a stood-in session dropped from now on: queue full", "client_id", clientID, "topic", topic)
 		}

@@ -505,7 +505,7 @@ func newClusterNode(cfg serveConfig, cert tls.Certificate, root *x509.Certificat
 	}
 	n, err := cluster.New(cluster.Config{Name: name, RouteAddr: cfg.ClusterListen, Peers: peers, StoreDir: store,
 		NATS: cfg.NATS, NATSCreds: cfg.NATSCreds, NATSTLS: natsTLS, Replicas: cfg.NATSReplicas,
-		Certificate: cert, Root: root, Logger: log.With("component", "cluster")})
+		Certificate: cert, Root: root, MaxQueued: cfg.MaxQueuedMessages, Logger: log.With("component", "cluster")})
 	if err != nil {
 		return nil, cli.Usagef("%v", err)
 	}
