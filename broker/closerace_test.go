@@ -19,32 +19,10 @@ func TestCloseRacesHandshakes(t *testing.T) {
 		env := brokertest.Start(t, nil)
 		dev := env.Device(t, "dev-a", 0)
 		cfg := env.TLS(t, dev)
-		stop := make(chan struct{})
-		var dialled atomic.Int64
-		var wg sync.WaitGroup
-		for range 8 {
-			wg.Go(func() {
-				for {
-					select {
-					case <-stop:
-						return
-					default:
-					}
-					c, err := tls.Dial("tcp", env.Addr, cfg)
-					if err != nil {
-						return // closed
-					}
-					dialled.Add(1)
-					c.SetDeadline(time.Now().Add(2 * time.Second))
-					c.Write(connectPacket("dev-a"))
-					c.Close()
-				}
-			})
-		}
+		dialled, stop := churn(env.Addr, cfg, false)
 		testtool.Eventually(t, 5*time.Second, "handshakes under way", func() bool { return dialled.Load() >= 16 })
 		env.Broker.Close()
-		close(stop)
-		wg.Wait()
+		stop()
 	}
 }
 
@@ -57,31 +35,7 @@ func TestCloseRacesConnects(t *testing.T) {
 		env := brokertest.Start(t, nil)
 		dev := env.Device(t, "dev-a", 0)
 		cfg := env.TLS(t, dev)
-		stop := make(chan struct{})
-		var connected atomic.Int64
-		var wg sync.WaitGroup
-		for range 8 {
-			wg.Go(func() {
-				buf := make([]byte, 4)
-				for {
-					select {
-					case <-stop:
-						return
-					default:
-					}
-					c, err := tls.Dial("tcp", env.Addr, cfg)
-					if err != nil {
-						return // closed
-					}
-					c.SetDeadline(time.Now().Add(2 * time.Second))
-					c.Write(connectPacket("dev-a"))
-					if _, err := c.Read(buf); err == nil {
-						connected.Add(1) // CONNACK: added to Mochi's clients
-					}
-					c.Close() // removed again
-				}
-			})
-		}
+		connected, stop := churn(env.Addr, cfg, true)
 		testtool.Eventually(t, 10*time.Second, "clients connecting", func() bool { return connected.Load() >= 16 })
 		closed := make(chan struct{})
 		go func() { env.Broker.Close(); close(closed) }()
@@ -90,7 +44,41 @@ func TestCloseRacesConnects(t *testing.T) {
 		case <-time.After(20 * time.Second):
 			t.Fatal("Broker.Close did not return within 20 s while clients connected and left")
 		}
-		close(stop)
-		wg.Wait()
+		stop()
 	}
+}
+
+// churn runs 8 dialers that connect as dev-a and hang up, again and again,
+// until the broker refuses them or stop is called; the count is of
+// handshakes, or of CONNACKs (the client added to Mochi's clients) with
+// readConnack.
+func churn(addr string, cfg *tls.Config, readConnack bool) (count *atomic.Int64, stop func()) {
+	count = new(atomic.Int64)
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			buf := make([]byte, 4)
+			for {
+				select {
+				case <-done:
+					return
+				default:
+				}
+				c, err := tls.Dial("tcp", addr, cfg)
+				if err != nil {
+					return // closed
+				}
+				c.SetDeadline(time.Now().Add(2 * time.Second))
+				c.Write(connectPacket("dev-a"))
+				if !readConnack {
+					count.Add(1)
+				} else if _, err := c.Read(buf); err == nil {
+					count.Add(1)
+				}
+				c.Close()
+			}
+		})
+	}
+	return count, func() { close(done); wg.Wait() }
 }
