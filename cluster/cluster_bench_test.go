@@ -13,6 +13,7 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"github.com/mqtls/mqtls/cluster"
 	"github.com/mqtls/mqtls/internal/testing/brokertest"
 	"github.com/mqtls/mqtls/internal/testing/testtool"
 )
@@ -126,14 +127,25 @@ func BenchmarkCrossNode(b *testing.B) {
 		time.Sleep(phase)
 		return float64((cpuTime() - c0).Microseconds()) / float64(max(l.n.Load(), 1))
 	}
-	s3.Unsubscribe("devices/+/telemetry")
-	time.Sleep(time.Second) // the unsubscription settles
+	// n3's interest leaves n1 before n1's own delivery is measured alone
+	interest := cluster.Interest(n1.cluster, "devices/dev-0000/telemetry")
+	if err := wait(b, s3.Unsubscribe("devices/+/telemetry")); err != nil {
+		b.Fatal(err)
+	}
+	if !testtool.Poll(20*time.Second, func() bool { return cluster.Interest(n1.cluster, "devices/dev-0000/telemetry") < interest }) {
+		b.Fatal("n3's unsubscription did not reach n1")
+	}
 	local := cpuPer(same)
-	s1.Unsubscribe("devices/+/telemetry")
+	if err := wait(b, s1.Unsubscribe("devices/+/telemetry")); err != nil {
+		b.Fatal(err)
+	}
+	cross.reset()
 	if err := wait(b, s3.Subscribe("devices/+/telemetry", 1, cross.handler)); err != nil {
 		b.Fatal(err)
 	}
-	time.Sleep(time.Second)
+	if !testtool.Poll(20*time.Second, func() bool { return cross.n.Load() > 0 }) { // routed to n3 again
+		b.Fatal("no message crossed to n3 after it subscribed again")
+	}
 	remote := cpuPer(cross)
 	close(stop)
 	wg.Wait()

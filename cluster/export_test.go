@@ -38,3 +38,9 @@ func Recorded(n *Node, clientID string) bool {
 	_, ok := n.records[clientID]
 	return ok
 }
+
+// Interest counts the subscriptions, local and routed from other nodes,
+// that n's embedded NATS server knows for an MQTT topic.
+func Interest(n *Node, topic string) int {
+	return n.srv.GlobalAccount().Interest(msgPrefix + EncodeTopic(topic))
+}
